@@ -1,0 +1,299 @@
+"""``qscale-coordinator`` (alias ``qscale``): serve a coordinator, or talk to one.
+
+    qscale-coordinator serve [--listen HOST:PORT] [--state-dir DIR] ...
+    qscale-coordinator run FILE... --shots N [--seed S] --local-nodes K
+    qscale-coordinator submit FILE... --shots N [--seed S] [--wait]
+    qscale-coordinator status|result|cancel JOB
+    qscale-coordinator nodes|jobs
+
+Every client command takes ``--coordinator ADDR`` (default ``$QSCALE_COORDINATOR``) and
+``--json``. Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input,
+3 coordinator unavailable, 4 other errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from qscale import errors
+from qscale._version import __version__
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_JOB, EXIT_INPUT, EXIT_UNAVAILABLE, EXIT_OTHER = 0, 1, 2, 3, 4
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+# ------------------------------------------------------------------- serve
+
+def _serve(args: argparse.Namespace) -> int:
+    from qscale.coordinator.config import CoordinatorConfig
+    from qscale.coordinator.server import CoordinatorServer
+
+    config = CoordinatorConfig.from_env(
+        listen=args.listen, state_dir=args.state_dir, heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+    )
+    if args.print_config:
+        _print_json(dataclasses.asdict(config))
+        return EXIT_OK
+    _configure_logging(args.log_level)
+
+    async def serve() -> None:
+        server = CoordinatorServer(config)
+        address = await server.start()
+        if args.address_file:
+            Path(args.address_file).write_text(address + "\n")
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        log.info("shutting down")
+        await server.stop(grace=5.0)
+
+    asyncio.run(serve())
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ client
+
+def _client(args: argparse.Namespace) -> Any:
+    from qscale.client import Client
+
+    return Client(args.coordinator)
+
+
+def _render_result(result: Any, console: Console, top: int) -> None:
+    for r in result.results:
+        table = Table(title=f"circuit {r.index} {r.name!r}: {r.shots} shots, {len(r.counts)} distinct outcomes",
+                      title_justify="left")
+        table.add_column("outcome", style="cyan")
+        table.add_column("count", justify="right")
+        table.add_column("share", justify="right")
+        for key, value in r.most_frequent(top):
+            table.add_row(key, str(value), f"{value / max(1, r.shots):.4f}")
+        console.print(table)
+    s = result.status
+    console.print(f"job {result.job_id}: {result.shots} shots, {s.shards_total} shards, {len(result.attempts)} "
+                  f"attempts, {len(result.nodes_used)} nodes, {result.wall_time_s:.2f} s (seed {result.seed})")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    client = _client(args)
+    job = client.submit_files(args.files, shots=args.shots, seed=args.seed, method=args.method)
+    if not args.wait:
+        if args.json:
+            _print_json({"job_id": job.job_id, "seed": job.seed})
+        else:
+            print(job.job_id)
+        return EXIT_OK
+    return _show_result(job.result(timeout=args.timeout), args)
+
+
+def _show_result(result: Any, args: argparse.Namespace) -> int:
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        _render_result(result, Console(), args.top)
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = _client(args).job(args.job).status()
+    if args.json:
+        _print_json(status.to_dict())
+    else:
+        print(f"{status.job_id} {status.state.value}: {status.shots_done}/{status.shots_total} shots, "
+              f"{status.shards_done}/{status.shards_total} shards ({status.shards_running} running)"
+              + (f"; {status.error}" if status.error else ""))
+    return EXIT_OK
+
+
+def _result(args: argparse.Namespace) -> int:
+    job = _client(args).job(args.job)
+    if not args.wait:
+        status = job.status()
+        if not status.state.final:
+            raise errors.FailedPreconditionError(
+                f"job {status.job_id} is {status.state.value}; pass --wait to wait for it")
+    return _show_result(job.result(timeout=args.timeout), args)
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    status = _client(args).job(args.job).cancel()
+    if args.json:
+        _print_json(status.to_dict())
+    else:
+        print(f"{status.job_id} {status.state.value}")
+    return EXIT_OK
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    nodes = _client(args).nodes()
+    if args.json:
+        _print_json([n.to_dict() for n in nodes])
+        return EXIT_OK
+    table = Table(title=f"{sum(n.state == 'alive' for n in nodes)} node(s) alive")
+    for col in ("node", "host", "state", "slots", "running", "cores", "memory", "max sv qubits", "heartbeat", "done"):
+        table.add_column(col, justify="right" if col not in ("node", "host", "state") else "left")
+    for n in nodes:
+        table.add_row(n.node_id, n.hostname, n.state, str(n.slots), str(n.running), str(n.cores),
+                      f"{n.memory_budget_bytes / 2**30:.1f} GiB", str(n.max_statevector_qubits),
+                      f"{n.last_heartbeat_age_s:.1f}s ago", str(n.shards_done))
+    Console().print(table)
+    return EXIT_OK
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    jobs = _client(args).jobs(limit=args.limit)
+    if args.json:
+        _print_json([j.to_dict() for j in jobs])
+        return EXIT_OK
+    table = Table(title=f"{len(jobs)} job(s)")
+    for col in ("job", "state", "circuits", "shots", "shards", "created", "error"):
+        table.add_column(col)
+    for j in jobs:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.created_at))
+        table.add_row(j.job_id, j.state.value, str(j.num_circuits), f"{j.shots_done}/{j.shots_total}",
+                      f"{j.shards_done}/{j.shards_total}", created, j.error[:60])
+    Console().print(table)
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------- run
+
+def _run(args: argparse.Namespace) -> int:
+    from qscale.coordinator.config import CoordinatorConfig
+    from qscale.local import LocalCluster
+
+    if args.local_nodes < 1:
+        raise errors.InvalidArgumentError("--local-nodes must be at least 1")
+    _configure_logging(args.log_level)
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    config = CoordinatorConfig.from_env(state_dir=args.state_dir)
+    with LocalCluster(args.local_nodes, slots_per_node=args.slots_per_node, config=config) as cluster:
+        ready = time.perf_counter()
+        if not args.json:
+            console.print(f"local cluster: coordinator {cluster.address}, {args.local_nodes} node(s) "
+                          f"up in {ready - started:.1f} s")
+        job = cluster.client.submit_files(args.files, shots=args.shots, seed=args.seed, method=args.method)
+        result = job.result(timeout=args.timeout)
+    code = _show_result(result, args)
+    if not args.json:
+        console.print(f"total wall time {time.perf_counter() - started:.1f} s (cluster start, job, shutdown)")
+    return code
+
+
+# ----------------------------------------------------------------- parser
+
+def _parser() -> argparse.ArgumentParser:
+    import os
+
+    from qscale.coordinator.config import DEFAULT_ADDRESS
+
+    parser = argparse.ArgumentParser(prog="qscale-coordinator", description="qscale coordinator and client CLI")
+    parser.add_argument("--version", action="version", version=f"qscale {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    client_opts = argparse.ArgumentParser(add_help=False)
+    client_opts.add_argument("--coordinator", default=os.environ.get("QSCALE_COORDINATOR", DEFAULT_ADDRESS),
+                             help="coordinator HOST:PORT (default: $QSCALE_COORDINATOR or %(default)s)")
+    client_opts.add_argument("--json", action="store_true", help="machine-readable output")
+
+    job_opts = argparse.ArgumentParser(add_help=False)
+    job_opts.add_argument("files", nargs="+", metavar="FILE", help=".qpy or OpenQASM 2/3 .qasm files")
+    job_opts.add_argument("--shots", type=int, required=True, help="shots per circuit")
+    job_opts.add_argument("--seed", type=int, help="seed for reproducible counts")
+    job_opts.add_argument("--method", help="Aer method (default: automatic)")
+    job_opts.add_argument("--top", type=int, default=10, help="outcomes to show per circuit (default 10)")
+    job_opts.add_argument("--timeout", type=float, help="seconds to wait for the result")
+
+    p = sub.add_parser("serve", help="run a coordinator")
+    p.add_argument("--listen", help=f"HOST:PORT (default {DEFAULT_ADDRESS}; $QSCALE_LISTEN)")
+    p.add_argument("--state-dir", help="directory for the SQLite state (default: a temporary one)")
+    p.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 2)")
+    p.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before a node is lost (default 10)")
+    p.add_argument("--address-file", help="write the bound HOST:PORT here once serving (useful with port 0)")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("run", parents=[job_opts], help="run files on an embedded local cluster")
+    p.add_argument("--local-nodes", type=int, required=True, help="local node processes to start")
+    p.add_argument("--slots-per-node", type=int, default=1)
+    p.add_argument("--state-dir", help="keep the coordinator state here")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--log-level", default="WARNING")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("submit", parents=[client_opts, job_opts], help="submit files as a job")
+    p.add_argument("--wait", action="store_true", help="wait and print the result")
+    p.set_defaults(func=_submit)
+
+    for name, func, text in (("status", _status, "a job's status"), ("cancel", _cancel, "cancel a job")):
+        p = sub.add_parser(name, parents=[client_opts], help=text)
+        p.add_argument("job")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("result", parents=[client_opts], help="a finished job's result")
+    p.add_argument("job")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    p.add_argument("--timeout", type=float)
+    p.add_argument("--top", type=int, default=10)
+    p.set_defaults(func=_result)
+
+    p = sub.add_parser("nodes", parents=[client_opts], help="list nodes")
+    p.set_defaults(func=_nodes)
+    p = sub.add_parser("jobs", parents=[client_opts], help="list recent jobs")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=_jobs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``qscale-coordinator``."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except errors.JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_JOB
+    except (errors.InvalidArgumentError, errors.NotFoundError, errors.FailedPreconditionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except errors.UnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except errors.QScaleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OTHER
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,584 @@
+"""The coordinator's state machine: node registry and liveness, job table, shard queue,
+dispatch, and result accounting.
+
+Plain synchronous code with no I/O of its own besides the :class:`~qscale.coordinator.store.Store`
+and the per-node message sinks; every method that depends on time takes ``now`` (unix seconds),
+so the logic is tested without sleeping. The gRPC servicers call it from one event-loop thread.
+
+Accounting rules:
+- every dispatch of a shard is an *attempt* with an unguessable token; a node's messages about
+  a shard are accepted only for the token of the shard's current attempt, sent by the node that
+  holds it; anything else (a node declared lost coming back, a cancelled attempt) is dropped
+  and counted as stale;
+- a shard's counts are written to the store before they are merged, and a shard has at most
+  one stored result, so the merged counts of a job add up to exactly the shots asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from qscale.circuits import CircuitInfo, merge_counts
+from qscale.coordinator.config import CoordinatorConfig
+from qscale.coordinator.planner import PlanningPolicy, ShardPlan, plan_job
+from qscale.coordinator.store import Store, StoredJob
+from qscale.errors import FailedPreconditionError, InvalidArgumentError, NoCapableNodeError, NotFoundError
+from qscale.proto.v1 import common_pb2, node_pb2
+
+__all__ = ["Scheduler", "NodeRecord", "JobRecord", "ShardState", "Attempt", "MessageSink", "FINAL_STATES"]
+
+log = logging.getLogger(__name__)
+
+QUEUED = common_pb2.JOB_STATE_QUEUED
+RUNNING = common_pb2.JOB_STATE_RUNNING
+DONE = common_pb2.JOB_STATE_DONE
+FAILED = common_pb2.JOB_STATE_FAILED
+CANCELLED = common_pb2.JOB_STATE_CANCELLED
+FINAL_STATES = (DONE, FAILED, CANCELLED)
+_LOST_NODES_KEPT = 100
+
+
+class MessageSink(Protocol):
+    """Where messages for a node go (its Work stream); ``None`` asks the stream to close."""
+
+    def put_nowait(self, item: node_pb2.CoordinatorMessage | None) -> None: ...
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One dispatch of a shard to a node."""
+
+    token: str
+    job_id: str
+    shard_index: int
+    node_id: str
+    started_at: float
+    ended_at: float = 0.0
+    outcome: str = "running"  # running, done, failed, refused, lost, cancelled
+    error: str = ""
+    partial: dict[int, dict[int, dict[str, int]]] = field(default_factory=dict)
+    """chunk index -> circuit index -> hex counts, as chunks finish."""
+
+
+@dataclass(eq=False)
+class ShardState:
+    plan: ShardPlan
+    status: str = "queued"  # queued, running, done
+    attempt: Attempt | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    refused_by: set[str] = field(default_factory=set)
+    losses: int = 0
+
+
+@dataclass(eq=False)
+class NodeRecord:
+    node_id: str
+    caps: node_pb2.NodeCapabilities
+    registered_at: float
+    last_heartbeat: float
+    state: str = "alive"  # alive, draining, lost
+    sink: MessageSink | None = None
+    running: dict[str, Attempt] = field(default_factory=dict)
+    shards_done: int = 0
+
+    @property
+    def free_slots(self) -> int:
+        return self.caps.slots - len(self.running)
+
+    @property
+    def slot_memory(self) -> int:
+        """Memory one slot may use: what the node itself checks before running a shard."""
+        return self.caps.memory_budget_bytes // max(1, self.caps.slots)
+
+    def can_hold(self, shard: ShardPlan, method: str) -> bool:
+        method_ok = method in ("", "automatic") or method in self.caps.methods
+        return method_ok and shard.memory_bytes <= self.slot_memory
+
+
+@dataclass(eq=False)
+class JobRecord:
+    job_id: str
+    created_at: float
+    shots: int
+    seed: int
+    method: str
+    policy: PlanningPolicy
+    infos: list[CircuitInfo]
+    qpy: list[bytes]
+    state: int = QUEUED
+    error: str = ""
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    shards: list[ShardState] = field(default_factory=list)
+    counts: list[dict[str, int]] = field(default_factory=list)
+    circuit_shots: list[int] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    nodes_used: set[str] = field(default_factory=set)
+    stale_dropped: int = 0
+    shards_done: int = 0
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def shots_total(self) -> int:
+        return self.shots * len(self.infos)
+
+    @property
+    def shots_done(self) -> int:
+        return sum(self.circuit_shots)
+
+    @property
+    def shards_running(self) -> int:
+        return sum(1 for s in self.shards if s.status == "running")
+
+    def partial_counts(self) -> list[dict[str, int]]:
+        """Counted results plus the chunks of running attempts that have come in so far."""
+        merged = [dict(c) for c in self.counts]
+        for shard in self.shards:
+            if shard.status == "running" and shard.attempt is not None:
+                for chunk in shard.attempt.partial.values():
+                    for index, counts in chunk.items():
+                        merge_counts(merged[index], counts.items())
+        return merged
+
+    def describe_circuits(self, indices: Iterable[int]) -> str:
+        idx = list(indices)
+        if len(idx) == 1:
+            return f"circuit {idx[0]} ({self.infos[idx[0]].name!r})"
+        return f"circuits {idx[0]}-{idx[-1]}"
+
+
+class Scheduler:
+    """Node registry, job table and dispatcher. Not thread-safe: call it from one thread."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: Store,
+        *,
+        on_job_change: Callable[[str], None] = lambda job_id: None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.on_job_change = on_job_change
+        self.nodes: dict[str, NodeRecord] = {}
+        self.lost_nodes: deque[NodeRecord] = deque(maxlen=_LOST_NODES_KEPT)
+        self.jobs: dict[str, JobRecord] = {}
+        self.queue: deque[tuple[str, int]] = deque()
+        self.attempts: dict[str, Attempt] = {}
+        self.stale_dropped = 0
+
+    # ------------------------------------------------------------------ nodes
+
+    def register_node(self, caps: node_pb2.NodeCapabilities, now: float) -> NodeRecord:
+        """Add a node; returns its record with a fresh id."""
+        if caps.slots < 1 or caps.slots > 4096:
+            raise InvalidArgumentError("node capabilities: slots must be between 1 and 4096")
+        if caps.memory_budget_bytes < 0 or caps.cores < 0:
+            raise InvalidArgumentError("node capabilities: cores and memory budget must be >= 0")
+        if len(caps.name) > 200 or len(caps.hostname) > 255:
+            raise InvalidArgumentError("node capabilities: name or hostname too long")
+        label = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in caps.name)[:40] or "node"
+        node = NodeRecord(f"{label}-{uuid.uuid4().hex[:8]}", caps, now, now)
+        self.nodes[node.node_id] = node
+        log.info("node %s registered: %d slots, %d cores, %.1f GiB budget (%s)", node.node_id, caps.slots,
+                 caps.cores, caps.memory_budget_bytes / 2**30, caps.hostname)
+        return node
+
+    def heartbeat(self, node_id: str, now: float) -> bool:
+        """Record a heartbeat; False if the node is unknown (lost, or from before a restart)."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            return False
+        node.last_heartbeat = now
+        return True
+
+    def attach_stream(self, node_id: str, sink: MessageSink, now: float) -> NodeRecord:
+        """Bind a node's Work stream; shards start flowing to it."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise NotFoundError(f"unknown node {node_id}; register again")
+        if node.sink is not None:
+            self._lose_node(node, now, "node opened a second work stream")
+            raise FailedPreconditionError(f"node {node_id} already had a work stream; register again")
+        node.sink = sink
+        node.last_heartbeat = now
+        log.info("node %s work stream open", node_id)
+        self.dispatch(now)
+        return node
+
+    def detach_stream(self, node_id: str, sink: MessageSink, now: float, reason: str) -> None:
+        """A node's Work stream ended: the node is lost and its shards go back to the queue."""
+        node = self.nodes.get(node_id)
+        if node is not None and node.sink is sink:
+            self._lose_node(node, now, reason)
+
+    def node_draining(self, node_id: str, now: float) -> None:
+        """The node assigns itself no more work; it hands back what it has not started."""
+        node = self.nodes.get(node_id)
+        if node is not None and node.state == "alive":
+            node.state = "draining"
+            log.info("node %s draining", node_id)
+
+    def reap(self, now: float) -> list[str]:
+        """Declare lost every node silent past the heartbeat timeout; returns their ids."""
+        timeout = self.config.heartbeat_timeout_s
+        silent = [n for n in self.nodes.values() if now - n.last_heartbeat > timeout]
+        for node in silent:
+            self._lose_node(node, now, f"no heartbeat for {now - node.last_heartbeat:.1f}s")
+        return [n.node_id for n in silent]
+
+    def _lose_node(self, node: NodeRecord, now: float, reason: str) -> None:
+        node.state = "lost"
+        del self.nodes[node.node_id]
+        self.lost_nodes.append(node)
+        if node.sink is not None:
+            node.sink.put_nowait(None)
+        log.warning("node %s lost (%s); requeueing %d shard(s)", node.node_id, reason, len(node.running))
+        for attempt in list(node.running.values()):
+            job = self.jobs[attempt.job_id]
+            shard = job.shards[attempt.shard_index]
+            self._end_attempt(attempt, now, "lost", reason)
+            shard.losses += 1
+            if shard.losses >= self.config.max_shard_losses:
+                self._fail_job(job, f"{job.describe_circuits(shard.plan.circuit_indices)}: the nodes running it "
+                               f"were lost {shard.losses} times (last: {reason}); it may exhaust their memory",
+                               now)
+            else:
+                self._requeue(job, shard, front=True)
+        self.dispatch(now)
+
+    # ------------------------------------------------------------------- jobs
+
+    def submit(
+        self,
+        infos: list[CircuitInfo],
+        qpy: list[bytes],
+        *,
+        shots: int,
+        seed: int,
+        method: str,
+        now: float,
+    ) -> JobRecord:
+        """Plan, persist and queue a job (already validated by intake)."""
+        policy = self.config.policy
+        plan = plan_job(infos, shots, seed, method, policy)
+        self._check_capacity(infos, plan, method)
+        job = JobRecord(uuid.uuid4().hex[:16], now, shots, seed, method, policy, infos, qpy)
+        self.store.insert_job(StoredJob(job.job_id, now, QUEUED, shots, seed, method, policy, infos, qpy))
+        self._activate(job, plan, {})
+        log.info("job %s accepted: %d circuit(s) x %d shots, %d shard(s), seed %d, method %s", job.job_id,
+                 len(infos), shots, len(plan), seed, method or "automatic")
+        self.dispatch(now)
+        return job
+
+    def _check_capacity(self, infos: list[CircuitInfo], plan: tuple[ShardPlan, ...], method: str) -> None:
+        live = [n for n in self.nodes.values() if n.state == "alive"]
+        if not live:
+            return  # nothing to judge by; the job waits for nodes
+        for shard in plan:
+            if not any(n.can_hold(shard, method) for n in live):
+                widest = max(shard.circuit_indices, key=lambda i: infos[i].num_qubits)
+                best = max(n.slot_memory for n in live)
+                raise NoCapableNodeError(
+                    f"circuit {widest} ({infos[widest].name!r}, {infos[widest].num_qubits} qubits) needs "
+                    f"{_gib(shard.memory_bytes)} with method {method or 'automatic'}; the largest node slot "
+                    f"holds {_gib(best)}"
+                )
+
+    def _activate(self, job: JobRecord, plan: tuple[ShardPlan, ...], done: dict[int, dict[int, dict[str, int]]]) -> None:
+        job.shards = [ShardState(p) for p in plan]
+        job.counts = [{} for _ in job.infos]
+        job.circuit_shots = [0] * len(job.infos)
+        self.jobs[job.job_id] = job
+        for shard in job.shards:
+            if shard.plan.index in done:
+                self._merge(job, shard, done[shard.plan.index])
+            else:
+                self.queue.append((job.job_id, shard.plan.index))
+
+    def _merge(self, job: JobRecord, shard: ShardState, counts: dict[int, dict[str, int]]) -> None:
+        for chunk in shard.plan.chunks:
+            for index in chunk.circuit_indices:
+                job.circuit_shots[index] += chunk.shots
+        for index, hex_counts in counts.items():
+            merge_counts(job.counts[index], hex_counts.items())
+        shard.status = "done"
+        job.shards_done += 1
+
+    def recover(self, now: float) -> int:
+        """Reload every unfinished job from the store and queue what is left of it."""
+        recovered = 0
+        for stored in self.store.unfinished_jobs(FINAL_STATES):
+            job = JobRecord(stored.job_id, stored.created_at, stored.shots, stored.seed, stored.method,
+                            stored.policy, stored.infos, stored.qpy)
+            plan = plan_job(stored.infos, stored.shots, stored.seed, stored.method, stored.policy)
+            self._activate(job, plan, stored.shard_results)
+            if job.shards_done:
+                job.state = RUNNING
+            recovered += 1
+            log.info("job %s recovered: %d of %d shard(s) already counted", job.job_id, job.shards_done,
+                     len(job.shards))
+            if job.shards_done == len(job.shards):
+                self._finish(job, DONE, "", now)
+        self.dispatch(now)
+        return recovered
+
+    def get_job(self, job_id: str) -> JobRecord:
+        """A job by id, from memory or (finished jobs from before a restart) from the store."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            return job
+        if len(job_id) > 64:
+            raise InvalidArgumentError("job id too long")
+        stored = self.store.load_job(job_id, with_payloads=False)
+        if stored is None:
+            raise NotFoundError(f"no job {job_id!r}")
+        job = JobRecord(stored.job_id, stored.created_at, stored.shots, stored.seed, stored.method,
+                        stored.policy, stored.infos, [], state=stored.state, error=stored.error,
+                        finished_at=stored.finished_at)
+        plan = plan_job(stored.infos, stored.shots, stored.seed, stored.method, stored.policy)
+        job.shards = [ShardState(p) for p in plan]
+        job.counts = [{} for _ in job.infos]
+        job.circuit_shots = [0] * len(job.infos)
+        for shard in job.shards:
+            if shard.plan.index in stored.shard_results:
+                self._merge(job, shard, stored.shard_results[shard.plan.index])
+        if job.final:
+            self.jobs[job_id] = job
+        return job
+
+    def cancel(self, job_id: str, now: float) -> JobRecord:
+        """Cancel a job; a job already final is left as it is."""
+        job = self.get_job(job_id)
+        if not job.final:
+            self._finish(job, CANCELLED, "cancelled by client", now)
+        return job
+
+    # ----------------------------------------------------------------- results
+
+    def chunk_result(self, node_id: str, msg: node_pb2.ChunkResult, now: float) -> None:
+        """A chunk of a running shard finished on a node: keep it as partial counts."""
+        attempt = self._live_attempt(node_id, msg.attempt_token)
+        if attempt is None:
+            return
+        job = self.jobs[attempt.job_id]
+        shard = job.shards[attempt.shard_index]
+        problem = _check_chunk(shard.plan, msg)
+        if problem:
+            self._attempt_failed(job, shard, attempt, f"node sent inconsistent results: {problem}", now)
+            return
+        attempt.partial[msg.chunk_index] = {c.circuit_index: dict(c.counts) for c in msg.counts}
+        self.on_job_change(job.job_id)
+
+    def shard_done(self, node_id: str, token: str, now: float) -> None:
+        """A node finished a shard: count it, once."""
+        attempt = self._live_attempt(node_id, token)
+        if attempt is None:
+            return
+        job = self.jobs[attempt.job_id]
+        shard = job.shards[attempt.shard_index]
+        if len(attempt.partial) != len(shard.plan.chunks):
+            self._attempt_failed(job, shard, attempt, f"node reported the shard done after "
+                                 f"{len(attempt.partial)} of {len(shard.plan.chunks)} chunks", now)
+            return
+        counts: dict[int, dict[str, int]] = {}
+        for chunk in attempt.partial.values():
+            for index, hex_counts in chunk.items():
+                merge_counts(counts.setdefault(index, {}), hex_counts.items())
+        if not self.store.record_shard(job.job_id, shard.plan.index, counts, node_id, token, now):
+            log.error("job %s shard %d already had a stored result; dropping attempt %s", job.job_id,
+                      shard.plan.index, token)
+            self._end_attempt(attempt, now, "stale", "duplicate result")
+            return
+        self._end_attempt(attempt, now, "done", "")
+        self._merge(job, shard, counts)
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.shards_done += 1
+        log.info("job %s shard %d done on node %s (%d/%d)", job.job_id, shard.plan.index, node_id,
+                 job.shards_done, len(job.shards))
+        if job.shards_done == len(job.shards):
+            self._finish(job, DONE, "", now)
+        else:
+            self.on_job_change(job.job_id)
+        self.dispatch(now)
+
+    def shard_failed(self, node_id: str, token: str, error: str, refused: bool, now: float) -> None:
+        """A node could not run a shard (refused) or the run failed."""
+        attempt = self._live_attempt(node_id, token)
+        if attempt is None:
+            return
+        job = self.jobs[attempt.job_id]
+        shard = job.shards[attempt.shard_index]
+        error = error[:1000] or "unknown error"
+        if refused:
+            self._end_attempt(attempt, now, "refused", error)
+            shard.refused_by.add(node_id)
+            log.info("job %s shard %d handed back by node %s: %s", job.job_id, shard.plan.index, node_id, error)
+            self._requeue(job, shard, front=True)
+            self.dispatch(now)
+        else:
+            self._attempt_failed(job, shard, attempt, error, now)
+
+    def _attempt_failed(self, job: JobRecord, shard: ShardState, attempt: Attempt, error: str, now: float) -> None:
+        self._end_attempt(attempt, now, "failed", error)
+        shard.failures.append((attempt.node_id, error))
+        log.warning("job %s shard %d failed on node %s (%d/%d): %s", job.job_id, shard.plan.index,
+                    attempt.node_id, len(shard.failures), self.config.max_shard_failures, error)
+        if len(shard.failures) >= self.config.max_shard_failures:
+            nodes = ", ".join(dict.fromkeys(n for n, _ in shard.failures))
+            self._fail_job(job, f"{job.describe_circuits(shard.plan.circuit_indices)} failed "
+                           f"{len(shard.failures)} times (nodes: {nodes}): {error}", now)
+        else:
+            self._requeue(job, shard, front=True)
+        self.dispatch(now)
+
+    def _live_attempt(self, node_id: str, token: str) -> Attempt | None:
+        attempt = self.attempts.get(token)
+        if attempt is not None and attempt.node_id == node_id and node_id in self.nodes:
+            return attempt
+        self.stale_dropped += 1
+        job = self.jobs.get(token.split(":", 1)[0])
+        if job is not None:
+            job.stale_dropped += 1
+        log.info("dropped a stale message from node %s for attempt %s", node_id, token[:80])
+        return None
+
+    def _end_attempt(self, attempt: Attempt, now: float, outcome: str, error: str) -> None:
+        attempt.ended_at = now
+        attempt.outcome = outcome
+        attempt.error = error
+        attempt.partial = {}  # counted results live in the job; drop the copy
+        self.attempts.pop(attempt.token, None)
+        node = self.nodes.get(attempt.node_id)
+        if node is not None:
+            node.running.pop(attempt.token, None)
+        job = self.jobs.get(attempt.job_id)
+        if job is not None:
+            shard = job.shards[attempt.shard_index]
+            if shard.attempt is attempt:
+                shard.attempt = None
+                if shard.status == "running":
+                    shard.status = "queued"
+
+    def _requeue(self, job: JobRecord, shard: ShardState, *, front: bool) -> None:
+        if job.final or shard.status == "done":
+            return
+        shard.status = "queued"
+        entry = (job.job_id, shard.plan.index)
+        if front:
+            self.queue.appendleft(entry)
+        else:
+            self.queue.append(entry)
+        self.on_job_change(job.job_id)
+
+    def _fail_job(self, job: JobRecord, message: str, now: float) -> None:
+        if not job.final:
+            log.error("job %s failed: %s", job.job_id, message)
+            self._finish(job, FAILED, message, now)
+
+    def _finish(self, job: JobRecord, state: int, error: str, now: float) -> None:
+        job.state = state
+        job.error = error
+        job.finished_at = now
+        self.store.finish_job(job.job_id, state, error, now)
+        for shard in job.shards:
+            attempt = shard.attempt
+            if attempt is not None and attempt.outcome == "running":
+                node = self.nodes.get(attempt.node_id)
+                if node is not None and node.sink is not None:
+                    node.sink.put_nowait(node_pb2.CoordinatorMessage(
+                        cancel=node_pb2.CancelAttempt(attempt_token=attempt.token, reason=error or "job finished")))
+                self._end_attempt(attempt, now, "cancelled", error)
+        job.qpy = []  # payloads are on disk; free the memory
+        log.info("job %s %s after %.2fs%s", job.job_id, common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+                 .lower(), now - job.created_at, f": {error}" if error else "")
+        self.on_job_change(job.job_id)
+
+    # ---------------------------------------------------------------- dispatch
+
+    def dispatch(self, now: float) -> int:
+        """Place queued shards on nodes with free slots that can hold them; returns how many."""
+        candidates = [n for n in self.nodes.values() if n.state == "alive" and n.sink is not None and n.free_slots > 0]
+        placed = 0
+        skipped: list[tuple[str, int]] = []
+        while self.queue and candidates:
+            job_id, index = self.queue.popleft()
+            job = self.jobs.get(job_id)
+            if job is None or job.final or job.shards[index].status != "queued":
+                continue
+            shard = job.shards[index]
+            node = self._pick(candidates, job, shard)
+            if node is None:
+                skipped.append((job_id, index))
+                continue
+            self._start_attempt(job, shard, node, now)
+            placed += 1
+            if node.free_slots <= 0:
+                candidates.remove(node)
+        self.queue.extendleft(reversed(skipped))
+        return placed
+
+    def _pick(self, candidates: list[NodeRecord], job: JobRecord, shard: ShardState) -> NodeRecord | None:
+        able = [n for n in candidates if n.node_id not in shard.refused_by and n.can_hold(shard.plan, job.method)]
+        if not able:
+            return None
+        failed_on = {n for n, _ in shard.failures}
+        fresh = [n for n in able if n.node_id not in failed_on] or able
+        return max(fresh, key=lambda n: (n.free_slots, -len(n.running), -n.registered_at))
+
+    def _start_attempt(self, job: JobRecord, shard: ShardState, node: NodeRecord, now: float) -> None:
+        token = f"{job.job_id}:{shard.plan.index}:{secrets.token_hex(8)}"
+        attempt = Attempt(token, job.job_id, shard.plan.index, node.node_id, now)
+        shard.status = "running"
+        shard.attempt = attempt
+        node.running[token] = attempt
+        self.attempts[token] = attempt
+        job.attempts.append(attempt)
+        job.nodes_used.add(node.node_id)
+        if job.state == QUEUED:
+            job.state = RUNNING
+            job.started_at = now
+        plan = shard.plan
+        assignment = node_pb2.ShardAssignment(
+            job_id=job.job_id,
+            shard_index=plan.index,
+            attempt_token=token,
+            chunks=[common_pb2.Chunk(circuit_indices=c.circuit_indices, shots=c.shots, seed=c.seed)
+                    for c in plan.chunks],
+            circuits=[node_pb2.CircuitPayload(circuit_index=i, qpy=job.qpy[i]) for i in plan.circuit_indices],
+            method=job.method or "automatic",
+            memory_bytes=plan.memory_bytes,
+        )
+        assert node.sink is not None
+        node.sink.put_nowait(node_pb2.CoordinatorMessage(assign=assignment))
+        log.info("job %s shard %d -> node %s (attempt %d)", job.job_id, plan.index, node.node_id,
+                 len(shard.failures) + shard.losses + len(shard.refused_by) + 1)
+        self.on_job_change(job.job_id)
+
+
+def _check_chunk(plan: ShardPlan, msg: node_pb2.ChunkResult) -> str:
+    if not 0 <= msg.chunk_index < len(plan.chunks):
+        return f"no chunk {msg.chunk_index}"
+    chunk = plan.chunks[msg.chunk_index]
+    got = [c.circuit_index for c in msg.counts]
+    if sorted(got) != sorted(chunk.circuit_indices):
+        return f"chunk {msg.chunk_index} has counts for circuits {got}, expected {list(chunk.circuit_indices)}"
+    for c in msg.counts:
+        total = sum(c.counts.values())
+        if total != chunk.shots:
+            return f"circuit {c.circuit_index} counts add up to {total}, expected {chunk.shots}"
+    return ""
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"

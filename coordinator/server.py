@@ -1,0 +1,185 @@
+"""The coordinator's gRPC server: wiring of store, scheduler and servicers, the liveness
+reaper, the health service; and :class:`EmbeddedCoordinator` to run one in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from qscale.coordinator.config import CoordinatorConfig
+from qscale.coordinator.scheduler import Scheduler
+from qscale.coordinator.servicers import JobEvents, JobServicer, NodeServicer
+from qscale.coordinator.store import Store
+from qscale.errors import FailedPreconditionError, UnavailableError
+from qscale.proto.v1 import jobs_pb2_grpc, node_pb2_grpc
+
+__all__ = ["CoordinatorServer", "EmbeddedCoordinator"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+SERVICES = ("qscale.v1.NodeService", "qscale.v1.JobService")
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class CoordinatorServer:
+    """A coordinator on the current asyncio loop: ``await start()``, ``await stop()``."""
+
+    def __init__(self, config: CoordinatorConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.address = ""
+        self._temp_state: str | None = None
+        self._server: grpc.aio.Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qscale-intake")
+        self.store: Store | None = None
+        self.core: Scheduler | None = None
+        self.health: health_aio.HealthServicer | None = None
+
+    async def start(self) -> str:
+        """Open the state, recover unfinished jobs, and serve. Returns the bound ``host:port``."""
+        state_dir = self.config.state_dir
+        if state_dir is None:
+            state_dir = self._temp_state = tempfile.mkdtemp(prefix="qscale-state-")
+        self.store = Store(state_dir)
+        self.health = health_aio.HealthServicer()
+        events = JobEvents()
+        self.core = Scheduler(self.config, self.store, on_job_change=events.notify)
+        recovered = self.core.recover(self.clock())
+        server = grpc.aio.server(options=grpc_options(self.config.limits.max_message_bytes))
+        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.core, self.config, self.clock), server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(self.core, self.config, events, self.clock, self._executor), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            port = server.add_insecure_port(self.config.listen)
+        except RuntimeError as exc:
+            self.store.close()
+            raise FailedPreconditionError(f"cannot listen on {self.config.listen}: {exc}") from exc
+        host = self.config.listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"
+        await server.start()
+        self._server = server
+        for service in ("", *SERVICES):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._reaper = asyncio.create_task(self._reap_forever())
+        log.info("coordinator listening on %s (state in %s, %d job(s) recovered)", self.address, state_dir, recovered)
+        return self.address
+
+    async def _reap_forever(self) -> None:
+        assert self.core is not None
+        period = min(self.config.heartbeat_interval_s, self.config.heartbeat_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.core.reap(self.clock())
+            except Exception:
+                log.exception("reaper failed")
+
+    async def wait(self) -> None:
+        """Until the server stops."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def stop(self, grace: float | None = 2.0) -> None:
+        """Stop serving: report NOT_SERVING, end the streams, close the state."""
+        if self._server is None:
+            return
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self.core is not None:
+            for node in list(self.core.nodes.values()):
+                if node.sink is not None:
+                    node.sink.put_nowait(None)
+        await self._server.stop(grace)
+        self._server = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
+        if self._temp_state is not None:
+            shutil.rmtree(self._temp_state, ignore_errors=True)
+        log.info("coordinator on %s stopped", self.address)
+
+
+class EmbeddedCoordinator:
+    """A :class:`CoordinatorServer` on its own event loop in a background thread.
+
+    Used by :class:`qscale.LocalCluster` and the tests::
+
+        with EmbeddedCoordinator(CoordinatorConfig(listen="127.0.0.1:0")) as coord:
+            client = qscale.Client(coord.address)
+    """
+
+    def __init__(self, config: CoordinatorConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.server = CoordinatorServer(config, clock=clock)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="qscale-coordinator", daemon=True)
+        self._started = False
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Start serving; returns the bound address."""
+        self._thread.start()
+        try:
+            address = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+            raise
+        self._started = True
+        return address
+
+    def call(self, fn: Callable[..., _T], *args: Any, timeout: float = 10.0) -> _T:
+        """Run ``fn(*args)`` on the coordinator's loop thread (to read scheduler state safely)."""
+        if not self._started:
+            raise UnavailableError("coordinator not running")
+
+        async def run() -> _T:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
+
+    def stop(self, grace: float = 1.0, timeout: float = 30.0) -> None:
+        """Stop the server and its thread. Safe to call twice."""
+        if self._started:
+            self._started = False
+            try:
+                asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(timeout)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout)
+                self._loop.close()
+
+    def __enter__(self) -> EmbeddedCoordinator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

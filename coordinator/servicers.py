@@ -1,0 +1,219 @@
+"""The gRPC servicers. Thin by design: decode the request, call the
+:class:`~qscale.coordinator.scheduler.Scheduler`, encode the reply. Errors become gRPC
+statuses through :mod:`qscale.rpc_status`."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+
+from qscale.coordinator import views
+from qscale.coordinator.config import CoordinatorConfig
+from qscale.coordinator.intake import prepare_job
+from qscale.coordinator.scheduler import Scheduler
+from qscale.errors import FailedPreconditionError, InvalidArgumentError, QScaleError
+from qscale.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
+from qscale.rpc_status import status_for
+
+__all__ = ["NodeServicer", "JobServicer", "JobEvents"]
+
+log = logging.getLogger(__name__)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_HELLO_TIMEOUT_S = 30.0
+_MAX_LIST = 1000
+
+
+def _unary(method: _F) -> _F:
+    """Turn QScaleError (and unexpected errors) raised by a unary handler into a gRPC status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except QScaleError as exc:
+            await context.abort(*status_for(exc))
+        except Exception as exc:
+            log.exception("%s failed", method.__name__)
+            await context.abort(*status_for(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _streaming(method: _F) -> _F:
+    """The same for handlers that are async generators."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except QScaleError as exc:
+            await context.abort(*status_for(exc))
+        except Exception as exc:
+            log.exception("%s failed", method.__name__)
+            await context.abort(*status_for(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+class JobEvents:
+    """Wakes Watch streams when their job changes."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, job_id: str) -> asyncio.Event:
+        return self._events.setdefault(job_id, asyncio.Event())
+
+    def notify(self, job_id: str) -> None:
+        event = self._events.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+
+class NodeServicer(node_pb2_grpc.NodeServiceServicer):
+    """Register, Heartbeat and the node-initiated Work stream."""
+
+    def __init__(self, core: Scheduler, config: CoordinatorConfig, clock: Callable[[], float]) -> None:
+        self.core = core
+        self.config = config
+        self.clock = clock
+
+    @_unary
+    async def Register(self, request: node_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+                       ) -> node_pb2.RegisterReply:
+        node = self.core.register_node(request.capabilities, self.clock())
+        return node_pb2.RegisterReply(node_id=node.node_id, heartbeat_interval_s=self.config.heartbeat_interval_s,
+                                      heartbeat_timeout_s=self.config.heartbeat_timeout_s)
+
+    @_unary
+    async def Heartbeat(self, request: node_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+                        ) -> node_pb2.HeartbeatReply:
+        known = self.core.heartbeat(request.node_id, self.clock())
+        return node_pb2.HeartbeatReply(known=known, heartbeat_interval_s=self.config.heartbeat_interval_s,
+                                       heartbeat_timeout_s=self.config.heartbeat_timeout_s)
+
+    @_streaming
+    async def Work(self, request_iterator: AsyncIterator[node_pb2.NodeMessage], context: grpc.aio.ServicerContext
+                   ) -> AsyncIterator[node_pb2.CoordinatorMessage]:
+        try:
+            first = await asyncio.wait_for(request_iterator.__anext__(), _HELLO_TIMEOUT_S)
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            raise InvalidArgumentError("a work stream must start with a hello message") from None
+        if first.WhichOneof("kind") != "hello":
+            raise InvalidArgumentError("a work stream must start with a hello message")
+        node_id = first.hello.node_id
+        outbox: asyncio.Queue[node_pb2.CoordinatorMessage | None] = asyncio.Queue()
+        self.core.attach_stream(node_id, outbox, self.clock())
+        reader = asyncio.ensure_future(self._read(node_id, request_iterator, outbox))
+        try:
+            while (message := await outbox.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            self.core.detach_stream(node_id, outbox, self.clock(), "work stream closed")
+
+    async def _read(self, node_id: str, requests: AsyncIterator[node_pb2.NodeMessage],
+                    outbox: asyncio.Queue[node_pb2.CoordinatorMessage | None]) -> None:
+        core = self.core
+        try:
+            async for msg in requests:
+                kind = msg.WhichOneof("kind")
+                now = self.clock()
+                if kind == "chunk":
+                    core.chunk_result(node_id, msg.chunk, now)
+                elif kind == "done":
+                    core.shard_done(node_id, msg.done.attempt_token, now)
+                elif kind == "failed":
+                    core.shard_failed(node_id, msg.failed.attempt_token, msg.failed.error, msg.failed.refused, now)
+                elif kind == "draining":
+                    core.node_draining(node_id, now)
+                else:
+                    log.warning("node %s sent an unexpected %s message; closing its stream", node_id, kind)
+                    break
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError:
+            pass
+        except Exception:
+            log.exception("error handling a message from node %s; closing its stream", node_id)
+        finally:
+            outbox.put_nowait(None)
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    """Submit, inspect, watch and cancel jobs; list nodes."""
+
+    def __init__(self, core: Scheduler, config: CoordinatorConfig, events: JobEvents,
+                 clock: Callable[[], float], executor: Executor) -> None:
+        self.core = core
+        self.config = config
+        self.events = events
+        self.clock = clock
+        self.executor = executor
+
+    @_unary
+    async def Submit(self, request: jobs_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+                     ) -> jobs_pb2.SubmitReply:
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self.executor, prepare_job, request, self.config.limits)
+        job = self.core.submit(prepared.infos, prepared.qpy, shots=prepared.shots, seed=prepared.seed,
+                               method=prepared.method, now=self.clock())
+        return jobs_pb2.SubmitReply(job_id=job.job_id, seed=job.seed)
+
+    @_unary
+    async def GetJob(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobStatus:
+        return views.job_status(self.core.get_job(request.job_id))
+
+    @_streaming
+    async def Watch(self, request: jobs_pb2.WatchRequest, context: grpc.aio.ServicerContext
+                    ) -> AsyncIterator[jobs_pb2.JobProgress]:
+        job = self.core.get_job(request.job_id)
+        while True:
+            changed = self.events.event(job.job_id)
+            yield views.job_progress(job, request.include_counts, request.max_outcomes)
+            if job.final:
+                return
+            await changed.wait()
+            await asyncio.sleep(self.config.watch_min_interval_s)
+
+    @_unary
+    async def GetResult(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobResult:
+        job = self.core.get_job(request.job_id)
+        if not job.final:
+            state = common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+            raise FailedPreconditionError(f"job {job.job_id} is {state}; its result is not ready yet")
+        return views.job_result(job)
+
+    @_unary
+    async def Cancel(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobStatus:
+        return views.job_status(self.core.cancel(request.job_id, self.clock()))
+
+    @_unary
+    async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+                       ) -> jobs_pb2.ListJobsReply:
+        limit = min(request.limit if request.limit > 0 else 100, _MAX_LIST)
+        reply = jobs_pb2.ListJobsReply()
+        for job_id, created, state, shots, n, error, finished in self.core.store.recent_jobs(limit):
+            job = self.core.jobs.get(job_id)
+            if job is not None:
+                reply.jobs.append(views.job_status(job))
+            else:
+                reply.jobs.add(job_id=job_id, state=state, error=error, shots_total=shots * n,
+                               shots_done=shots * n if state == common_pb2.JOB_STATE_DONE else 0,
+                               num_circuits=n, created_at=created, finished_at=finished)
+        return reply
+
+    @_unary
+    async def ListNodes(self, request: jobs_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+                        ) -> jobs_pb2.ListNodesReply:
+        now = self.clock()
+        nodes = [*self.core.nodes.values(), *reversed(self.core.lost_nodes)]
+        return jobs_pb2.ListNodesReply(nodes=[views.node_info(n, now) for n in nodes])

@@ -1,0 +1,203 @@
+"""Durable coordinator state in SQLite (WAL, ``synchronous=FULL``).
+
+What is written here survives a coordinator restart: accepted jobs with their circuits,
+every counted shard result, and final job states. Each write is committed before the caller
+acknowledges anything to a client or node. A lock file keeps a second coordinator off the
+same state directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qscale.circuits import CircuitInfo
+from qscale.coordinator.planner import PlanningPolicy
+from qscale.errors import FailedPreconditionError
+
+__all__ = ["Store", "StoredJob"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    state INTEGER NOT NULL,
+    shots INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    num_circuits INTEGER NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    finished_at REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs(created_at);
+CREATE TABLE IF NOT EXISTS circuits (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    info TEXT NOT NULL,
+    qpy BLOB NOT NULL,
+    PRIMARY KEY (job_id, idx)
+);
+CREATE TABLE IF NOT EXISTS shard_results (
+    job_id TEXT NOT NULL,
+    shard_index INTEGER NOT NULL,
+    counts TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    attempt TEXT NOT NULL,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (job_id, shard_index)
+);
+"""
+
+# Counts of one shard: circuit index -> {hex outcome: count}
+ShardCounts = dict[int, dict[str, int]]
+
+
+@dataclass
+class StoredJob:
+    """A job as it was accepted, with the shard results counted so far."""
+
+    job_id: str
+    created_at: float
+    state: int
+    shots: int
+    seed: int
+    method: str
+    policy: PlanningPolicy
+    infos: list[CircuitInfo]
+    qpy: list[bytes]
+    error: str = ""
+    finished_at: float = 0.0
+    shard_results: dict[int, ShardCounts] = field(default_factory=dict)
+
+
+def _info_to_json(info: CircuitInfo) -> str:
+    return json.dumps(dataclasses.asdict(info))
+
+
+def _info_from_json(text: str) -> CircuitInfo:
+    data = json.loads(text)
+    data["creg_sizes"] = tuple(tuple(x) for x in data["creg_sizes"])
+    return CircuitInfo(**data)
+
+
+class Store:
+    """The coordinator's SQLite database under a state directory."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(state_dir)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.path / "coordinator.lock", "a+")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise FailedPreconditionError(
+                f"another coordinator is using the state directory {self.path}; "
+                "stop it or choose another --state-dir"
+            ) from None
+        self._db = sqlite3.connect(self.path / "state.sqlite3", isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the database and release the directory lock."""
+        self._db.close()
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()
+
+    def insert_job(self, job: StoredJob) -> None:
+        """Persist a newly accepted job with its circuits, in one transaction."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO jobs (job_id, created_at, state, shots, seed, method, policy, num_circuits)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.job_id, job.created_at, job.state, job.shots, job.seed, job.method,
+                 json.dumps(dataclasses.asdict(job.policy)), len(job.infos)),
+            )
+            db.executemany(
+                "INSERT INTO circuits (job_id, idx, info, qpy) VALUES (?, ?, ?, ?)",
+                ((job.job_id, i, _info_to_json(info), qpy) for i, (info, qpy) in enumerate(zip(job.infos, job.qpy))),
+            )
+
+    def record_shard(
+        self, job_id: str, shard_index: int, counts: ShardCounts, node_id: str, attempt: str, at: float
+    ) -> bool:
+        """Persist a shard's counts; False if that shard already had a result (nothing written)."""
+        payload = json.dumps({str(k): v for k, v in counts.items()})
+        with self._transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO shard_results (job_id, shard_index, counts, node_id, attempt, finished_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, shard_index, payload, node_id, attempt, at),
+            )
+            return cur.rowcount == 1
+
+    def finish_job(self, job_id: str, state: int, error: str, at: float) -> None:
+        """Persist a job's final state."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE job_id = ?",
+                       (state, error, at, job_id))
+
+    def load_job(self, job_id: str, *, with_payloads: bool = True) -> StoredJob | None:
+        """One job with its shard results, or None."""
+        row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return self._job_from_row(row, with_payloads) if row else None
+
+    def unfinished_jobs(self, final_states: tuple[int, ...]) -> Iterator[StoredJob]:
+        """Every job not in one of ``final_states``, oldest first."""
+        marks = ",".join("?" * len(final_states))
+        rows = self._db.execute(
+            f"SELECT * FROM jobs WHERE state NOT IN ({marks}) ORDER BY created_at", final_states
+        ).fetchall()
+        for row in rows:
+            yield self._job_from_row(row, True)
+
+    def recent_jobs(self, limit: int) -> list[tuple[str, float, int, int, int, str, float]]:
+        """(job_id, created_at, state, shots, num_circuits, error, finished_at) of the newest jobs."""
+        return self._db.execute(
+            "SELECT job_id, created_at, state, shots, num_circuits, error, finished_at"
+            " FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)
+        ).fetchall()
+
+    def _job_from_row(self, row: tuple, with_payloads: bool) -> StoredJob:
+        job_id, created_at, state, shots, seed, method, policy, _n, error, finished_at = row
+        circuits = self._db.execute(
+            f"SELECT info{', qpy' if with_payloads else ''} FROM circuits WHERE job_id = ? ORDER BY idx", (job_id,)
+        ).fetchall()
+        results = self._db.execute(
+            "SELECT shard_index, counts FROM shard_results WHERE job_id = ?", (job_id,)
+        ).fetchall()
+        return StoredJob(
+            job_id=job_id, created_at=created_at, state=state, shots=shots, seed=seed, method=method,
+            policy=PlanningPolicy(**json.loads(policy)),
+            infos=[_info_from_json(c[0]) for c in circuits],
+            qpy=[c[1] for c in circuits] if with_payloads else [],
+            error=error, finished_at=finished_at,
+            shard_results={idx: {int(k): v for k, v in json.loads(c).items()} for idx, c in results},
+        )
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")

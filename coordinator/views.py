@@ -1,0 +1,79 @@
+"""Domain records -> protobuf replies. Counts are turned from Aer's hexadecimal keys into
+Qiskit bitstrings here, once per reply."""
+
+from __future__ import annotations
+
+from qscale.circuits import format_counts
+from qscale.coordinator.scheduler import JobRecord, NodeRecord
+from qscale.proto.v1 import jobs_pb2
+
+__all__ = ["job_status", "job_progress", "job_result", "node_info"]
+
+
+def job_status(job: JobRecord) -> jobs_pb2.JobStatus:
+    return jobs_pb2.JobStatus(
+        job_id=job.job_id,
+        state=job.state,
+        error=job.error,
+        shots_total=job.shots_total,
+        shots_done=job.shots_done,
+        shards_total=len(job.shards),
+        shards_done=job.shards_done,
+        shards_running=job.shards_running,
+        num_circuits=len(job.infos),
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+    )
+
+
+def _top(counts: dict[str, int], max_outcomes: int) -> dict[str, int]:
+    if max_outcomes <= 0 or len(counts) <= max_outcomes:
+        return counts
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:max_outcomes])
+
+
+def job_progress(job: JobRecord, include_counts: bool, max_outcomes: int) -> jobs_pb2.JobProgress:
+    progress = jobs_pb2.JobProgress(status=job_status(job))
+    if include_counts:
+        for index, hex_counts in enumerate(job.partial_counts()):
+            info = job.infos[index]
+            counts = format_counts(hex_counts, info.num_clbits, info.creg_sizes)
+            progress.counts.add(circuit_index=index, counts=_top(counts, max_outcomes),
+                                shots=sum(counts.values()))
+    return progress
+
+
+def job_result(job: JobRecord) -> jobs_pb2.JobResult:
+    result = jobs_pb2.JobResult(
+        status=job_status(job),
+        seed=job.seed,
+        method=job.method,
+        nodes_used=sorted(job.nodes_used),
+        stale_results_dropped=job.stale_dropped,
+        wall_time_s=(job.finished_at or job.created_at) - job.created_at,
+    )
+    for index, info in enumerate(job.infos):
+        result.results.add(
+            circuit_index=index,
+            name=info.name,
+            counts=format_counts(job.counts[index], info.num_clbits, info.creg_sizes),
+            shots=job.circuit_shots[index],
+            num_qubits=info.num_qubits,
+            num_clbits=info.num_clbits,
+        )
+    for a in job.attempts:
+        result.attempts.add(shard_index=a.shard_index, attempt_token=a.token, node_id=a.node_id,
+                            started_at=a.started_at, ended_at=a.ended_at, outcome=a.outcome, error=a.error)
+    return result
+
+
+def node_info(node: NodeRecord, now: float) -> jobs_pb2.NodeInfo:
+    return jobs_pb2.NodeInfo(
+        node_id=node.node_id,
+        capabilities=node.caps,
+        state=node.state,
+        running=len(node.running),
+        last_heartbeat_age_s=max(0.0, now - node.last_heartbeat),
+        registered_at=node.registered_at,
+        shards_done=node.shards_done,
+    )

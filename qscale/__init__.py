@@ -1,0 +1,76 @@
+"""qscale: run Qiskit circuit simulations across a cluster of machines.
+
+The public surface::
+
+    qscale.Client, qscale.Job          talk to a coordinator
+    qscale.LocalCluster                an embedded coordinator and local nodes
+    qscale.JobResult, CircuitResult, JobStatus, Progress, JobState, NodeStatus
+    qscale.QScaleError and its subclasses (see qscale.errors)
+
+Attributes that need Qiskit are imported on first use, so the node daemon, which imports
+``qscale.node``, stays light (its simulations run in worker processes).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from qscale._version import __version__
+from qscale.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    JobCancelledError,
+    JobError,
+    JobFailedError,
+    JobTimeoutError,
+    NoCapableNodeError,
+    NotFoundError,
+    QScaleError,
+    UnavailableError,
+)
+
+if TYPE_CHECKING:
+    from qscale.client import Client, Job
+    from qscale.local import LocalCluster
+    from qscale.results import CircuitResult, JobResult, JobState, JobStatus, NodeStatus, Progress
+
+_LAZY = {
+    "Client": "qscale.client",
+    "Job": "qscale.client",
+    "LocalCluster": "qscale.local",
+    "JobResult": "qscale.results",
+    "CircuitResult": "qscale.results",
+    "JobStatus": "qscale.results",
+    "JobState": "qscale.results",
+    "Progress": "qscale.results",
+    "NodeStatus": "qscale.results",
+}
+
+__all__ = [
+    "__version__",
+    *_LAZY,
+    "QScaleError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "FailedPreconditionError",
+    "NoCapableNodeError",
+    "UnavailableError",
+    "JobError",
+    "JobFailedError",
+    "JobCancelledError",
+    "JobTimeoutError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qscale' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,266 @@
+"""The Python client: submit circuits to a qscale coordinator and follow the jobs."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import grpc
+from qiskit import QuantumCircuit
+
+from qscale.circuits import dump_qpy
+from qscale.errors import (
+    InvalidArgumentError,
+    JobCancelledError,
+    JobFailedError,
+    JobTimeoutError,
+    UnavailableError,
+)
+from qscale.proto.v1 import jobs_pb2, jobs_pb2_grpc
+from qscale.results import JobResult, JobState, JobStatus, NodeStatus, Progress
+from qscale.rpc_status import translate_rpc_errors
+
+__all__ = ["Client", "Job", "DEFAULT_COORDINATOR", "circuit_sources_from_file"]
+
+DEFAULT_COORDINATOR = "127.0.0.1:50051"
+_MAX_MESSAGE = 256 << 20
+_QPY_SUFFIXES = (".qpy",)
+_QASM_SUFFIXES = (".qasm", ".qasm2", ".qasm3", ".inc")
+
+
+def circuit_sources_from_file(path: str | os.PathLike[str]) -> list[jobs_pb2.CircuitSource]:
+    """Wire sources for a ``.qpy`` or OpenQASM 2/3 ``.qasm`` file (one per circuit in it).
+
+    OpenQASM is sent as text and parsed by the coordinator; a QPY file with several circuits
+    is split here into one payload per circuit.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    try:
+        if suffix in _QPY_SUFFIXES:
+            data = p.read_bytes()
+            programs = struct.unpack_from("!Q", data, 10)[0] if len(data) >= 18 else 1
+            if programs <= 1:
+                return [jobs_pb2.CircuitSource(qpy=data, name=p.stem)]
+            from qiskit import qpy
+
+            with p.open("rb") as fh:
+                circuits = qpy.load(fh)
+            return [jobs_pb2.CircuitSource(qpy=dump_qpy(c), name=f"{p.stem}[{i}]") for i, c in enumerate(circuits)]
+        if suffix in _QASM_SUFFIXES:
+            return [jobs_pb2.CircuitSource(qasm=p.read_text(encoding="utf-8"), name=p.stem)]
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot read {p}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(f"{p} is not UTF-8 text") from exc
+    except Exception as exc:
+        raise InvalidArgumentError(f"{p}: not a readable QPY file ({type(exc).__name__})") from exc
+    raise InvalidArgumentError(f"{p}: unknown circuit file type {suffix!r}; use .qpy or .qasm")
+
+
+class Client:
+    """A connection to a qscale coordinator.
+
+    Args:
+        address: ``host:port`` of the coordinator; defaults to ``$QSCALE_COORDINATOR`` or
+            ``127.0.0.1:50051``.
+        timeout: deadline in seconds for each unary call.
+
+    Example::
+
+        with qscale.Client("coordinator:50051") as client:
+            job = client.submit(circuit, shots=10_000, seed=7)
+            print(job.result().counts[0])
+    """
+
+    def __init__(self, address: str | None = None, *, timeout: float = 60.0) -> None:
+        self.address = address or os.environ.get("QSCALE_COORDINATOR") or DEFAULT_COORDINATOR
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            self.address,
+            options=[("grpc.max_receive_message_length", _MAX_MESSAGE),
+                     ("grpc.max_send_message_length", _MAX_MESSAGE)],
+        )
+        self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    def submit(
+        self,
+        circuits: QuantumCircuit | Iterable[QuantumCircuit],
+        *,
+        shots: int = 1024,
+        seed: int | None = None,
+        method: str | None = None,
+    ) -> Job:
+        """Submit one circuit or several; returns at once with a :class:`Job`.
+
+        Args:
+            circuits: circuits with measurements and no unbound parameters.
+            shots: shots per circuit.
+            seed: makes the merged counts reproducible, whatever the number of nodes.
+            method: an Aer simulation method; ``automatic`` (the default) lets Aer choose.
+
+        Raises:
+            InvalidArgumentError: a circuit or option the coordinator rejects.
+            NoCapableNodeError: no node of the cluster can hold a circuit.
+        """
+        if isinstance(circuits, QuantumCircuit):
+            circuits = [circuits]
+        sources = []
+        for circuit in circuits:
+            if not isinstance(circuit, QuantumCircuit):
+                raise InvalidArgumentError(f"expected QuantumCircuit, got {type(circuit).__name__}")
+            sources.append(jobs_pb2.CircuitSource(qpy=dump_qpy(circuit), name=circuit.name))
+        return self._submit(sources, shots, seed, method)
+
+    def submit_files(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        shots: int = 1024,
+        seed: int | None = None,
+        method: str | None = None,
+    ) -> Job:
+        """Submit the circuits of ``.qpy`` and OpenQASM 2/3 ``.qasm`` files."""
+        sources = [s for path in paths for s in circuit_sources_from_file(path)]
+        return self._submit(sources, shots, seed, method)
+
+    def _submit(self, sources: list[jobs_pb2.CircuitSource], shots: int, seed: int | None,
+                method: str | None) -> Job:
+        if isinstance(shots, bool) or not isinstance(shots, int):
+            raise InvalidArgumentError(f"shots must be an int, got {type(shots).__name__}")
+        if not -(2**63) <= shots < 2**63:
+            raise InvalidArgumentError(f"shots out of range: {shots}")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise InvalidArgumentError("seed must be between 0 and 2**63 - 1")
+        request = jobs_pb2.SubmitRequest(circuits=sources, shots=shots, method=method or "")
+        if seed is not None:
+            request.seed = seed
+        with translate_rpc_errors():
+            reply = self._stub.Submit(request, timeout=self.timeout)
+        return Job(self, reply.job_id, seed=reply.seed)
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an existing job (checked to exist)."""
+        job = Job(self, job_id)
+        job.status()
+        return job
+
+    def jobs(self, limit: int = 100) -> list[JobStatus]:
+        """The newest jobs, newest first."""
+        with translate_rpc_errors():
+            reply = self._stub.ListJobs(jobs_pb2.ListJobsRequest(limit=limit), timeout=self.timeout)
+        return [JobStatus.from_proto(j) for j in reply.jobs]
+
+    def nodes(self) -> list[NodeStatus]:
+        """Every node the coordinator knows, recently lost ones last."""
+        with translate_rpc_errors():
+            reply = self._stub.ListNodes(jobs_pb2.ListNodesRequest(), timeout=self.timeout)
+        return [NodeStatus.from_proto(n) for n in reply.nodes]
+
+    def wait_for_nodes(self, count: int, timeout: float = 60.0) -> list[NodeStatus]:
+        """Block until at least ``count`` nodes are alive; returns them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                alive = [n for n in self.nodes() if n.state == "alive"]
+            except UnavailableError:
+                alive = []
+            if len(alive) >= count:
+                return alive
+            if time.monotonic() > deadline:
+                raise JobTimeoutError(f"only {len(alive)} of {count} nodes joined within {timeout:.0f}s")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Job:
+    """A submitted job. Cheap to create; every method asks the coordinator."""
+
+    def __init__(self, client: Client, job_id: str, *, seed: int | None = None) -> None:
+        self._client = client
+        self.job_id = job_id
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"Job({self.job_id!r})"
+
+    def status(self) -> JobStatus:
+        """Current status and progress."""
+        with translate_rpc_errors():
+            reply = self._client._stub.GetJob(jobs_pb2.JobRef(job_id=self.job_id), timeout=self._client.timeout)
+        return JobStatus.from_proto(reply)
+
+    def done(self) -> bool:
+        """True once the job is done, failed or cancelled."""
+        return self.status().state.final
+
+    def watch(self, *, counts: bool = True, max_outcomes: int = 0, timeout: float | None = None
+              ) -> Iterator[Progress]:
+        """Progress updates (with partial merged counts) until the job reaches a final state.
+
+        Args:
+            counts: include the merged counts so far in each update.
+            max_outcomes: only the most frequent outcomes per circuit; 0 for all.
+            timeout: give up after this many seconds (:class:`~qscale.errors.JobTimeoutError`).
+        """
+        request = jobs_pb2.WatchRequest(job_id=self.job_id, include_counts=counts, max_outcomes=max_outcomes)
+        with translate_rpc_errors():
+            for msg in self._client._stub.Watch(request, timeout=timeout):
+                yield Progress.from_proto(msg)
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        """Block until the job is final; survives a coordinator restart. Returns the final status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        backoff = 0.1
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise JobTimeoutError(f"job {self.job_id} not finished after {timeout}s")
+            try:
+                last = None
+                for progress in self.watch(counts=False, timeout=remaining):
+                    last = progress.status
+                if last is not None and last.state.final:
+                    return last
+            except UnavailableError:
+                time.sleep(min(backoff, remaining) if remaining is not None else backoff)
+                backoff = min(backoff * 2, 2.0) * (0.8 + 0.4 * random.random())
+            except JobTimeoutError:
+                raise JobTimeoutError(f"job {self.job_id} not finished after {timeout}s") from None
+
+    def result(self, timeout: float | None = None) -> JobResult:
+        """Block until the job is final and return its result.
+
+        Raises:
+            JobFailedError: a shard failed too often; the message names the circuit and the error.
+            JobCancelledError: the job was cancelled.
+            JobTimeoutError: not finished within ``timeout`` seconds (the job goes on).
+        """
+        self.wait(timeout)
+        with translate_rpc_errors():
+            reply = self._client._stub.GetResult(jobs_pb2.JobRef(job_id=self.job_id), timeout=self._client.timeout)
+        result = JobResult.from_proto(reply)
+        if result.status.state == JobState.FAILED:
+            raise JobFailedError(f"job {self.job_id} failed: {result.status.error}", self.job_id)
+        if result.status.state == JobState.CANCELLED:
+            raise JobCancelledError(f"job {self.job_id} was cancelled", self.job_id)
+        return result
+
+    def cancel(self) -> JobStatus:
+        """Cancel the job (no effect on a finished one); returns its status."""
+        with translate_rpc_errors():
+            reply = self._client._stub.Cancel(jobs_pb2.JobRef(job_id=self.job_id), timeout=self._client.timeout)
+        return JobStatus.from_proto(reply)

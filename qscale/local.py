@@ -1,0 +1,175 @@
+"""An embedded local cluster: a coordinator in this process and N real ``qscale-node``
+processes on loopback. The README quick start and most tests run on it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qscale.client import Client
+from qscale.coordinator.config import CoordinatorConfig
+from qscale.coordinator.server import EmbeddedCoordinator
+from qscale.errors import QScaleError
+
+__all__ = ["LocalCluster"]
+
+log = logging.getLogger(__name__)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+class LocalCluster:
+    """A coordinator and ``nodes`` node processes on ``127.0.0.1``, ports chosen by the OS.
+
+    Args:
+        nodes: node processes to start.
+        slots_per_node: shards each node runs at once.
+        cores_per_node: simulation threads per node; by default the machine's cores shared out.
+        memory_budget_per_node: bytes; by default half the machine's memory shared out.
+        config: coordinator settings (``listen`` is forced to ``127.0.0.1:0``).
+        log_dir: where node logs go; a temporary directory (removed on stop) when None.
+        startup_timeout: seconds to wait for the nodes to join.
+
+    Example::
+
+        with qscale.LocalCluster(nodes=3) as cluster:
+            job = cluster.client.submit(circuit, shots=10_000, seed=1)
+            print(job.result().counts[0])
+    """
+
+    def __init__(
+        self,
+        nodes: int = 2,
+        *,
+        slots_per_node: int = 1,
+        cores_per_node: int | None = None,
+        memory_budget_per_node: int | None = None,
+        config: CoordinatorConfig | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 120.0,
+    ) -> None:
+        if nodes < 0:
+            raise ValueError("nodes must be >= 0")
+        self.num_nodes = nodes
+        self.slots_per_node = slots_per_node
+        cpus = os.cpu_count() or 1
+        self.cores_per_node = cores_per_node or max(1, cpus // max(1, nodes))
+        self.memory_budget_per_node = memory_budget_per_node or _physical_memory() // 2 // max(1, nodes)
+        self.config = (config or CoordinatorConfig()).with_(listen="127.0.0.1:0")
+        self._own_log_dir = log_dir is None
+        self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="qscale-local-"))
+        self.startup_timeout = startup_timeout
+        self.coordinator: EmbeddedCoordinator | None = None
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self._client: Client | None = None
+        self._counter = 0
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the coordinator."""
+        if self.coordinator is None:
+            raise QScaleError("the local cluster is not running")
+        return self.coordinator.address
+
+    @property
+    def client(self) -> Client:
+        """A client connected to the cluster."""
+        if self._client is None:
+            self._client = Client(self.address)
+        return self._client
+
+    def start(self) -> LocalCluster:
+        """Start the coordinator and the nodes, and wait until every node has joined."""
+        self.coordinator = EmbeddedCoordinator(self.config)
+        try:
+            self.coordinator.start()
+            for _ in range(self.num_nodes):
+                self.add_node()
+            self.wait_for_nodes(self.num_nodes)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def node_command(self, name: str, coordinator: str | None = None) -> list[str]:
+        """The command line of one local node."""
+        return [
+            sys.executable, "-m", "qscale.node",
+            "--coordinator", coordinator or self.address,
+            "--name", name,
+            "--slots", str(self.slots_per_node),
+            "--cores", str(self.cores_per_node),
+            "--memory-budget", str(self.memory_budget_per_node),
+            "--parent-pid", str(os.getpid()),
+        ]
+
+    def add_node(self, coordinator: str | None = None) -> subprocess.Popen[bytes]:
+        """Start one more node process (it joins on its own); returns the process."""
+        name = f"local-{self._counter}"
+        self._counter += 1
+        log_path = self.log_dir / f"{name}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(self.node_command(name, coordinator), stdout=log_file,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self.processes.append(proc)
+        return proc
+
+    def wait_for_nodes(self, count: int, timeout: float | None = None) -> None:
+        """Block until ``count`` nodes are alive; fails early if a node process dies."""
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        while True:
+            alive = sum(1 for n in self.client.nodes() if n.state == "alive")
+            if alive >= count:
+                return
+            dead = [p for p in self.processes if p.poll() is not None]
+            if dead and alive + len([p for p in self.processes if p.poll() is None]) < count:
+                raise QScaleError(f"a local node exited with code {dead[0].returncode}; "
+                                  f"see the logs in {self.log_dir}")
+            if time.monotonic() > deadline:
+                raise QScaleError(f"only {alive} of {count} local nodes joined; see the logs in {self.log_dir}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the nodes (SIGTERM, then SIGKILL after ``timeout``) and the coordinator."""
+        for proc in self.processes:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGCONT)  # a stopped node cannot handle SIGTERM
+                    proc.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for proc in self.processes:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("local node %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait(5)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.coordinator is not None:
+            self.coordinator.stop()
+            self.coordinator = None
+        if self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,207 @@
+from qscale.proto.v1 import common_pb2 as _common_pb2
+from qscale.proto.v1 import node_pb2 as _node_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CircuitSource(_message.Message):
+    __slots__ = ("qpy", "qasm", "name")
+    QPY_FIELD_NUMBER: _ClassVar[int]
+    QASM_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    qpy: bytes
+    qasm: str
+    name: str
+    def __init__(self, qpy: _Optional[bytes] = ..., qasm: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class SubmitRequest(_message.Message):
+    __slots__ = ("circuits", "shots", "seed", "method")
+    CIRCUITS_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    circuits: _containers.RepeatedCompositeFieldContainer[CircuitSource]
+    shots: int
+    seed: int
+    method: str
+    def __init__(self, circuits: _Optional[_Iterable[_Union[CircuitSource, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
+
+class SubmitReply(_message.Message):
+    __slots__ = ("job_id", "seed")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    seed: int
+    def __init__(self, job_id: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class JobRef(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class JobStatus(_message.Message):
+    __slots__ = ("job_id", "state", "error", "shots_total", "shots_done", "shards_total", "shards_done", "shards_running", "num_circuits", "created_at", "finished_at")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_DONE_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_DONE_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_CIRCUITS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: _common_pb2.JobState
+    error: str
+    shots_total: int
+    shots_done: int
+    shards_total: int
+    shards_done: int
+    shards_running: int
+    num_circuits: int
+    created_at: float
+    finished_at: float
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., error: _Optional[str] = ..., shots_total: _Optional[int] = ..., shots_done: _Optional[int] = ..., shards_total: _Optional[int] = ..., shards_done: _Optional[int] = ..., shards_running: _Optional[int] = ..., num_circuits: _Optional[int] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("job_id", "include_counts", "max_outcomes")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    include_counts: bool
+    max_outcomes: int
+    def __init__(self, job_id: _Optional[str] = ..., include_counts: _Optional[bool] = ..., max_outcomes: _Optional[int] = ...) -> None: ...
+
+class JobProgress(_message.Message):
+    __slots__ = ("status", "counts")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    status: JobStatus
+    counts: _containers.RepeatedCompositeFieldContainer[CircuitCountsText]
+    def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ..., counts: _Optional[_Iterable[_Union[CircuitCountsText, _Mapping]]] = ...) -> None: ...
+
+class CircuitCountsText(_message.Message):
+    __slots__ = ("circuit_index", "counts", "shots")
+    class CountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
+    circuit_index: int
+    counts: _containers.ScalarMap[str, int]
+    shots: int
+    def __init__(self, circuit_index: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., shots: _Optional[int] = ...) -> None: ...
+
+class AttemptInfo(_message.Message):
+    __slots__ = ("shard_index", "attempt_token", "node_id", "started_at", "ended_at", "outcome", "error")
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    attempt_token: str
+    node_id: str
+    started_at: float
+    ended_at: float
+    outcome: str
+    error: str
+    def __init__(self, shard_index: _Optional[int] = ..., attempt_token: _Optional[str] = ..., node_id: _Optional[str] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., outcome: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class JobResult(_message.Message):
+    __slots__ = ("status", "results", "seed", "method", "nodes_used", "attempts", "stale_results_dropped", "wall_time_s")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    NODES_USED_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    STALE_RESULTS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    status: JobStatus
+    results: _containers.RepeatedCompositeFieldContainer[CircuitResult]
+    seed: int
+    method: str
+    nodes_used: _containers.RepeatedScalarFieldContainer[str]
+    attempts: _containers.RepeatedCompositeFieldContainer[AttemptInfo]
+    stale_results_dropped: int
+    wall_time_s: float
+    def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ..., results: _Optional[_Iterable[_Union[CircuitResult, _Mapping]]] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., nodes_used: _Optional[_Iterable[str]] = ..., attempts: _Optional[_Iterable[_Union[AttemptInfo, _Mapping]]] = ..., stale_results_dropped: _Optional[int] = ..., wall_time_s: _Optional[float] = ...) -> None: ...
+
+class CircuitResult(_message.Message):
+    __slots__ = ("circuit_index", "name", "counts", "shots", "num_qubits", "num_clbits")
+    class CountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUBITS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLBITS_FIELD_NUMBER: _ClassVar[int]
+    circuit_index: int
+    name: str
+    counts: _containers.ScalarMap[str, int]
+    shots: int
+    num_qubits: int
+    num_clbits: int
+    def __init__(self, circuit_index: _Optional[int] = ..., name: _Optional[str] = ..., counts: _Optional[_Mapping[str, int]] = ..., shots: _Optional[int] = ..., num_qubits: _Optional[int] = ..., num_clbits: _Optional[int] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListJobsReply(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "capabilities", "state", "running", "last_heartbeat_age_s", "registered_at", "shards_done")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_DONE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    capabilities: _node_pb2.NodeCapabilities
+    state: str
+    running: int
+    last_heartbeat_age_s: float
+    registered_at: float
+    shards_done: int
+    def __init__(self, node_id: _Optional[str] = ..., capabilities: _Optional[_Union[_node_pb2.NodeCapabilities, _Mapping]] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., registered_at: _Optional[float] = ..., shards_done: _Optional[int] = ...) -> None: ...
+
+class ListNodesReply(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...

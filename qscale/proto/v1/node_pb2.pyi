@@ -1,0 +1,166 @@
+from qscale.proto.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class NodeCapabilities(_message.Message):
+    __slots__ = ("name", "hostname", "cores", "slots", "memory_budget_bytes", "methods", "max_statevector_qubits", "qpy_version", "qscale_version", "qiskit_version", "aer_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    CORES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STATEVECTOR_QUBITS_FIELD_NUMBER: _ClassVar[int]
+    QPY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    QSCALE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    QISKIT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    hostname: str
+    cores: int
+    slots: int
+    memory_budget_bytes: int
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    max_statevector_qubits: int
+    qpy_version: int
+    qscale_version: str
+    qiskit_version: str
+    aer_version: str
+    def __init__(self, name: _Optional[str] = ..., hostname: _Optional[str] = ..., cores: _Optional[int] = ..., slots: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., max_statevector_qubits: _Optional[int] = ..., qpy_version: _Optional[int] = ..., qscale_version: _Optional[str] = ..., qiskit_version: _Optional[str] = ..., aer_version: _Optional[str] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("capabilities",)
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    capabilities: NodeCapabilities
+    def __init__(self, capabilities: _Optional[_Union[NodeCapabilities, _Mapping]] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("node_id", "heartbeat_interval_s", "heartbeat_timeout_s")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    heartbeat_interval_s: float
+    heartbeat_timeout_s: float
+    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("node_id", "running_attempts", "free_slots")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    running_attempts: _containers.RepeatedScalarFieldContainer[str]
+    free_slots: int
+    def __init__(self, node_id: _Optional[str] = ..., running_attempts: _Optional[_Iterable[str]] = ..., free_slots: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("known", "heartbeat_interval_s", "heartbeat_timeout_s")
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    heartbeat_interval_s: float
+    heartbeat_timeout_s: float
+    def __init__(self, known: _Optional[bool] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ...) -> None: ...
+
+class ShardAssignment(_message.Message):
+    __slots__ = ("job_id", "shard_index", "attempt_token", "chunks", "circuits", "method", "memory_bytes")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CIRCUITS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_index: int
+    attempt_token: str
+    chunks: _containers.RepeatedCompositeFieldContainer[_common_pb2.Chunk]
+    circuits: _containers.RepeatedCompositeFieldContainer[CircuitPayload]
+    method: str
+    memory_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., attempt_token: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.Chunk, _Mapping]]] = ..., circuits: _Optional[_Iterable[_Union[CircuitPayload, _Mapping]]] = ..., method: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+
+class CircuitPayload(_message.Message):
+    __slots__ = ("circuit_index", "qpy")
+    CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    QPY_FIELD_NUMBER: _ClassVar[int]
+    circuit_index: int
+    qpy: bytes
+    def __init__(self, circuit_index: _Optional[int] = ..., qpy: _Optional[bytes] = ...) -> None: ...
+
+class CancelAttempt(_message.Message):
+    __slots__ = ("attempt_token", "reason")
+    ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    attempt_token: str
+    reason: str
+    def __init__(self, attempt_token: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CoordinatorMessage(_message.Message):
+    __slots__ = ("assign", "cancel")
+    ASSIGN_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    assign: ShardAssignment
+    cancel: CancelAttempt
+    def __init__(self, assign: _Optional[_Union[ShardAssignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAttempt, _Mapping]] = ...) -> None: ...
+
+class StreamHello(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class ChunkResult(_message.Message):
+    __slots__ = ("attempt_token", "chunk_index", "counts", "seconds")
+    ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    attempt_token: str
+    chunk_index: int
+    counts: _containers.RepeatedCompositeFieldContainer[_common_pb2.CircuitCounts]
+    seconds: float
+    def __init__(self, attempt_token: _Optional[str] = ..., chunk_index: _Optional[int] = ..., counts: _Optional[_Iterable[_Union[_common_pb2.CircuitCounts, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ShardDone(_message.Message):
+    __slots__ = ("attempt_token", "seconds")
+    ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    attempt_token: str
+    seconds: float
+    def __init__(self, attempt_token: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ShardFailed(_message.Message):
+    __slots__ = ("attempt_token", "error", "refused")
+    ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    attempt_token: str
+    error: str
+    refused: bool
+    def __init__(self, attempt_token: _Optional[str] = ..., error: _Optional[str] = ..., refused: _Optional[bool] = ...) -> None: ...
+
+class Draining(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeMessage(_message.Message):
+    __slots__ = ("hello", "chunk", "done", "failed", "draining")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    hello: StreamHello
+    chunk: ChunkResult
+    done: ShardDone
+    failed: ShardFailed
+    draining: Draining
+    def __init__(self, hello: _Optional[_Union[StreamHello, _Mapping]] = ..., chunk: _Optional[_Union[ChunkResult, _Mapping]] = ..., done: _Optional[_Union[ShardDone, _Mapping]] = ..., failed: _Optional[_Union[ShardFailed, _Mapping]] = ..., draining: _Optional[_Union[Draining, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,194 @@
+"""What the client returns: job states, progress updates and results as plain dataclasses
+(decoded from the wire once, safe to keep after the connection closes)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from qscale.proto.v1 import common_pb2, jobs_pb2
+
+__all__ = ["JobState", "JobStatus", "Progress", "CircuitResult", "AttemptRecord", "JobResult", "NodeStatus"]
+
+
+class JobState(str, enum.Enum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """True for done, failed and cancelled."""
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+    @classmethod
+    def from_proto(cls, value: int) -> JobState:
+        name = common_pb2.JobState.Name(value).removeprefix("JOB_STATE_")
+        return cls(name.lower()) if name != "UNSPECIFIED" else cls.QUEUED
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A snapshot of a job's progress."""
+
+    job_id: str
+    state: JobState
+    error: str
+    shots_total: int
+    shots_done: int
+    shards_total: int
+    shards_done: int
+    shards_running: int
+    num_circuits: int
+    created_at: float
+    finished_at: float
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.JobStatus) -> JobStatus:
+        return cls(msg.job_id, JobState.from_proto(msg.state), msg.error, msg.shots_total, msg.shots_done,
+                   msg.shards_total, msg.shards_done, msg.shards_running, msg.num_circuits, msg.created_at,
+                   msg.finished_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One update from :meth:`qscale.Job.watch`: the status and, per circuit, the counts merged so
+    far (counted shards plus the chunks of running shards; a chunk of a shard whose node is
+    lost disappears again)."""
+
+    status: JobStatus
+    counts: list[dict[str, int]]
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.JobProgress) -> Progress:
+        counts: list[dict[str, int]] = [{} for _ in range(msg.status.num_circuits)]
+        for c in msg.counts:
+            if 0 <= c.circuit_index < len(counts):
+                counts[c.circuit_index] = dict(c.counts)
+        return cls(JobStatus.from_proto(msg.status), counts)
+
+
+@dataclass(frozen=True)
+class CircuitResult:
+    """Merged counts of one circuit. Keys are Qiskit bitstrings (clbit 0 rightmost, registers
+    separated by spaces); the values add up to ``shots``."""
+
+    index: int
+    name: str
+    counts: dict[str, int]
+    shots: int
+    num_qubits: int
+    num_clbits: int
+
+    def most_frequent(self, n: int = 10) -> list[tuple[str, int]]:
+        """The ``n`` most frequent outcomes, most frequent first."""
+        return sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One dispatch of a shard to a node."""
+
+    shard_index: int
+    node_id: str
+    started_at: float
+    ended_at: float
+    outcome: str
+    error: str
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The result of a finished job."""
+
+    job_id: str
+    status: JobStatus
+    results: list[CircuitResult]
+    seed: int
+    method: str
+    nodes_used: list[str]
+    attempts: list[AttemptRecord] = field(repr=False)
+    stale_results_dropped: int
+    wall_time_s: float
+
+    @property
+    def counts(self) -> list[dict[str, int]]:
+        """Merged counts per circuit."""
+        return [r.counts for r in self.results]
+
+    @property
+    def shots(self) -> int:
+        """Shots counted over all circuits."""
+        return sum(r.shots for r in self.results)
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.JobResult) -> JobResult:
+        return cls(
+            job_id=msg.status.job_id,
+            status=JobStatus.from_proto(msg.status),
+            results=[CircuitResult(r.circuit_index, r.name, dict(r.counts), r.shots, r.num_qubits, r.num_clbits)
+                     for r in msg.results],
+            seed=msg.seed,
+            method=msg.method,
+            nodes_used=list(msg.nodes_used),
+            attempts=[AttemptRecord(a.shard_index, a.node_id, a.started_at, a.ended_at, a.outcome, a.error)
+                      for a in msg.attempts],
+            stale_results_dropped=msg.stale_results_dropped,
+            wall_time_s=msg.wall_time_s,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``job_id``, ``status``, ``results`` (``counts``, ``shots`` per circuit),
+        and ``metadata``."""
+        return {
+            "job_id": self.job_id,
+            "status": self.status.state.value,
+            "error": self.status.error,
+            "results": [{"index": r.index, "name": r.name, "shots": r.shots, "num_qubits": r.num_qubits,
+                         "counts": r.counts} for r in self.results],
+            "metadata": {
+                "seed": self.seed,
+                "method": self.method,
+                "shards": self.status.shards_total,
+                "attempts": len(self.attempts),
+                "nodes_used": self.nodes_used,
+                "stale_results_dropped": self.stale_results_dropped,
+                "wall_time_s": self.wall_time_s,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """A node as the coordinator sees it."""
+
+    node_id: str
+    name: str
+    hostname: str
+    state: str
+    slots: int
+    running: int
+    cores: int
+    memory_budget_bytes: int
+    max_statevector_qubits: int
+    last_heartbeat_age_s: float
+    shards_done: int
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.NodeInfo) -> NodeStatus:
+        c = msg.capabilities
+        return cls(msg.node_id, c.name, c.hostname, msg.state, c.slots, msg.running, c.cores,
+                   c.memory_budget_bytes, c.max_statevector_qubits, msg.last_heartbeat_age_s, msg.shards_done)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

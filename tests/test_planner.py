@@ -1,0 +1,86 @@
+"""The planner is a pure function of the job and the policy."""
+
+from __future__ import annotations
+
+import numpy as np
+from qiskit import QuantumCircuit
+from qiskit.circuit.random import random_circuit
+
+from qscale.circuits import describe
+from qscale.coordinator.planner import PlanningPolicy, chunk_seed, plan_job, splits_shots
+
+
+def _clifford(n: int) -> QuantumCircuit:
+    qc = QuantumCircuit(n)
+    qc.h(range(n))
+    qc.measure_all()
+    return qc
+
+
+def _random(n: int, seed: int) -> QuantumCircuit:
+    return random_circuit(n, 4, measure=True, seed=seed)
+
+
+def test_shots_add_up_and_split_only_where_shots_cost() -> None:
+    infos = [describe(_clifford(24)), describe(_random(10, 1)), describe(_random(20, 2))]
+    policy = PlanningPolicy(shots_per_shard=1000)
+    plan = plan_job(infos, 10_000, seed=5, method="automatic", policy=policy)
+    per_circuit = [0, 0, 0]
+    for shard in plan:
+        for chunk in shard.chunks:
+            for i in chunk.circuit_indices:
+                per_circuit[i] += chunk.shots
+    assert per_circuit == [10_000, 10_000, 10_000]
+    # The Clifford circuit runs on the stabilizer method (cost per shot): split in 10.
+    assert sum(1 for s in plan if s.circuit_indices == (0,)) == 10
+    # The statevector circuits sample one final state: never split.
+    assert sum(1 for s in plan if 1 in s.circuit_indices) == 1
+    assert sum(1 for s in plan if 2 in s.circuit_indices) == 1
+
+
+def test_mid_circuit_measurement_splits_shots() -> None:
+    qc = QuantumCircuit(2, 2)
+    qc.h(0)
+    qc.measure(0, 0)
+    qc.t(0)
+    qc.cx(0, 1)
+    qc.measure([0, 1], [0, 1])
+    info = describe(qc)
+    assert not info.final_measurements_only
+    assert splits_shots(info, "statevector")
+    plan = plan_job([info], 2500, seed=1, method="statevector", policy=PlanningPolicy(shots_per_shard=1000))
+    assert [s.shots for s in plan] == [834, 833, 833]
+
+
+def test_small_circuits_are_batched_in_chunks() -> None:
+    infos = [describe(_random(4, s)) for s in range(100)]
+    policy = PlanningPolicy(max_circuits_per_shard=40, circuits_per_chunk=16)
+    plan = plan_job(infos, 100, seed=3, method="statevector", policy=policy)
+    assert [len(s.circuit_indices) for s in plan] == [40, 40, 20]
+    assert [len(c.circuit_indices) for c in plan[0].chunks] == [16, 16, 8]
+    assert [i for s in plan for i in s.circuit_indices] == list(range(100))
+
+
+def test_plan_is_deterministic_and_seeds_differ() -> None:
+    infos = [describe(_clifford(5)) for _ in range(3)]
+    a = plan_job(infos, 5000, seed=42, method="", policy=PlanningPolicy())
+    b = plan_job(infos, 5000, seed=42, method="", policy=PlanningPolicy())
+    c = plan_job(infos, 5000, seed=43, method="", policy=PlanningPolicy())
+    assert a == b
+    seeds = [ch.seed for s in a for ch in s.chunks]
+    assert len(set(seeds)) == len(seeds)
+    assert seeds != [ch.seed for s in c for ch in s.chunks]
+    assert chunk_seed(42, 0, 0) == a[0].chunks[0].seed
+    assert all(0 <= s < 2**31 for s in seeds)
+
+
+def test_memory_estimate_by_method() -> None:
+    info = describe(_random(20, 7))
+    (shard,) = plan_job([info], 10, seed=1, method="statevector", policy=PlanningPolicy())
+    assert shard.memory_bytes == 16 * 2**20
+    (shard,) = plan_job([info], 10, seed=1, method="density_matrix", policy=PlanningPolicy())
+    assert shard.memory_bytes == 16 * 4**20
+    wide = describe(_clifford(200))
+    shards = plan_job([wide], 10, seed=1, method="automatic", policy=PlanningPolicy())
+    assert shards[0].memory_bytes < 2**21
+    assert np.all([s.num_qubits == 200 for s in shards])
