@@ -1,0 +1,62 @@
+"""Shared fixtures: real local clusters on loopback, always stopped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from qscale.coordinator.config import CoordinatorConfig
+from qscale.coordinator.planner import PlanningPolicy
+from qscale.local import LocalCluster
+
+HEARTBEAT_INTERVAL = 0.25
+HEARTBEAT_TIMEOUT = 1.5
+
+
+def fast_config(**changes: object) -> CoordinatorConfig:
+    """Quick liveness settings so failure tests finish in seconds."""
+    base = CoordinatorConfig(heartbeat_interval_s=HEARTBEAT_INTERVAL, heartbeat_timeout_s=HEARTBEAT_TIMEOUT,
+                             policy=PlanningPolicy(shots_per_shard=1000))
+    return base.with_(**changes)
+
+
+@pytest.fixture
+def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
+    """Start local clusters; every one is stopped at teardown, even when the test fails."""
+    clusters: list[LocalCluster] = []
+
+    def make(nodes: int, **kwargs: object) -> LocalCluster:
+        kwargs.setdefault("config", fast_config())
+        kwargs.setdefault("cores_per_node", 1)
+        cluster = LocalCluster(nodes, **kwargs)  # type: ignore[arg-type]
+        clusters.append(cluster)
+        return cluster.start()
+
+    yield make
+    for cluster in clusters:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster3() -> Iterator[LocalCluster]:
+    """A 3-node cluster shared by the tests of one module."""
+    cluster = LocalCluster(3, cores_per_node=1, config=fast_config())
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,120 @@
+"""Bad input gets a clear error with the right gRPC status, and the servers keep serving."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from qiskit import QuantumCircuit
+
+from qscale.circuits import dump_qpy
+from qscale.errors import InvalidArgumentError, NoCapableNodeError, NotFoundError
+from qscale.local import LocalCluster
+from qscale.proto.v1 import jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
+
+
+def bell() -> QuantumCircuit:
+    qc = QuantumCircuit(2)
+    qc.h(0)
+    qc.cx(0, 1)
+    qc.measure_all()
+    return qc
+
+
+def wide(n: int) -> QuantumCircuit:
+    qc = QuantumCircuit(n)
+    qc.rx(0.1, range(n))
+    qc.measure_all()
+    return qc
+
+
+GOOD_QPY = dump_qpy(bell())
+BAD_QASM = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nh q[0]\ncx q[0], q[1];\n'
+
+CASES = {
+    "garbage bytes": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qpy=b"not qpy at all")], shots=10),
+                      grpc.StatusCode.INVALID_ARGUMENT, "not a QPY payload"),
+    "truncated qpy": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qpy=GOOD_QPY[: len(GOOD_QPY) // 2])],
+                                             shots=10),
+                      grpc.StatusCode.INVALID_ARGUMENT, "malformed QPY"),
+    "bit-flipped qpy": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(
+        qpy=GOOD_QPY[:40] + bytes(b ^ 0xFF for b in GOOD_QPY[40:80]) + GOOD_QPY[80:])], shots=10),
+        grpc.StatusCode.INVALID_ARGUMENT, "circuit 0"),
+    "qasm syntax error": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qasm=BAD_QASM)], shots=10),
+                          grpc.StatusCode.INVALID_ARGUMENT, "OpenQASM 2 error"),
+    "qasm file include": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(
+        qasm='OPENQASM 2.0;\ninclude "/etc/passwd";\nqreg q[1];\n')], shots=10),
+        grpc.StatusCode.INVALID_ARGUMENT, "OpenQASM 2 error"),
+    "zero shots": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qpy=GOOD_QPY)], shots=0),
+                   grpc.StatusCode.INVALID_ARGUMENT, "shots must be between"),
+    "negative shots": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qpy=GOOD_QPY)], shots=-5),
+                       grpc.StatusCode.INVALID_ARGUMENT, "shots must be between"),
+    "no circuits": (jobs_pb2.SubmitRequest(shots=10), grpc.StatusCode.INVALID_ARGUMENT, "at least one circuit"),
+    "empty source": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource()], shots=10),
+                     grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    "unknown method": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qpy=GOOD_QPY)], shots=10,
+                                              method="quantum-magic"),
+                       grpc.StatusCode.INVALID_ARGUMENT, "unknown simulation method"),
+    "no measurements": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qpy=dump_qpy(QuantumCircuit(2)))],
+                                               shots=10),
+                        grpc.StatusCode.INVALID_ARGUMENT, "measures nothing"),
+    "wider than any node": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qpy=dump_qpy(wide(40)))],
+                                                   shots=10, method="statevector"),
+                            grpc.StatusCode.FAILED_PRECONDITION, "40 qubits"),
+}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> LocalCluster:
+    with LocalCluster(1, cores_per_node=1, memory_budget_per_node=1 << 30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def stubs(cluster: LocalCluster):
+    channel = grpc.insecure_channel(cluster.address)
+    yield jobs_pb2_grpc.JobServiceStub(channel), node_pb2_grpc.NodeServiceStub(channel)
+    channel.close()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_submission_is_refused_and_servers_keep_serving(case: str, cluster: LocalCluster, stubs) -> None:
+    request, code, text = CASES[case]
+    jobs, _ = stubs
+    with pytest.raises(grpc.RpcError) as info:
+        jobs.Submit(request, timeout=30)
+    assert info.value.code() == code
+    assert text in info.value.details()
+    assert "Traceback" not in info.value.details()
+    result = cluster.client.submit(bell(), shots=100, seed=1).result(timeout=60)
+    assert result.shots == 100
+
+
+def test_client_raises_typed_errors(cluster: LocalCluster) -> None:
+    client = cluster.client
+    with pytest.raises(InvalidArgumentError, match="shots"):
+        client.submit(bell(), shots=0)
+    with pytest.raises(NoCapableNodeError, match="largest node slot"):
+        client.submit(wide(40), shots=10, method="statevector")
+    with pytest.raises(NotFoundError):
+        client.job("no-such-job")
+
+
+def test_unknown_ids_and_bad_streams(stubs) -> None:
+    jobs, nodes = stubs
+    for call in (jobs.GetJob, jobs.GetResult, jobs.Cancel):
+        with pytest.raises(grpc.RpcError) as info:
+            call(jobs_pb2.JobRef(job_id="nope"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert nodes.Heartbeat(node_pb2.HeartbeatRequest(node_id="ghost"), timeout=10).known is False
+    with pytest.raises(grpc.RpcError) as info:
+        nodes.Register(node_pb2.RegisterRequest(capabilities=node_pb2.NodeCapabilities(slots=0)), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A work stream that does not start with hello, or names an unknown node, is closed with a status.
+    bad_first = iter([node_pb2.NodeMessage(done=node_pb2.ShardDone(attempt_token="x"))])
+    with pytest.raises(grpc.RpcError) as info:
+        list(nodes.Work(bad_first, timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    ghost = iter([node_pb2.NodeMessage(hello=node_pb2.StreamHello(node_id="ghost"))])
+    with pytest.raises(grpc.RpcError) as info:
+        list(nodes.Work(ghost, timeout=10))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND

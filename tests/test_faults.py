@@ -1,0 +1,133 @@
+"""Node deaths, hangs and coordinator restarts on real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+from qiskit import QuantumCircuit
+
+from conftest import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, fast_config, wait_until
+from qscale.client import Client
+from qscale.coordinator.server import EmbeddedCoordinator
+from qscale.local import LocalCluster
+
+
+def slow_circuit(n: int = 14, layers: int = 6) -> QuantumCircuit:
+    """Each shot costs a simulation (mid-circuit measurement): shards of 1000 shots take a while."""
+    qc = QuantumCircuit(n, n + 1, name="slow")
+    for layer in range(layers):
+        for q in range(n):
+            qc.rx(0.3 + 0.1 * q + layer, q)
+        for q in range(n - 1):
+            qc.cx(q, q + 1)
+    qc.measure(0, n)
+    qc.rz(0.2, 0)
+    qc.measure(range(n), range(n))
+    return qc
+
+
+def node_process(cluster: LocalCluster, node_name: str) -> subprocess.Popen[bytes]:
+    return cluster.processes[int(node_name.rsplit("-", 1)[1])]
+
+
+def busy_node(client: Client) -> object:
+    return next((n for n in client.nodes() if n.state == "alive" and n.running > 0), None)
+
+
+def test_sigkill_node_mid_job_is_reassigned_with_exact_totals(make_cluster) -> None:
+    cluster = make_cluster(2)
+    client = cluster.client
+    job = client.submit(slow_circuit(), shots=4000, seed=77)
+    victim = wait_until(lambda: busy_node(client), 60, "a node running a shard")
+    proc = node_process(cluster, victim.name)
+    proc.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    proc.wait(10)
+    result = job.result(timeout=180)
+    assert result.shots == 4000 and sum(result.counts[0].values()) == 4000
+    lost = [a for a in result.attempts if a.node_id == victim.node_id and a.outcome == "lost"]
+    assert lost, "the killed node held no shard"
+    delays = []
+    for a in lost:
+        retry = min((b for b in result.attempts if b.shard_index == a.shard_index and b.started_at >= a.ended_at),
+                    key=lambda b: b.started_at)
+        assert retry.node_id != victim.node_id
+        delays.append(retry.started_at - killed_at)
+    # A SIGKILL breaks the stream at once; the heartbeat timeout is only the fallback.
+    assert max(delays) < HEARTBEAT_TIMEOUT + HEARTBEAT_INTERVAL, delays
+    print(f"reassignment after SIGKILL: {max(delays) * 1000:.0f} ms")
+
+    # The same seed without the failure gives identical counts.
+    reference = make_cluster(1).client.submit(slow_circuit(), shots=4000, seed=77).result(timeout=180)
+    assert reference.counts == result.counts
+
+
+def test_sigstopped_node_is_reaped_its_late_results_ignored_and_it_rejoins(make_cluster) -> None:
+    cluster = make_cluster(2)
+    client = cluster.client
+    job = client.submit(slow_circuit(), shots=3000, seed=5)
+    victim = wait_until(lambda: busy_node(client), 60, "a node running a shard")
+    proc = node_process(cluster, victim.name)
+    proc.send_signal(signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        wait_until(lambda: all(n.node_id != victim.node_id or n.state == "lost" for n in client.nodes()),
+                   HEARTBEAT_TIMEOUT * 4, "the stopped node to be declared lost")
+        lost_after = time.time() - stopped_at
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    result = job.result(timeout=180)
+    assert result.shots == 3000 and sum(result.counts[0].values()) == 3000
+    # The node comes back under a new id and gets work again.
+    wait_until(lambda: sum(n.state == "alive" for n in client.nodes()) == 2, 30, "the node to rejoin")
+    # Whatever it finished while stopped arrives late and is dropped, not counted.
+    stale = wait_until(lambda: client.job(job.job_id).result(timeout=5).stale_results_dropped, 30,
+                       "the late results of the stopped node")
+    final = client.job(job.job_id).result(timeout=5)
+    assert final.counts == result.counts and final.shots == 3000
+    print(f"stopped node lost after {lost_after:.2f} s; {stale} late message(s) dropped")
+    again = client.submit(slow_circuit(), shots=3000, seed=5).result(timeout=180)
+    assert again.counts == result.counts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_node_started_before_coordinator_joins_and_survives_a_restart(tmp_path) -> None:
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    config = fast_config(listen=address, state_dir=str(tmp_path / "state"))
+    cluster = LocalCluster(0, cores_per_node=1, config=config, log_dir=tmp_path / "logs")
+    procs = [cluster.add_node(coordinator=address) for _ in range(2)]  # no coordinator yet
+    coordinator = EmbeddedCoordinator(config)
+    client = Client(address)
+    try:
+        assert all(p.poll() is None for p in procs)
+        coordinator.start()
+        client.wait_for_nodes(2, timeout=60)
+        first = client.submit(slow_circuit(10, 2), shots=2000, seed=1).result(timeout=120)
+        assert first.shots == 2000
+
+        # Restart the coordinator in the middle of a job, on the same port and state dir.
+        job = client.submit(slow_circuit(), shots=3000, seed=9)
+        wait_until(lambda: job.status().shards_done >= 1, 120, "one shard to finish")
+        coordinator.stop()
+        coordinator = EmbeddedCoordinator(config)
+        coordinator.start()
+        client.wait_for_nodes(2, timeout=60)  # the same processes registered again
+        assert all(p.poll() is None for p in procs)
+        result = job.result(timeout=180)
+        assert result.shots == 3000 and sum(result.counts[0].values()) == 3000
+        reference = client.submit(slow_circuit(), shots=3000, seed=9).result(timeout=180)
+        assert reference.counts == result.counts
+    finally:
+        client.close()
+        cluster.stop()
+        coordinator.stop()
