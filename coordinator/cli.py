@@ -42,6 +42,12 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _console(stderr: bool = False) -> Console:
+    """A rich console; wide when the output is a file or a pipe, so ids are never wrapped."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
@@ -117,7 +123,7 @@ def _show_result(result: Any, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result.to_dict())
     else:
-        _render_result(result, Console(), args.top)
+        _render_result(result, _console(), args.top)
     return EXIT_OK
 
 
@@ -163,7 +169,7 @@ def _nodes(args: argparse.Namespace) -> int:
         table.add_row(n.node_id, n.hostname, n.state, str(n.slots), str(n.running), str(n.cores),
                       f"{n.memory_budget_bytes / 2**30:.1f} GiB", str(n.max_statevector_qubits),
                       f"{n.last_heartbeat_age_s:.1f}s ago", str(n.shards_done))
-    Console().print(table)
+    _console().print(table)
     return EXIT_OK
 
 
@@ -179,7 +185,7 @@ def _jobs(args: argparse.Namespace) -> int:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.created_at))
         table.add_row(j.job_id, j.state.value, str(j.num_circuits), f"{j.shots_done}/{j.shots_total}",
                       f"{j.shards_done}/{j.shards_total}", created, j.error[:60])
-    Console().print(table)
+    _console().print(table)
     return EXIT_OK
 
 
@@ -192,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.local_nodes < 1:
         raise errors.InvalidArgumentError("--local-nodes must be at least 1")
     _configure_logging(args.log_level)
-    console = Console(stderr=True)
+    console = _console(stderr=True)
     started = time.perf_counter()
     config = CoordinatorConfig.from_env(state_dir=args.state_dir)
     with LocalCluster(args.local_nodes, slots_per_node=args.slots_per_node, config=config) as cluster:

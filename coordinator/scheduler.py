@@ -219,6 +219,8 @@ class Scheduler:
         """A node's Work stream ended: the node is lost and its shards go back to the queue."""
         node = self.nodes.get(node_id)
         if node is not None and node.sink is sink:
+            if node.state == "draining" and not node.running:
+                reason = "left after draining"
             self._lose_node(node, now, reason)
 
     def node_draining(self, node_id: str, now: float) -> None:
@@ -242,7 +244,8 @@ class Scheduler:
         self.lost_nodes.append(node)
         if node.sink is not None:
             node.sink.put_nowait(None)
-        log.warning("node %s lost (%s); requeueing %d shard(s)", node.node_id, reason, len(node.running))
+        level = logging.INFO if reason == "left after draining" else logging.WARNING
+        log.log(level, "node %s lost (%s); requeueing %d shard(s)", node.node_id, reason, len(node.running))
         for attempt in list(node.running.values()):
             job = self.jobs[attempt.job_id]
             shard = job.shards[attempt.shard_index]

@@ -70,6 +70,7 @@ class LocalCluster:
         self.config = (config or CoordinatorConfig()).with_(listen="127.0.0.1:0")
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="qscale-local-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.startup_timeout = startup_timeout
         self.coordinator: EmbeddedCoordinator | None = None
         self.processes: list[subprocess.Popen[bytes]] = []

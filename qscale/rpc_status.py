@@ -26,11 +26,22 @@ _BY_CODE: dict[grpc.StatusCode, type[errors.QScaleError]] = {
 }
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-facing message for an exception raised while serving."""
+# The exact error class travels in trailing metadata, so a client can raise e.g.
+# NoCapableNodeError rather than only its status-code class.
+ERROR_KEY = "qscale-error"
+_BY_NAME: dict[str, type[errors.QScaleError]] = {
+    name: cls
+    for name in errors.__all__
+    if isinstance(cls := getattr(errors, name), type) and issubclass(cls, errors.QScaleError)
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """Status code, client-facing message and trailing metadata for an exception raised while
+    serving (``context.abort(*status_for(exc))``). Unexpected exceptions never leak details."""
     if isinstance(exc, errors.QScaleError):
-        return exc.code, str(exc)
-    return grpc.StatusCode.INTERNAL, "internal error in the coordinator; see its log"
+        return exc.code, str(exc), ((ERROR_KEY, type(exc).__name__),)
+    return grpc.StatusCode.INTERNAL, "internal error in the coordinator; see its log", ()
 
 
 def error_from_rpc(err: grpc.RpcError) -> errors.QScaleError:
@@ -40,6 +51,11 @@ def error_from_rpc(err: grpc.RpcError) -> errors.QScaleError:
     if code == grpc.StatusCode.UNAVAILABLE:
         details = f"coordinator unavailable: {details}"
     cls = _BY_CODE.get(code, errors.QScaleError)
+    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailing or ():
+        named = _BY_NAME.get(value) if key == ERROR_KEY else None
+        if named is not None and named.code == code:
+            cls = named
     exc = cls(details)
     exc.code = code
     return exc

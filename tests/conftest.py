@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from qiskit import QuantumCircuit
 
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.planner import PlanningPolicy
@@ -60,3 +61,18 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def slow_circuit(n: int = 12, layers: int = 4) -> QuantumCircuit:
+    """Each shot costs a simulation (mid-circuit measurement), so the planner splits its shots
+    into shards of 1,000, each taking about a second on one core with the defaults."""
+    qc = QuantumCircuit(n, n + 1, name="slow")
+    for layer in range(layers):
+        for q in range(n):
+            qc.rx(0.3 + 0.1 * q + layer, q)
+        for q in range(n - 1):
+            qc.cx(q, q + 1)
+    qc.measure(0, n)
+    qc.rz(0.2, 0)
+    qc.measure(range(n), range(n))
+    return qc

@@ -11,6 +11,7 @@ from qiskit.circuit.random import random_circuit
 from qiskit.quantum_info import Statevector
 from scipy import stats
 
+from conftest import slow_circuit
 from qscale.local import LocalCluster
 
 
@@ -93,7 +94,7 @@ def test_same_seed_same_counts_on_1_and_3_nodes(cluster3: LocalCluster, make_clu
 
 
 def test_watch_streams_partial_counts(cluster3: LocalCluster) -> None:
-    job = cluster3.client.submit(ghz(20), shots=6000, seed=5)
+    job = cluster3.client.submit(slow_circuit(10, 2), shots=6000, seed=5)
     updates = list(job.watch(counts=True))
     assert updates[-1].status.state.final
     totals = [sum(u.counts[0].values()) for u in updates]
