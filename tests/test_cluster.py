@@ -95,7 +95,7 @@ def test_same_seed_same_counts_on_1_and_3_nodes(cluster3: LocalCluster, make_clu
 
 def test_watch_streams_partial_counts(cluster3: LocalCluster) -> None:
     job = cluster3.client.submit(slow_circuit(10, 2), shots=6000, seed=5)
-    updates = list(job.watch(counts=True))
+    updates = list(job.watch(counts=True, timeout=120))
     assert updates[-1].status.state.final
     totals = [sum(u.counts[0].values()) for u in updates]
     assert totals[-1] == 6000

@@ -1,0 +1,113 @@
+"""``qscale-node``: run a node daemon that joins a qscale coordinator.
+
+Settings come from defaults, then ``QSCALE_*`` environment variables, then the flags below
+(see :class:`~qscale.node.config.NodeConfig`). SIGTERM and SIGINT drain the node (a second
+SIGINT stops it at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from qscale._version import __version__
+from qscale.errors import InvalidArgumentError
+from qscale.node.config import NodeConfig, parse_bytes
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger(__name__)
+
+
+def _byte_count(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qscale-node`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="qscale-node",
+        description="Run a qscale node: join a coordinator and simulate the shards it hands out.",
+        epilog="Environment: QSCALE_COORDINATOR, QSCALE_NODE_NAME, QSCALE_NODE_SLOTS, QSCALE_NODE_CORES, "
+        "QSCALE_NODE_MEMORY_BUDGET, QSCALE_NODE_DRAIN_GRACE, QSCALE_LOG_LEVEL (flags win).",
+    )
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator address (default 127.0.0.1:50051)")
+    p.add_argument("--name", help="node name shown by the coordinator (default: the hostname)")
+    p.add_argument("--slots", type=int, metavar="N", help="shards run at once, one worker process each (default 1)")
+    p.add_argument("--cores", type=int, metavar="N", help="CPU cores to use, shared by the slots (default: all)")
+    p.add_argument(
+        "--memory-budget", type=_byte_count, metavar="BYTES",
+        help="memory for simulations, all slots together: bytes or 512M, 4G (default: half the machine's)",
+    )
+    p.add_argument("--drain-grace", type=float, metavar="S", help="seconds running shards get on SIGTERM (default 30)")
+    p.add_argument("--parent-pid", type=int, metavar="PID", help="exit when this process is gone")
+    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration as JSON and exit")
+    p.add_argument("--version", action="version", version=f"qscale-node {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``qscale-node``; returns the exit code (0 after a drain, 1 when no worker
+    could start, 2 for a bad setting)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = NodeConfig.from_env(
+            coordinator=args.coordinator,
+            name=args.name,
+            slots=args.slots,
+            cores=args.cores,
+            memory_budget=args.memory_budget,
+            drain_grace_s=args.drain_grace,
+            parent_pid=args.parent_pid,
+            log_level=args.log_level,
+        )
+    except InvalidArgumentError as exc:
+        print(f"qscale-node: error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        return 0
+
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from qscale.node.daemon import NodeDaemon  # grpc is only needed from here on
+
+    daemon = NodeDaemon(config)
+    interrupts = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1:
+                daemon.stop()
+                return
+        daemon.request_drain()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        return daemon.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

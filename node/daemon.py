@@ -1,0 +1,717 @@
+"""The node daemon: registers with the coordinator, heartbeats, holds the Work stream, and runs
+the shards that come down it on simulation worker processes (:mod:`qscale.node.worker`).
+
+Threads of a running :class:`NodeDaemon` (all in the parent process, which never imports qiskit):
+
+* the caller of :meth:`NodeDaemon.run`: the control loop. It registers (with backoff while the
+  coordinator is away), opens the Work stream, re-registers when a session ends, drains, and
+  watches the parent process;
+* a heartbeat thread: ``Heartbeat`` every ``heartbeat_interval_s`` of the latest reply, whatever
+  the simulations are doing (they run in other processes);
+* a stream reader per session: assignments go to a local queue, cancels abort;
+* one thread per slot: takes queued assignments, runs them on its :class:`WorkerSlot` and puts
+  the results in the outbox.
+
+Everything the node sends after the ``hello`` goes through one outbox that outlives sessions: a
+shard started under an earlier session still reports on the new stream (the coordinator decides
+whether it is stale).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from qscale.node.capabilities import build_capabilities
+from qscale.node.config import NodeConfig, format_bytes
+from qscale.node.worker import ChunkOutcome, ShardOutcome, WorkerSlot, WorkerStartError
+from qscale.proto.v1 import common_pb2, node_pb2, node_pb2_grpc
+
+__all__ = ["NodeDaemon", "MAX_MESSAGE_BYTES"]
+
+logger = logging.getLogger(__name__)
+
+#: Largest gRPC message the node sends or accepts.
+MAX_MESSAGE_BYTES = 256 << 20
+
+_TICK_S = 0.1
+_DEFAULT_HEARTBEAT_S = 2.0
+_REGISTER_TIMEOUT_S = 10.0
+_FLUSH_S = 5.0
+_STREAM_CLOSE_WAIT_S = 3.0
+_HEALTHY_SESSION_S = 10.0
+
+# Why the daemon aborted a running attempt; decides what it reports.
+_CANCEL, _DRAIN, _STOP = "cancel", "drain", "stop"
+
+
+class _Outbox:
+    """FIFO of NodeMessages waiting for a stream; outlives sessions."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[node_pb2.NodeMessage] = collections.deque()
+        self._cond = threading.Condition()
+
+    def put(self, msg: node_pb2.NodeMessage) -> None:
+        with self._cond:
+            self._items.append(msg)
+            self._cond.notify()
+
+    def unget(self, msg: node_pb2.NodeMessage) -> None:
+        with self._cond:
+            self._items.appendleft(msg)
+            self._cond.notify()
+
+    def get(self, timeout: float) -> node_pb2.NodeMessage | None:
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            return self._items.popleft() if self._items else None
+
+    def pending_results(self) -> int:
+        """Messages other than ``draining`` still to send."""
+        with self._cond:
+            return sum(1 for m in self._items if m.WhichOneof("kind") != "draining")
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+class _Session:
+    """One registration: a node id, its Work stream and heartbeat timing."""
+
+    def __init__(self, node_id: str, interval: float, timeout: float) -> None:
+        now = time.monotonic()
+        self.node_id = node_id
+        self.interval = interval
+        self.timeout = timeout
+        self.started = now
+        self.last_heartbeat_ok = now
+        self.next_heartbeat = now
+        self.call: Any = None
+        self.reader: threading.Thread | None = None
+        self.ended = threading.Event()
+        self.end_reason = ""
+        self.graceful = False  # the request stream ends once the outbox is empty
+
+    def end(self, reason: str) -> bool:
+        """Mark the session over; True for the first caller."""
+        if self.ended.is_set():
+            return False
+        self.end_reason = reason
+        self.ended.set()
+        return True
+
+    def cancel_call(self) -> None:
+        call = self.call
+        if call is not None:
+            try:
+                call.cancel()
+            except Exception:  # noqa: BLE001 - best effort on a dying call
+                pass
+
+
+class NodeDaemon:
+    """A qscale node: joins the coordinator at ``config.coordinator`` and runs shards until it is
+    drained or stopped.
+
+    Args:
+        config: the node's settings.
+        slot_factory: builds the worker slot of each index (tests may inject their own);
+            default: :class:`WorkerSlot` sized from ``config``.
+    """
+
+    def __init__(
+        self, config: NodeConfig, *, slot_factory: Callable[[int], WorkerSlot] | None = None
+    ) -> None:
+        self.config = config
+        self._slot_factory = slot_factory or self._default_slot
+        self._slots: list[WorkerSlot] = []
+        self._slot_threads: list[threading.Thread] = []
+        self._broken_slots: set[int] = set()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._channel: grpc.Channel | None = None
+        self._stub: node_pb2_grpc.NodeServiceStub | None = None
+        self._capabilities: node_pb2.NodeCapabilities | None = None
+        self._methods: frozenset[str] = frozenset()
+        self._outbox = _Outbox()
+        self._cond = threading.Condition()
+        self._queue: collections.deque[node_pb2.ShardAssignment] = collections.deque()
+        self._running: dict[str, WorkerSlot] = {}
+        self._abort_reasons: dict[str, str] = {}
+        self._attempts: dict[str, tuple[str, int]] = {}  # token -> (job id, shard index), for logs
+        self._session: _Session | None = None
+        self._last_node_id: str | None = None
+        self._stopped = threading.Event()
+        # Plain flags: request_drain() and stop() may run in a signal handler.
+        self._drain_requested = False
+        self._stop_requested = False
+        self._draining = False
+        self._drain_reason = ""
+        self._drain_deadline = 0.0
+        self._flush_deadline = 0.0
+        self._drain_aborted = False
+        self._ran = False
+        self._state = "created"
+
+    # ---- public ---------------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str | None:
+        """The node id of the current session (None while not registered)."""
+        session = self._session
+        return session.node_id if session is not None and not session.ended.is_set() else None
+
+    @property
+    def state(self) -> str:
+        """``created``, ``starting``, ``connecting``, ``connected``, ``draining`` or ``stopped``."""
+        return self._state
+
+    def request_drain(self) -> None:
+        """Drain: hand back queued shards, let running ones finish for up to ``drain_grace_s``,
+        then leave. Safe from any thread and from a signal handler."""
+        self._drain_requested = True
+
+    def stop(self) -> None:
+        """Leave now: abort running shards without handing them back (the coordinator notices the
+        closed stream). Safe from any thread and from a signal handler."""
+        self._stop_requested = True
+
+    def run(self) -> int:
+        """Run until drained or stopped. Returns the process exit code: 0 after a drain or stop,
+        1 when no simulation worker could start. Every worker process is stopped on return."""
+        if self._ran:
+            raise RuntimeError("NodeDaemon.run() can be called only once")
+        self._ran = True
+        try:
+            return self._run()
+        finally:
+            self._shutdown()
+            self._state = "stopped"
+
+    # ---- control loop ---------------------------------------------------------------------------
+
+    def _default_slot(self, index: int) -> WorkerSlot:
+        return WorkerSlot(
+            index,
+            threads=self.config.threads_per_worker,
+            memory_budget_bytes=self.config.slot_memory_budget,
+        )
+
+    def _run(self) -> int:
+        cfg = self.config
+        self._state = "starting"
+        logger.info(
+            "node %r starting: coordinator %s, %d slot(s) x %d thread(s), memory budget %s (%s per slot)",
+            cfg.name, cfg.coordinator, cfg.slots, cfg.threads_per_worker,
+            format_bytes(cfg.memory_budget), format_bytes(cfg.slot_memory_budget),
+        )
+        parent_direct = cfg.parent_pid is not None and os.getppid() == cfg.parent_pid
+        self._slots = [self._slot_factory(i) for i in range(cfg.slots)]
+        for slot in self._slots:
+            slot.start()
+        info = None
+        next_parent_check = 0.0
+        while info is None:
+            if self._stop_requested or self._drain_requested:
+                logger.info("node %r: stopped before its workers were ready", cfg.name)
+                return 0
+            now = time.monotonic()
+            if now >= next_parent_check:
+                next_parent_check = now + 1.0
+                if self._parent_gone(parent_direct):
+                    logger.warning("node %r: parent process %s is gone; exiting", cfg.name, cfg.parent_pid)
+                    return 0
+            try:
+                info = self._slots[0].wait_ready(timeout=0.2)
+            except TimeoutError:
+                continue
+            except WorkerStartError as exc:
+                logger.error("node %r: cannot start a simulation worker: %s", cfg.name, exc)
+                return 1
+        self._methods = frozenset(info.methods)
+        self._capabilities = build_capabilities(cfg, info)
+
+        self._channel = grpc.insecure_channel(
+            cfg.coordinator,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.initial_reconnect_backoff_ms", max(1, int(cfg.reconnect_min_s * 1000))),
+                ("grpc.max_reconnect_backoff_ms", max(1, int(cfg.reconnect_max_s * 1000))),
+            ],
+        )
+        self._stub = node_pb2_grpc.NodeServiceStub(self._channel)
+        for slot in self._slots:
+            t = threading.Thread(target=self._slot_loop, args=(slot,), name=f"qscale-slot-{slot.index}", daemon=True)
+            self._slot_threads.append(t)
+            t.start()
+        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="qscale-heartbeat", daemon=True)
+        self._heartbeat_thread.start()
+
+        backoff = cfg.reconnect_min_s
+        next_attempt = 0.0
+        unreachable_since: float | None = None
+        last_error = ""
+        self._state = "connecting"
+        while True:
+            now = time.monotonic()
+            if self._stop_requested:
+                logger.info("node %s: stop requested; leaving without handing back", self._who())
+                return 0
+            if now >= next_parent_check:
+                next_parent_check = now + 1.0
+                if not self._draining and self._parent_gone(parent_direct):
+                    self._begin_drain(f"parent process {cfg.parent_pid} is gone", grace=0.0, flush=1.0)
+            if self._drain_requested and not self._draining:
+                self._begin_drain("drain requested", grace=cfg.drain_grace_s, flush=_FLUSH_S)
+            if self._draining:
+                self._drain_step(now)
+                if self._drain_finished(now):
+                    self._close_session_gracefully()
+                    logger.info("node %s: drained; leaving", self._who())
+                    return 0
+
+            session = self._session
+            if session is not None and session.ended.is_set():
+                self._teardown_session(session)
+                if now - session.started >= _HEALTHY_SESSION_S:
+                    backoff = cfg.reconnect_min_s
+                    next_attempt = now
+                else:
+                    next_attempt = now + random.uniform(cfg.reconnect_min_s, backoff)
+                    backoff = min(backoff * 2, cfg.reconnect_max_s)
+                if not self._draining:
+                    self._state = "connecting"
+            if self._session is None and now >= next_attempt:
+                try:
+                    self._open_session()
+                except grpc.RpcError as err:
+                    delay = random.uniform(cfg.reconnect_min_s, backoff)
+                    backoff = min(backoff * 2, cfg.reconnect_max_s)
+                    next_attempt = time.monotonic() + delay
+                    text = _rpc_error_text(err)
+                    code = text.split(":", 1)[0]
+                    if unreachable_since is None or code != last_error:
+                        unreachable_since = unreachable_since or now
+                        logger.warning(
+                            "node %r: cannot register with coordinator %s (%s); retrying every %.1f-%.1f s",
+                            cfg.name, cfg.coordinator, text, cfg.reconnect_min_s, cfg.reconnect_max_s,
+                        )
+                    else:
+                        logger.debug("node %r: register failed again: %s", cfg.name, text)
+                    last_error = code
+                else:
+                    if unreachable_since is not None:
+                        logger.info(
+                            "node %s: coordinator %s reachable again after %.1f s",
+                            self._who(), cfg.coordinator, time.monotonic() - unreachable_since,
+                        )
+                    unreachable_since, last_error = None, ""
+            time.sleep(_TICK_S)
+
+    def _who(self) -> str:
+        session = self._session
+        node_id = session.node_id if session is not None else self._last_node_id
+        return f"{node_id or '-'} ({self.config.name})"
+
+    def _parent_gone(self, direct: bool) -> bool:
+        pid = self.config.parent_pid
+        if pid is None:
+            return False
+        if direct and os.getppid() != pid:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    # ---- sessions -------------------------------------------------------------------------------
+
+    def _open_session(self) -> None:
+        assert self._stub is not None and self._capabilities is not None
+        reply = self._stub.Register(
+            node_pb2.RegisterRequest(capabilities=self._capabilities), timeout=_REGISTER_TIMEOUT_S
+        )
+        interval = reply.heartbeat_interval_s if reply.heartbeat_interval_s > 0 else _DEFAULT_HEARTBEAT_S
+        timeout = reply.heartbeat_timeout_s if reply.heartbeat_timeout_s > 0 else 5 * interval
+        session = _Session(reply.node_id, interval, timeout)
+        session.call = self._stub.Work(self._requests(session))
+        session.reader = threading.Thread(
+            target=self._read_stream, args=(session,), name=f"qscale-stream-{reply.node_id}", daemon=True
+        )
+        self._session = session
+        self._last_node_id = reply.node_id
+        session.reader.start()
+        with self._cond:
+            in_hand = len(self._queue) + len(self._running)
+        if not self._draining:
+            self._state = "connected"
+        logger.info(
+            "node %s: registered with coordinator %s; heartbeat every %.1f s (timeout %.1f s); "
+            "%d shard(s) in hand, %d message(s) to send",
+            self._who(), self.config.coordinator, interval, timeout, in_hand, len(self._outbox),
+        )
+
+    def _teardown_session(self, session: _Session) -> None:
+        session.cancel_call()
+        if session.reader is not None:
+            session.reader.join(_STREAM_CLOSE_WAIT_S)
+        if self._session is session:
+            self._session = None
+        logger.warning(
+            "node %s: session ended: %s; registering again", session.node_id, session.end_reason
+        )
+
+    def _close_session_gracefully(self) -> None:
+        """End the request stream after the outbox is flushed; wait (bounded) for the coordinator
+        to close its side, then cancel whatever is left."""
+        session = self._session
+        if session is None:
+            return
+        session.graceful = True
+        if session.reader is not None and not session.ended.is_set():
+            session.reader.join(_STREAM_CLOSE_WAIT_S)
+        session.end("node left")
+        session.cancel_call()
+        self._session = None
+
+    def _requests(self, session: _Session) -> Iterator[node_pb2.NodeMessage]:
+        yield node_pb2.NodeMessage(hello=node_pb2.StreamHello(node_id=session.node_id))
+        if self._draining:
+            yield node_pb2.NodeMessage(draining=node_pb2.Draining())
+        while True:
+            if session.ended.is_set():
+                return
+            msg = self._outbox.get(timeout=_TICK_S)
+            if msg is None:
+                if session.graceful:
+                    return  # half-close: the coordinator sees the end of our stream
+                continue
+            if session.ended.is_set():
+                self._outbox.unget(msg)  # keep it for the next session
+                return
+            yield msg
+
+    def _read_stream(self, session: _Session) -> None:
+        reason = "coordinator closed the work stream"
+        try:
+            for msg in session.call:
+                kind = msg.WhichOneof("kind")
+                if kind == "assign":
+                    self._on_assign(session, msg.assign)
+                elif kind == "cancel":
+                    self._on_cancel(session, msg.cancel)
+                else:
+                    logger.warning("node %s: unknown message on the work stream: %r", session.node_id, kind)
+        except grpc.RpcError as err:
+            reason = f"work stream broke ({_rpc_error_text(err)})"
+        except Exception as exc:  # noqa: BLE001 - never let the reader die silently
+            logger.exception("node %s: error while reading the work stream", session.node_id)
+            reason = f"error reading the work stream: {type(exc).__name__}: {exc}"
+        finally:
+            session.end(reason)
+
+    # ---- heartbeats -----------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopped.is_set():
+            session = self._session
+            now = time.monotonic()
+            if session is None or session.ended.is_set():
+                self._stopped.wait(_TICK_S / 2)
+                continue
+            if now < session.next_heartbeat:
+                self._stopped.wait(min(_TICK_S / 2, session.next_heartbeat - now))
+                continue
+            running, free = self._load()
+            assert self._stub is not None
+            sent = time.monotonic()
+            try:
+                reply = self._stub.Heartbeat(
+                    node_pb2.HeartbeatRequest(node_id=session.node_id, running_attempts=running, free_slots=free),
+                    timeout=max(1.0, min(session.interval, 10.0)),
+                )
+            except grpc.RpcError as err:
+                silent = time.monotonic() - session.last_heartbeat_ok
+                if silent > session.timeout:
+                    if session.end(f"no heartbeat reply for {silent:.1f} s ({_rpc_error_text(err)})"):
+                        session.cancel_call()
+                else:
+                    logger.debug("node %s: heartbeat failed: %s", session.node_id, _rpc_error_text(err))
+                session.next_heartbeat = time.monotonic() + min(session.interval, 1.0)
+                continue
+            session.last_heartbeat_ok = time.monotonic()
+            if reply.heartbeat_interval_s > 0:
+                session.interval = reply.heartbeat_interval_s
+            if reply.heartbeat_timeout_s > 0:
+                session.timeout = reply.heartbeat_timeout_s
+            session.next_heartbeat = sent + session.interval
+            if not reply.known:
+                reason = (
+                    f"the coordinator does not know node {session.node_id} "
+                    "(it restarted, or declared the node lost)"
+                )
+                if session.end(reason):
+                    session.cancel_call()
+
+    def _load(self) -> tuple[list[str], int]:
+        """Attempt tokens in hand (queued and running) and slots free for more work."""
+        with self._cond:
+            tokens = [a.attempt_token for a in self._queue] + list(self._running)
+            busy = len(self._queue) + len(self._running)
+        if self._draining:
+            return tokens, 0
+        return tokens, max(0, len(self._slots) - len(self._broken_slots) - busy)
+
+    # ---- assignments ----------------------------------------------------------------------------
+
+    def _describe(self, token: str) -> str:
+        job_id, shard = self._attempts.get(token, ("?", -1))
+        return f"job {job_id} shard {shard} attempt {token}"
+
+    def _refusal(self, a: node_pb2.ShardAssignment) -> str | None:
+        cfg = self.config
+        if self._draining or self._drain_requested:
+            return "node draining"
+        if a.memory_bytes > cfg.slot_memory_budget:
+            return (
+                f"shard needs {format_bytes(a.memory_bytes)} but this node's slots hold "
+                f"{format_bytes(cfg.slot_memory_budget)} each ({cfg.slots} slot(s) share "
+                f"{format_bytes(cfg.memory_budget)})"
+            )
+        if a.method and a.method not in self._methods:
+            offered = ", ".join(sorted(self._methods))
+            return f"this node does not offer the Aer method {a.method!r} (it offers {offered})"
+        return None
+
+    def _on_assign(self, session: _Session, a: node_pb2.ShardAssignment) -> None:
+        token = a.attempt_token
+        refusal = self._refusal(a)
+        with self._cond:
+            duplicate = token in self._running or any(q.attempt_token == token for q in self._queue)
+            if not duplicate:
+                self._attempts[token] = (a.job_id, a.shard_index)
+                if refusal is None:
+                    self._queue.append(a)
+                    self._cond.notify()
+        if duplicate:
+            logger.warning("node %s: attempt %s assigned twice; ignoring the second", session.node_id, token)
+            return
+        what = self._describe(token)
+        if refusal is not None:
+            logger.info("node %s: refused %s: %s", session.node_id, what, refusal)
+            self._attempts.pop(token, None)
+            self._send_failed(token, refusal, refused=True)
+            return
+        logger.info(
+            "node %s: queued %s (%d chunk(s), %d circuit(s), method %s, needs %s)",
+            session.node_id, what, len(a.chunks), len(a.circuits), a.method or "automatic",
+            format_bytes(a.memory_bytes),
+        )
+
+    def _on_cancel(self, session: _Session, c: node_pb2.CancelAttempt) -> None:
+        token = c.attempt_token
+        what = self._describe(token)
+        with self._cond:
+            for queued in self._queue:
+                if queued.attempt_token == token:
+                    self._queue.remove(queued)
+                    self._attempts.pop(token, None)
+                    logger.info("node %s: dropped queued %s: cancelled (%s)", session.node_id, what, c.reason)
+                    return
+            slot = self._running.get(token)
+            if slot is None:
+                logger.debug("node %s: cancel for %s, which is not in hand", session.node_id, what)
+                return
+            self._abort_reasons[token] = _CANCEL
+        logger.info("node %s: aborting running %s: cancelled (%s)", session.node_id, what, c.reason)
+        slot.abort(token, f"cancelled: {c.reason}" if c.reason else "cancelled")
+
+    def _send_failed(self, token: str, error: str, *, refused: bool) -> None:
+        self._outbox.put(
+            node_pb2.NodeMessage(failed=node_pb2.ShardFailed(attempt_token=token, error=error, refused=refused))
+        )
+
+    # ---- slots ----------------------------------------------------------------------------------
+
+    def _slot_loop(self, slot: WorkerSlot) -> None:
+        failures = 0
+        while not self._stopped.is_set() and not slot.closed:
+            try:
+                slot.wait_ready(timeout=0.5)
+            except TimeoutError:
+                continue
+            except WorkerStartError as exc:
+                if self._stopped.is_set() or slot.closed:
+                    return
+                failures += 1
+                self._broken_slots.add(slot.index)
+                delay = min(30.0, 2.0 ** failures)
+                logger.error("node %s: %s; retrying in %.0f s", self._who(), exc, delay)
+                if self._stopped.wait(delay):
+                    return
+                continue
+            failures = 0
+            self._broken_slots.discard(slot.index)
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(0.5)
+                if not self._queue or self._stopped.is_set():
+                    continue
+                assignment = self._queue.popleft()
+                self._running[assignment.attempt_token] = slot
+            try:
+                self._run_on_slot(slot, assignment)
+            except Exception:  # noqa: BLE001 - a bug here must not kill the slot
+                logger.exception(
+                    "node %s: error while running %s", self._who(), self._describe(assignment.attempt_token)
+                )
+                with self._cond:
+                    self._running.pop(assignment.attempt_token, None)
+                    self._abort_reasons.pop(assignment.attempt_token, None)
+                self._send_failed(assignment.attempt_token, "internal error in the node; see its log", refused=False)
+
+    def _run_on_slot(self, slot: WorkerSlot, a: node_pb2.ShardAssignment) -> None:
+        token = a.attempt_token
+        what = self._describe(token)
+        logger.info("node %s: slot %d running %s", self._who(), slot.index, what)
+
+        def on_chunk(chunk: ChunkOutcome) -> None:
+            self._outbox.put(
+                node_pb2.NodeMessage(
+                    chunk=node_pb2.ChunkResult(
+                        attempt_token=token,
+                        chunk_index=chunk.chunk_index,
+                        counts=[common_pb2.CircuitCounts(circuit_index=i, counts=c) for i, c in chunk.counts],
+                        seconds=chunk.seconds,
+                    )
+                )
+            )
+            logger.debug("node %s: %s chunk %d done in %.3f s", self._who(), what, chunk.chunk_index, chunk.seconds)
+
+        outcome: ShardOutcome = slot.run(a, on_chunk)
+        with self._cond:
+            self._running.pop(token, None)
+            why = self._abort_reasons.pop(token, None)
+            self._attempts.pop(token, None)
+        if outcome.ok:
+            done = node_pb2.ShardDone(attempt_token=token, seconds=outcome.seconds)
+            self._outbox.put(node_pb2.NodeMessage(done=done))
+            logger.info(
+                "node %s: %s done in %.2f s (%d chunk(s))", self._who(), what, outcome.seconds, outcome.chunks_done
+            )
+        elif why == _CANCEL:
+            logger.info("node %s: %s aborted: %s", self._who(), what, outcome.error)
+        elif why == _DRAIN:
+            error = f"node draining: still running after the {self.config.drain_grace_s:g} s grace"
+            if self._drain_reason.startswith("parent"):
+                error = f"node draining: {self._drain_reason}"
+            self._send_failed(token, error, refused=True)
+            logger.info("node %s: handed back %s: %s", self._who(), what, error)
+        elif why == _STOP or outcome.aborted:
+            logger.info("node %s: %s abandoned: %s", self._who(), what, outcome.error)
+        else:
+            self._send_failed(token, outcome.error, refused=False)
+            logger.warning("node %s: %s failed: %s", self._who(), what, outcome.error)
+
+    # ---- draining -------------------------------------------------------------------------------
+
+    def _begin_drain(self, reason: str, *, grace: float, flush: float) -> None:
+        now = time.monotonic()
+        self._draining = True
+        self._state = "draining"
+        self._drain_reason = reason
+        self._drain_deadline = now + grace
+        self._flush_deadline = now + grace + flush
+        self._outbox.put(node_pb2.NodeMessage(draining=node_pb2.Draining()))
+        with self._cond:
+            queued = list(self._queue)
+            self._queue.clear()
+            running = len(self._running)
+        logger.info(
+            "node %s: draining (%s): handing back %d queued shard(s); %d running get %.0f s to finish",
+            self._who(), reason, len(queued), running, grace,
+        )
+        for a in queued:
+            logger.info("node %s: handed back %s: node draining", self._who(), self._describe(a.attempt_token))
+            self._attempts.pop(a.attempt_token, None)
+            self._send_failed(a.attempt_token, "node draining", refused=True)
+
+    def _drain_step(self, now: float) -> None:
+        if self._drain_aborted or now < self._drain_deadline:
+            return
+        self._drain_aborted = True
+        with self._cond:
+            running = list(self._running.items())
+            for token, _ in running:
+                self._abort_reasons[token] = _DRAIN
+        for token, slot in running:
+            logger.info("node %s: aborting %s: drain grace over", self._who(), self._describe(token))
+            slot.close()  # kills its worker; closed, the slot starts no new one (the node is leaving)
+
+    def _drain_finished(self, now: float) -> bool:
+        with self._cond:
+            if self._queue or self._running:
+                return False
+        if self._outbox.pending_results() == 0:
+            return True
+        if now >= self._flush_deadline:
+            logger.warning(
+                "node %s: leaving with %d unsent message(s): the coordinator could not be reached",
+                self._who(), self._outbox.pending_results(),
+            )
+            return True
+        return False
+
+    # ---- shutdown -------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        self._stopped.set()
+        session = self._session
+        if session is not None:
+            session.end("node stopped")
+            session.cancel_call()
+            self._session = None
+        with self._cond:
+            running = list(self._running.items())
+            for token, _ in running:
+                self._abort_reasons.setdefault(token, _STOP)
+            self._cond.notify_all()
+        for token, slot in running:
+            slot.abort(token, "node stopped")
+        for slot in self._slots:
+            try:
+                slot.close()
+            except Exception:  # noqa: BLE001 - keep closing the others
+                logger.exception("node %s: error while stopping slot %d", self._who(), slot.index)
+        for t in self._slot_threads:
+            t.join(10.0)
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(15.0)
+        if session is not None and session.reader is not None:
+            session.reader.join(_STREAM_CLOSE_WAIT_S)
+        if self._channel is not None:
+            self._channel.close()
+        alive = [s.pid for s in self._slots if s.pid is not None]
+        if alive:  # pragma: no cover - close() kills and reaps
+            logger.error("node %s: worker processes still alive after shutdown: %s", self._who(), alive)
+
+
+def _rpc_error_text(err: grpc.RpcError) -> str:
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else None
+    name = code.name if code is not None else "UNKNOWN"
+    return f"{name}: {details}" if details else name
