@@ -80,3 +80,31 @@ def test_client_commands_against_a_cluster(tmp_path: Path) -> None:
 def test_unreachable_coordinator_is_a_clear_error() -> None:
     proc = cli("nodes", "--coordinator", "127.0.0.1:1", timeout=60)
     assert proc.returncode == 3 and "unavailable" in proc.stderr
+
+
+def test_serve_health_exclusive_state_dir_and_sigterm(tmp_path: Path) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from conftest import wait_until
+
+    addr_file = tmp_path / "address"
+    state = tmp_path / "state"
+    serve = [*CLI, "serve", "--listen", "127.0.0.1:0", "--state-dir", str(state)]
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen([*serve, "--address-file", str(addr_file)], stdout=log, stderr=log)
+    try:
+        wait_until(lambda: addr_file.exists() and addr_file.read_text().strip(), 60, "the coordinator to listen")
+        address = addr_file.read_text().strip()
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="qscale.v1.JobService"), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        second = subprocess.run(serve, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "another coordinator" in second.stderr
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

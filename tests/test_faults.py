@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 from conftest import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, fast_config, slow_circuit, wait_until
 from qscale.client import Client
@@ -118,3 +119,45 @@ def test_node_started_before_coordinator_joins_and_survives_a_restart(tmp_path) 
         client.close()
         cluster.stop()
         coordinator.stop()
+
+
+def worker_pids(node_pid: int) -> list[int]:
+    """The simulation worker processes of a node (spawned children, not the resource tracker)."""
+    pids = []
+    for task in Path(f"/proc/{node_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"spawn_main" in cmdline:
+                pids.append(int(child))
+    return pids
+
+
+def test_worker_crash_is_a_shard_failure_and_the_node_lives_on(make_cluster) -> None:
+    cluster = make_cluster(1)
+    client = cluster.client
+    (node_proc,) = cluster.processes
+    job = client.submit(slow_circuit(), shots=2000, seed=3)
+    wait_until(lambda: busy_node(client), 60, "the node to run a shard")
+    (worker,) = wait_until(lambda: worker_pids(node_proc.pid), 10, "the worker process")
+    os.kill(worker, signal.SIGKILL)
+    result = job.result(timeout=180)
+    assert result.shots == 2000
+    failed = [a for a in result.attempts if a.outcome == "failed"]
+    assert len(failed) == 1 and "worker process died" in failed[0].error
+    assert node_proc.poll() is None
+    assert [n.state for n in client.nodes()] == ["alive"]
+
+
+def test_sigterm_drains_a_busy_node(make_cluster) -> None:
+    cluster = make_cluster(2)
+    client = cluster.client
+    job = client.submit(slow_circuit(), shots=4000, seed=12)
+    victim = wait_until(lambda: busy_node(client), 60, "a node running a shard")
+    proc = node_process(cluster, victim.name)
+    proc.terminate()
+    assert proc.wait(60) == 0  # it finished (or handed back) its shard and left cleanly
+    result = job.result(timeout=180)
+    assert result.shots == 4000 and sum(result.counts[0].values()) == 4000
+    outcomes = {a.outcome for a in result.attempts if a.node_id == victim.node_id}
+    assert outcomes <= {"done", "refused"}, outcomes
+    assert not any(a.outcome in ("lost", "failed") for a in result.attempts)
