@@ -76,3 +76,20 @@ def slow_circuit(n: int = 12, layers: int = 4) -> QuantumCircuit:
     qc.rz(0.2, 0)
     qc.measure(range(n), range(n))
     return qc
+
+
+def bell() -> QuantumCircuit:
+    qc = QuantumCircuit(2, name="bell")
+    qc.h(0)
+    qc.cx(0, 1)
+    qc.measure_all()
+    return qc
+
+
+def ghz(n: int) -> QuantumCircuit:
+    qc = QuantumCircuit(n, name=f"ghz{n}")
+    qc.h(0)
+    for i in range(n - 1):
+        qc.cx(i, i + 1)
+    qc.measure_all()
+    return qc

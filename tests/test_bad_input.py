@@ -6,18 +6,11 @@ import grpc
 import pytest
 from qiskit import QuantumCircuit
 
+from conftest import bell
 from qscale.circuits import dump_qpy
 from qscale.errors import InvalidArgumentError, NoCapableNodeError, NotFoundError
 from qscale.local import LocalCluster
 from qscale.proto.v1 import jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
-
-
-def bell() -> QuantumCircuit:
-    qc = QuantumCircuit(2)
-    qc.h(0)
-    qc.cx(0, 1)
-    qc.measure_all()
-    return qc
 
 
 def wide(n: int) -> QuantumCircuit:

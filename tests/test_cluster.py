@@ -11,17 +11,8 @@ from qiskit.circuit.random import random_circuit
 from qiskit.quantum_info import Statevector
 from scipy import stats
 
-from conftest import slow_circuit
+from conftest import ghz, slow_circuit
 from qscale.local import LocalCluster
-
-
-def ghz(n: int) -> QuantumCircuit:
-    qc = QuantumCircuit(n, name=f"ghz{n}")
-    qc.h(0)
-    for i in range(n - 1):
-        qc.cx(i, i + 1)
-    qc.measure_all()
-    return qc
 
 
 def seeded_workload() -> list[QuantumCircuit]:

@@ -23,15 +23,20 @@ def busy_node(client: Client) -> object:
     return next((n for n in client.nodes() if n.state == "alive" and n.running > 0), None)
 
 
+def signal_busy_node(cluster: LocalCluster, sig: int) -> tuple[object, subprocess.Popen[bytes], float]:
+    """Wait until a node holds a shard and send it ``sig``; returns (node, process, when)."""
+    victim = wait_until(lambda: busy_node(cluster.client), 60, "a node running a shard")
+    proc = node_process(cluster, victim.name)
+    proc.send_signal(sig)
+    return victim, proc, time.time()
+
+
 def test_sigkill_node_mid_job_is_reassigned_with_exact_totals(make_cluster) -> None:
     # Two shards on two nodes of two slots each: the survivor has a free slot for the retry.
     cluster = make_cluster(2, slots_per_node=2)
     client = cluster.client
     job = client.submit(slow_circuit(), shots=2000, seed=77)
-    victim = wait_until(lambda: busy_node(client), 60, "a node running a shard")
-    proc = node_process(cluster, victim.name)
-    proc.send_signal(signal.SIGKILL)
-    killed_at = time.time()
+    victim, proc, killed_at = signal_busy_node(cluster, signal.SIGKILL)
     proc.wait(10)
     result = job.result(timeout=180)
     assert result.shots == 2000 and sum(result.counts[0].values()) == 2000
@@ -58,10 +63,7 @@ def test_sigstopped_node_is_reaped_its_late_results_ignored_and_it_rejoins(make_
     cluster = make_cluster(2)
     client = cluster.client
     job = client.submit(slow_circuit(), shots=3000, seed=5)
-    victim = wait_until(lambda: busy_node(client), 60, "a node running a shard")
-    proc = node_process(cluster, victim.name)
-    proc.send_signal(signal.SIGSTOP)
-    stopped_at = time.time()
+    victim, proc, stopped_at = signal_busy_node(cluster, signal.SIGSTOP)
     try:
         wait_until(lambda: all(n.node_id != victim.node_id or n.state == "lost" for n in client.nodes()),
                    HEARTBEAT_TIMEOUT * 4, "the stopped node to be declared lost")
@@ -152,9 +154,7 @@ def test_sigterm_drains_a_busy_node(make_cluster) -> None:
     cluster = make_cluster(2)
     client = cluster.client
     job = client.submit(slow_circuit(), shots=4000, seed=12)
-    victim = wait_until(lambda: busy_node(client), 60, "a node running a shard")
-    proc = node_process(cluster, victim.name)
-    proc.terminate()
+    victim, proc, _ = signal_busy_node(cluster, signal.SIGTERM)
     assert proc.wait(60) == 0  # it finished (or handed back) its shard and left cleanly
     result = job.result(timeout=180)
     assert result.shots == 4000 and sum(result.counts[0].values()) == 4000

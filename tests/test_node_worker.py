@@ -16,6 +16,7 @@ import pytest
 from qiskit import QuantumCircuit
 from qiskit.circuit.library import QFTGate
 
+from conftest import bell
 from qscale.circuits import dump_qpy
 from qscale.node.worker import ChunkOutcome, ShardOutcome, WorkerSlot, describe_exit
 from qscale.proto.v1 import common_pb2, node_pb2
@@ -29,14 +30,6 @@ SLOT_MEMORY = 256 << 20  # Aer's cap: 256 MiB holds 24 qubits of statevector
 def _uniform3() -> QuantumCircuit:
     qc = QuantumCircuit(3)
     qc.h(range(3))
-    qc.measure_all()
-    return qc
-
-
-def _bell() -> QuantumCircuit:
-    qc = QuantumCircuit(2)
-    qc.h(0)
-    qc.cx(0, 1)
     qc.measure_all()
     return qc
 
@@ -136,16 +129,16 @@ def test_worker_reports_what_it_runs(ready_slot: WorkerSlot) -> None:
 def test_shard_of_two_chunks_returns_hex_counts_per_chunk(ready_slot: WorkerSlot) -> None:
     a = _assignment(
         "bell-1",
-        {0: dump_qpy(_bell()), 1: dump_qpy(_uniform3())},
+        {0: dump_qpy(bell()), 1: dump_qpy(_uniform3())},
         [([0, 1], 1000, 11), ([1], 500, 12)],
     )
     outcome, chunks = _run(ready_slot, a)
     assert outcome.ok, outcome.error
     assert outcome.chunks_done == 2 and outcome.seconds >= 0
     assert [c.chunk_index for c in chunks] == [0, 1]
-    (i0, bell), (i1, uni) = chunks[0].counts
+    (i0, bell_counts), (i1, uni) = chunks[0].counts
     assert (i0, i1) == (0, 1)
-    assert set(bell) <= {"0x0", "0x3"} and sum(bell.values()) == 1000
+    assert set(bell_counts) <= {"0x0", "0x3"} and sum(bell_counts.values()) == 1000
     assert sum(uni.values()) == 1000 and all(k.startswith("0x") for k in uni)
     [(i, uni2)] = chunks[1].counts
     assert i == 1 and sum(uni2.values()) == 500
@@ -190,7 +183,7 @@ def test_garbage_qpy_fails_with_a_clear_message(ready_slot: WorkerSlot) -> None:
 
 
 def test_missing_payload_and_missing_measurements_fail_clearly(ready_slot: WorkerSlot) -> None:
-    outcome, _ = _run(ready_slot, _assignment("nopayload-1", {0: dump_qpy(_bell())}, [([0, 3], 10, 1)]))
+    outcome, _ = _run(ready_slot, _assignment("nopayload-1", {0: dump_qpy(bell())}, [([0, 3], 10, 1)]))
     assert not outcome.ok and "carries no QPY for it" in outcome.error and "circuit 3" in outcome.error
     silent = QuantumCircuit(2)
     silent.h(0)
@@ -213,7 +206,7 @@ def test_sigkill_of_the_worker_mid_shard_is_a_failure_and_the_slot_recovers(read
     assert pid is not None
     a = _assignment(
         "kill-1",
-        {0: dump_qpy(_bell()), 1: dump_qpy(_slow())},
+        {0: dump_qpy(bell()), 1: dump_qpy(_slow())},
         [([0], 100, 1), ([1], 100, 2)],
     )
     # The first chunk is instant; the worker is deep in the slow second one when we kill it.
@@ -225,14 +218,14 @@ def test_sigkill_of_the_worker_mid_shard_is_a_failure_and_the_slot_recovers(read
 
     info = ready_slot.wait_ready(timeout=90.0)  # a fresh worker, started by the slot itself
     assert info.pid != pid
-    again, chunks = _run(ready_slot, _assignment("kill-2", {0: dump_qpy(_bell())}, [([0], 100, 3)]))
+    again, chunks = _run(ready_slot, _assignment("kill-2", {0: dump_qpy(bell())}, [([0], 100, 3)]))
     assert again.ok, again.error
     assert sum(chunks[0].counts[0][1].values()) == 100
 
 
 def test_abort_stops_a_running_shard_and_a_pending_one(ready_slot: WorkerSlot) -> None:
     pid = ready_slot.pid
-    a = _assignment("abort-1", {0: dump_qpy(_bell()), 1: dump_qpy(_slow())}, [([0], 100, 1), ([1], 100, 2)])
+    a = _assignment("abort-1", {0: dump_qpy(bell()), 1: dump_qpy(_slow())}, [([0], 100, 1), ([1], 100, 2)])
     outcome, chunks = _run(ready_slot, a, on_chunk=lambda c: ready_slot.abort("abort-1", "cancelled: test"))
     assert outcome.aborted and not outcome.ok and outcome.error == "cancelled: test"
     assert len(chunks) == 1
@@ -240,7 +233,7 @@ def test_abort_stops_a_running_shard_and_a_pending_one(ready_slot: WorkerSlot) -
 
     # An abort that arrives before the shard reaches the worker: the shard never runs.
     assert ready_slot.abort("abort-2", "cancelled early") is False
-    outcome, chunks = _run(ready_slot, _assignment("abort-2", {0: dump_qpy(_bell())}, [([0], 10, 1)]))
+    outcome, chunks = _run(ready_slot, _assignment("abort-2", {0: dump_qpy(bell())}, [([0], 10, 1)]))
     assert outcome.aborted and outcome.error == "cancelled early" and chunks == []
 
 
@@ -262,5 +255,5 @@ def test_close_stops_the_worker_and_is_idempotent() -> None:
     assert _process_gone(pid)
     s.close()
     assert s.pid is None
-    outcome = s.run(_assignment("closed-1", {0: dump_qpy(_bell())}, [([0], 10, 1)]), timeout=5.0)
+    outcome = s.run(_assignment("closed-1", {0: dump_qpy(bell())}, [([0], 10, 1)]), timeout=5.0)
     assert outcome.aborted and outcome.error == "slot closed"
