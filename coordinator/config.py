@@ -48,6 +48,8 @@ class CoordinatorConfig:
     """A shard that failed this many times (on different nodes when there are any) fails its job."""
     max_shard_losses: int = 3
     """A shard whose nodes were lost this many times while running it fails its job."""
+    finished_jobs_in_memory: int = 1000
+    """Finished jobs kept in memory for quick reads; older ones are read back from the state."""
     watch_min_interval_s: float = 0.05
     """Least time between two progress updates on one Watch stream."""
     limits: Limits = field(default_factory=Limits)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -172,6 +172,7 @@ class Scheduler:
         self.nodes: dict[str, NodeRecord] = {}
         self.lost_nodes: deque[NodeRecord] = deque(maxlen=_LOST_NODES_KEPT)
         self.jobs: dict[str, JobRecord] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()  # final jobs kept in memory, oldest first
         self.queue: deque[tuple[str, int]] = deque()
         self.attempts: dict[str, Attempt] = {}
         self.stale_dropped = 0
@@ -357,7 +358,16 @@ class Scheduler:
                 self._merge(job, shard, stored.shard_results[shard.plan.index])
         if job.final:
             self.jobs[job_id] = job
+            self._remember_finished(job_id)
         return job
+
+    def _remember_finished(self, job_id: str) -> None:
+        """Keep the newest finished jobs in memory; older ones are read back from the store."""
+        self._finished[job_id] = None
+        self._finished.move_to_end(job_id)
+        while len(self._finished) > self.config.finished_jobs_in_memory:
+            old, _ = self._finished.popitem(last=False)
+            self.jobs.pop(old, None)
 
     def cancel(self, job_id: str, now: float) -> JobRecord:
         """Cancel a job; a job already final is left as it is."""
@@ -503,6 +513,7 @@ class Scheduler:
                         cancel=node_pb2.CancelAttempt(attempt_token=attempt.token, reason=error or "job finished")))
                 self._end_attempt(attempt, now, "cancelled", error)
         job.qpy = []  # payloads are on disk; free the memory
+        self._remember_finished(job.job_id)
         log.info("job %s %s after %.2fs%s", job.job_id, common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
                  .lower(), now - job.created_at, f": {error}" if error else "")
         self.on_job_change(job.job_id)

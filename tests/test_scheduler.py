@@ -166,3 +166,18 @@ def test_state_dir_is_exclusive(tmp_path) -> None:
             Store(tmp_path / "s")
     finally:
         store.close()
+
+
+def test_old_finished_jobs_leave_memory_but_stay_readable(tmp_path) -> None:
+    store = Store(tmp_path / "s")
+    core = Scheduler(CoordinatorConfig(finished_jobs_in_memory=2), store)
+    a_id, a_sink = _node(core, "a")
+    jobs = []
+    for k in range(4):
+        job = _submit(core, _ghz(), shots=10, now=float(k))
+        _complete(core, a_id, a_sink.assignments()[-1], float(k))
+        jobs.append(job)
+    assert [j.job_id in core.jobs for j in jobs] == [False, False, True, True]
+    again = core.get_job(jobs[0].job_id)
+    assert again.state == DONE and again.counts == [{"0x0": 10}] and again.shots_done == 10
+    store.close()
