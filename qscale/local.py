@@ -76,6 +76,8 @@ class LocalCluster:
         self.processes: list[subprocess.Popen[bytes]] = []
         self._client: Client | None = None
         self._counter = 0
+        self._logs: dict[int, Path] = {}
+        self._keep_logs = False
 
     @property
     def address(self) -> str:
@@ -126,7 +128,15 @@ class LocalCluster:
             proc = subprocess.Popen(self.node_command(name, coordinator), stdout=log_file,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self.processes.append(proc)
+        self._logs[proc.pid] = log_path
         return proc
+
+    def _log_tail(self, proc: subprocess.Popen[bytes], lines: int = 15) -> str:
+        try:
+            text = self._logs[proc.pid].read_text(errors="replace")
+        except (KeyError, OSError):
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
 
     def wait_for_nodes(self, count: int, timeout: float | None = None) -> None:
         """Block until ``count`` nodes are alive; fails early if a node process dies."""
@@ -137,9 +147,11 @@ class LocalCluster:
                 return
             dead = [p for p in self.processes if p.poll() is not None]
             if dead and alive + len([p for p in self.processes if p.poll() is None]) < count:
-                raise QScaleError(f"a local node exited with code {dead[0].returncode}; "
-                                  f"see the logs in {self.log_dir}")
+                self._keep_logs = True
+                raise QScaleError(f"a local node exited with code {dead[0].returncode}; its log ends with:\n"
+                                  f"{self._log_tail(dead[0])}\n(all logs in {self.log_dir})")
             if time.monotonic() > deadline:
+                self._keep_logs = True
                 raise QScaleError(f"only {alive} of {count} local nodes joined; see the logs in {self.log_dir}")
             time.sleep(0.05)
 
@@ -166,7 +178,7 @@ class LocalCluster:
         if self.coordinator is not None:
             self.coordinator.stop()
             self.coordinator = None
-        if self._own_log_dir:
+        if self._own_log_dir and not self._keep_logs:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
