@@ -124,9 +124,12 @@ class LocalCluster:
         self._counter += 1
         log_path = self.log_dir / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # cwd: ``python -m`` puts the working directory first on sys.path; from a source checkout
+        # its ``qscale/`` folder (which lacks the mapped ``qscale.node``) would shadow the install.
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(self.node_command(name, coordinator), stdout=log_file,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    cwd=self.log_dir)
         self.processes.append(proc)
         self._logs[proc.pid] = log_path
         return proc
