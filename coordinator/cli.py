@@ -94,8 +94,8 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _render_result(result: Any, console: Console, top: int) -> None:
     for r in result.results:
-        table = Table(title=f"circuit {r.index} {r.name!r}: {r.shots} shots, {len(r.counts)} distinct outcomes",
-                      title_justify="left")
+        console.print(f"circuit {r.index} {r.name!r}: {r.shots} shots, {len(r.counts)} distinct outcomes")
+        table = Table()
         table.add_column("outcome", style="cyan")
         table.add_column("count", justify="right")
         table.add_column("share", justify="right")
