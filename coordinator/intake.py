@@ -8,11 +8,11 @@ submission.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qiskit import QuantumCircuit
 
-from qscale.circuits import METHODS, CircuitInfo, describe, dump_qpy, load_qpy, parse_qasm
+from qscale.circuits import METHODS, CircuitInfo, describe, dump_qpy, load_qpy, parse_qasm, qpy_version
 from qscale.coordinator.config import Limits
 from qscale.errors import InvalidArgumentError
 from qscale.proto.v1 import jobs_pb2
@@ -60,7 +60,7 @@ def prepare_job(request: jobs_pb2.SubmitRequest, limits: Limits) -> PreparedJob:
     for index, source in enumerate(request.circuits):
         try:
             circuit, payload = _decode(source, limits)
-            info = describe(circuit, source.name[:200])
+            info = replace(describe(circuit, source.name[:200]), qpy_version=qpy_version(payload))
             _check(circuit, info, limits)
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"circuit {index}: {exc}") from None

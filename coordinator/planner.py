@@ -60,6 +60,8 @@ class ShardPlan:
     chunks: tuple[ChunkPlan, ...]
     memory_bytes: int
     num_qubits: int
+    qpy_version: int = 0
+    """Newest QPY version among its circuits' payloads: a node must read it."""
 
     @property
     def circuit_indices(self) -> tuple[int, ...]:
@@ -146,6 +148,7 @@ def plan_job(
                 chunks=chunks,
                 memory_bytes=max(estimate_memory_bytes(infos[i], method) for i in indices),
                 num_qubits=max(infos[i].num_qubits for i in indices),
+                qpy_version=max(infos[i].qpy_version for i in indices),
             )
         )
     return tuple(shards)

@@ -97,8 +97,10 @@ class NodeRecord:
         return self.caps.memory_budget_bytes // max(1, self.caps.slots)
 
     def can_hold(self, shard: ShardPlan, method: str) -> bool:
+        """Whether the node offers the method, reads the shard's QPY, and has a slot big enough."""
         method_ok = method in ("", "automatic") or method in self.caps.methods
-        return method_ok and shard.memory_bytes <= self.slot_memory
+        qpy_ok = not self.caps.qpy_version or shard.qpy_version <= self.caps.qpy_version
+        return method_ok and qpy_ok and shard.memory_bytes <= self.slot_memory
 
 
 @dataclass(eq=False)
@@ -292,6 +294,11 @@ class Scheduler:
             if not any(n.can_hold(shard, method) for n in live):
                 widest = max(shard.circuit_indices, key=lambda i: infos[i].num_qubits)
                 best = max(n.slot_memory for n in live)
+                newest_qpy = max(n.caps.qpy_version for n in live)
+                if newest_qpy and shard.qpy_version > newest_qpy:
+                    raise NoCapableNodeError(
+                        f"circuit {widest}: QPY version {shard.qpy_version} is newer than any node reads "
+                        f"({newest_qpy}); upgrade qiskit on the nodes or dump with an older QPY version")
                 raise NoCapableNodeError(
                     f"circuit {widest} ({infos[widest].name!r}, {infos[widest].num_qubits} qubits) needs "
                     f"{_gib(shard.memory_bytes)} with method {method or 'automatic'}; the largest node slot "

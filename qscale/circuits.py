@@ -27,6 +27,7 @@ __all__ = [
     "describe",
     "dump_qpy",
     "load_qpy",
+    "qpy_version",
     "parse_qasm",
     "estimate_memory_bytes",
     "max_statevector_qubits",
@@ -70,6 +71,8 @@ class CircuitInfo:
     final_measurements_only: bool
     """No reset, no control flow, and nothing acts on a qubit after it is measured: every shot
     samples the same final state, so splitting shots would repeat the simulation."""
+    qpy_version: int = 0
+    """QPY version of the payload the nodes will decode (0: unknown)."""
 
 
 def dump_qpy(circuit: QuantumCircuit) -> bytes:
@@ -77,6 +80,11 @@ def dump_qpy(circuit: QuantumCircuit) -> bytes:
     buf = io.BytesIO()
     qpy.dump(circuit, buf)
     return buf.getvalue()
+
+
+def qpy_version(data: bytes) -> int:
+    """The QPY format version in a payload's header (0 if it has none)."""
+    return data[6] if len(data) > 6 and data.startswith(_QPY_MAGIC) else 0
 
 
 def load_qpy(data: bytes, *, max_bytes: int = 64 << 20) -> QuantumCircuit:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from qiskit import QuantumCircuit
 
-from qscale.circuits import describe, dump_qpy
+from qscale.circuits import describe, dump_qpy, qpy_version
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.planner import PlanningPolicy
 from qscale.coordinator.scheduler import CANCELLED, DONE, FAILED, Scheduler
@@ -181,3 +183,15 @@ def test_old_finished_jobs_leave_memory_but_stay_readable(tmp_path) -> None:
     again = core.get_job(jobs[0].job_id)
     assert again.state == DONE and again.counts == [{"0x0": 10}] and again.shots_done == 10
     store.close()
+
+
+def test_shards_only_go_to_nodes_that_read_their_qpy_version(core: Scheduler) -> None:
+    old = _caps("old")
+    old.qpy_version = 12
+    core.register_node(old, 0.0)
+    circuit = _ghz()
+    payload = dump_qpy(circuit)
+    info = replace(describe(circuit), qpy_version=qpy_version(payload))
+    assert info.qpy_version > 12
+    with pytest.raises(NoCapableNodeError, match="QPY version"):
+        core.submit([info], [payload], shots=10, seed=1, method="", now=0.0)
