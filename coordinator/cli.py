@@ -244,7 +244,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 2)")
     p.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before a node is lost (default 10)")
     p.add_argument("--address-file", help="write the bound HOST:PORT here once serving (useful with port 0)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default=os.environ.get("QSCALE_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO, WARNING or ERROR (default INFO; $QSCALE_LOG_LEVEL)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
     p.set_defaults(func=_serve)
 
