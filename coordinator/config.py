@@ -30,6 +30,10 @@ class Limits:
     """Most shots per circuit."""
     max_qubits: int = 1024
     """Widest circuit accepted at all (nodes narrow this further by method and memory)."""
+    max_experiments: int = 1_000_000
+    """Most experiments (circuit x parameter set) in one job."""
+    max_noise_model_bytes: int = 4 << 20
+    """Largest serialised noise model."""
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
 """The shard planner: how a job is cut into shards.
 
-A plan is a pure function of the job (its circuits, shots, seed, method) and the
-:class:`PlanningPolicy`; it never depends on how many nodes are up. Seeds are derived from
-the job seed with :class:`numpy.random.SeedSequence` keyed by (shard, chunk), so the merged
-counts of a seeded job are the same on 1 node or 50, and after any retry.
+A plan is a pure function of the job (its circuits, parameter sets, shots, seed, method,
+noise) and the :class:`PlanningPolicy`; it never depends on how many nodes are up. Seeds are
+derived from the job seed with :class:`numpy.random.SeedSequence` keyed by (shard, chunk), so
+the merged results of a seeded job are the same on 1 node or 50, and after any retry.
 
-The unit of dispatch and accounting is the shard; inside a shard, each chunk is one Aer call
-whose counts are streamed back as soon as it ends (partial results).
+The unit of simulation is the *experiment*: one parameter set of one circuit (a circuit
+without parameters has one set). The unit of dispatch and accounting is the shard; inside a
+shard, each chunk is one Aer call whose results are streamed back as soon as it ends.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from qscale.circuits import CircuitInfo, estimate_memory_bytes, resolved_method
 
-__all__ = ["PlanningPolicy", "ChunkPlan", "ShardPlan", "plan_job", "chunk_seed", "splits_shots"]
+__all__ = ["PlanningPolicy", "Entry", "ChunkPlan", "ShardPlan", "plan_job", "chunk_seed", "splits_shots"]
 
 _SEED_MODULUS = 1 << 31  # Aer adds an offset per experiment to the seed; stay far from overflow
 
@@ -29,13 +30,13 @@ class PlanningPolicy:
     """How jobs are cut. Stored with each job, so a restart plans it the same way."""
 
     shots_per_shard: int = 1000
-    """Largest number of shots in one shard when a circuit's shots are split."""
+    """Largest number of shots in one shard where shots cost a simulation each."""
     max_circuits_per_shard: int = 64
-    """Most circuits batched into one shard."""
+    """Most experiments (circuit x parameter set) batched into one shard."""
     circuits_per_chunk: int = 16
-    """Most circuits in one Aer call inside a shard (the granularity of partial results)."""
+    """Most experiments in one Aer call inside a shard (the granularity of partial results)."""
     batch_max_qubits: int = 16
-    """Circuits at most this wide are batched with their neighbours; wider ones get a shard each."""
+    """Circuits at most this wide are batched; wider ones get a shard per experiment."""
 
     def __post_init__(self) -> None:
         for name in ("shots_per_shard", "max_circuits_per_shard", "circuits_per_chunk", "batch_max_qubits"):
@@ -44,12 +45,25 @@ class PlanningPolicy:
 
 
 @dataclass(frozen=True)
-class ChunkPlan:
-    """One Aer call: every circuit listed, ``shots`` shots each, seeded with ``seed``."""
+class Entry:
+    """Parameter sets ``[set_start, set_start + set_count)`` of one circuit."""
 
-    circuit_indices: tuple[int, ...]
+    circuit: int
+    set_start: int
+    set_count: int
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One Aer call: every experiment of ``entries``, ``shots`` shots each, seeded with ``seed``."""
+
+    entries: tuple[Entry, ...]
     shots: int
     seed: int
+
+    @property
+    def experiments(self) -> int:
+        return sum(e.set_count for e in self.entries)
 
 
 @dataclass(frozen=True)
@@ -66,12 +80,19 @@ class ShardPlan:
     @property
     def circuit_indices(self) -> tuple[int, ...]:
         """Every circuit the shard touches, in order, without repeats."""
-        return tuple(dict.fromkeys(i for c in self.chunks for i in c.circuit_indices))
+        return tuple(dict.fromkeys(e.circuit for c in self.chunks for e in c.entries))
 
     @property
     def shots(self) -> int:
-        """Shots over all circuits of the shard."""
-        return sum(c.shots * len(c.circuit_indices) for c in self.chunks)
+        """Shots over all experiments of the shard."""
+        return sum(c.shots * c.experiments for c in self.chunks)
+
+    def set_range(self, circuit: int) -> tuple[int, int]:
+        """(first set, number of sets) of ``circuit`` in this shard (always contiguous)."""
+        entries = [e for c in self.chunks for e in c.entries if e.circuit == circuit]
+        start = min(e.set_start for e in entries)
+        stop = max(e.set_start + e.set_count for e in entries)
+        return start, stop - start
 
 
 def chunk_seed(job_seed: int, shard_index: int, chunk_index: int) -> int:
@@ -80,16 +101,20 @@ def chunk_seed(job_seed: int, shard_index: int, chunk_index: int) -> int:
     return int(seq.generate_state(1, dtype=np.uint64)[0] % _SEED_MODULUS)
 
 
-def splits_shots(info: CircuitInfo, method: str) -> bool:
+def splits_shots(info: CircuitInfo, method: str, noisy: bool = False) -> bool:
     """Whether each shot costs a simulation of its own, so that splitting shots spreads work.
 
-    Statevector-like methods sample every shot of a circuit with measurements only at the end
-    from one final state: splitting its shots would simulate it again per shard. The stabilizer
-    methods, mid-circuit measurement, reset and classical control pay per shot.
+    Statevector-like methods sample every shot of a noiseless circuit with measurements only at
+    the end from one final state: splitting its shots would simulate it again per shard. The
+    stabilizer methods, noise (trajectories), mid-circuit measurement, reset and classical
+    control pay per shot. The density-matrix method simulates noise once for all shots.
     """
-    if resolved_method(method, info) in ("stabilizer", "extended_stabilizer"):
+    resolved = resolved_method(method, info)
+    if resolved in ("stabilizer", "extended_stabilizer"):
         return True
-    return not info.final_measurements_only
+    if resolved == "density_matrix":
+        return False
+    return noisy or not info.final_measurements_only
 
 
 def _even_split(total: int, parts: int) -> list[int]:
@@ -97,58 +122,102 @@ def _even_split(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+def _chunks(items: list[tuple[Entry, int]], per_chunk: int) -> list[tuple[list[Entry], int]]:
+    """Consecutive entries with the same shots, cut into calls of at most ``per_chunk`` experiments."""
+    out: list[tuple[list[Entry], int]] = []
+    current: list[Entry] = []
+    size = 0
+    shots = items[0][1]
+    for entry, entry_shots in items:
+        if entry_shots != shots and current:
+            out.append((current, shots))
+            current, size = [], 0
+        shots = entry_shots
+        start, left = entry.set_start, entry.set_count
+        while left:
+            take = min(left, per_chunk - size)
+            current.append(Entry(entry.circuit, start, take))
+            start, left, size = start + take, left - take, size + take
+            if size == per_chunk:
+                out.append((current, shots))
+                current, size = [], 0
+    if current:
+        out.append((current, shots))
+    return out
+
+
 def plan_job(
     infos: Sequence[CircuitInfo],
-    shots: int,
+    shots: Sequence[int],
+    num_sets: Sequence[int],
     seed: int,
     method: str,
     policy: PlanningPolicy,
+    *,
+    noisy: bool = False,
 ) -> tuple[ShardPlan, ...]:
     """Cut a job into shards.
 
-    Circuits whose shots cost a simulation each are split into shards of at most
-    ``policy.shots_per_shard`` shots; other circuits keep all their shots in one shard, and
-    consecutive narrow ones are batched together.
+    Args:
+        infos: the circuits.
+        shots: shots per parameter set, per circuit.
+        num_sets: parameter sets per circuit (1 for a circuit without parameters).
+
+    Experiments whose shots cost a simulation each are split into shards of at most
+    ``policy.shots_per_shard`` shots (several small experiments per shard when they fit);
+    other experiments keep all their shots in one shard, and narrow ones are batched.
     """
-    if shots < 1:
-        raise ValueError("shots must be >= 1")
-    # Each entry: (circuit indices, shots per circuit, memory, qubits) of a future shard.
-    pending: list[tuple[list[int], int]] = []
-    batch: list[int] = []
+    per_shard = policy.max_circuits_per_shard
+    pending: list[list[tuple[Entry, int]]] = []
+    batch: list[tuple[Entry, int]] = []
+    batch_size = 0
 
     def flush() -> None:
+        nonlocal batch, batch_size
         if batch:
-            pending.append((list(batch), shots))
-            batch.clear()
+            pending.append(batch)
+            batch, batch_size = [], 0
 
     for index, info in enumerate(infos):
-        if splits_shots(info, method):
+        n, sets = shots[index], num_sets[index]
+        if n < 1 or sets < 1:
+            raise ValueError(f"circuit {index}: shots and parameter sets must be >= 1")
+        if splits_shots(info, method, noisy):
             flush()
-            parts = max(1, math.ceil(shots / policy.shots_per_shard))
-            pending.extend(([index], part) for part in _even_split(shots, parts))
+            if n > policy.shots_per_shard:
+                parts = _even_split(n, math.ceil(n / policy.shots_per_shard))
+                pending.extend([(Entry(index, s, 1), part)] for s in range(sets) for part in parts)
+            else:
+                k = max(1, min(policy.shots_per_shard // n, per_shard))
+                pending.extend([(Entry(index, s, min(k, sets - s)), n)] for s in range(0, sets, k))
         elif info.num_qubits <= policy.batch_max_qubits:
-            batch.append(index)
-            if len(batch) >= policy.max_circuits_per_shard:
-                flush()
+            start = 0
+            while start < sets:
+                take = min(per_shard - batch_size, sets - start)
+                batch.append((Entry(index, start, take), n))
+                batch_size += take
+                start += take
+                if batch_size >= per_shard:
+                    flush()
         else:
             flush()
-            pending.append(([index], shots))
+            pending.extend([(Entry(index, s, 1), n)] for s in range(sets))
     flush()
 
     shards = []
-    for shard_index, (indices, shard_shots) in enumerate(pending):
-        step = policy.circuits_per_chunk
+    for shard_index, items in enumerate(pending):
         chunks = tuple(
-            ChunkPlan(tuple(indices[i : i + step]), shard_shots, chunk_seed(seed, shard_index, k))
-            for k, i in enumerate(range(0, len(indices), step))
+            ChunkPlan(tuple(entries), chunk_shots, chunk_seed(seed, shard_index, k))
+            for k, (entries, chunk_shots) in enumerate(_chunks(items, policy.circuits_per_chunk))
         )
+        circuits = list(dict.fromkeys(e.circuit for e, _ in items))
         shards.append(
             ShardPlan(
                 index=shard_index,
                 chunks=chunks,
-                memory_bytes=max(estimate_memory_bytes(infos[i], method) for i in indices),
-                num_qubits=max(infos[i].num_qubits for i in indices),
-                qpy_version=max(infos[i].qpy_version for i in indices),
+                memory_bytes=max(estimate_memory_bytes(infos[i], method) for i in circuits),
+                num_qubits=max(infos[i].num_qubits for i in circuits),
+                qpy_version=max(infos[i].qpy_version for i in circuits),
             )
         )
     return tuple(shards)

@@ -24,8 +24,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from qscale.circuits import CircuitInfo, merge_counts
+from qscale.circuits import CircuitInfo, memory_width, merge_counts
 from qscale.coordinator.config import CoordinatorConfig
+from qscale.coordinator.intake import PreparedJob
 from qscale.coordinator.planner import PlanningPolicy, ShardPlan, plan_job
 from qscale.coordinator.store import Store, StoredJob
 from qscale.errors import FailedPreconditionError, InvalidArgumentError, NoCapableNodeError, NotFoundError
@@ -62,8 +63,8 @@ class Attempt:
     ended_at: float = 0.0
     outcome: str = "running"  # running, done, failed, refused, lost, cancelled
     error: str = ""
-    partial: dict[int, dict[int, dict[str, int]]] = field(default_factory=dict)
-    """chunk index -> circuit index -> hex counts, as chunks finish."""
+    partial: dict[int, list[common_pb2.CircuitCounts]] = field(default_factory=dict)
+    """chunk index -> one result per experiment of the chunk, as chunks finish."""
 
 
 @dataclass(eq=False)
@@ -107,23 +108,44 @@ class NodeRecord:
 class JobRecord:
     job_id: str
     created_at: float
-    shots: int
     seed: int
     method: str
     policy: PlanningPolicy
     infos: list[CircuitInfo]
+    shots: list[int]
+    """Shots per parameter set, per circuit."""
+    params: list[common_pb2.ParameterValues | None]
     qpy: list[bytes]
+    memory: bool = False
+    noise_model: str = ""
     state: int = QUEUED
     error: str = ""
     started_at: float = 0.0
     finished_at: float = 0.0
     shards: list[ShardState] = field(default_factory=list)
-    counts: list[dict[str, int]] = field(default_factory=list)
-    circuit_shots: list[int] = field(default_factory=list)
+    counts: list[list[dict[str, int]]] = field(default_factory=list)
+    """Counted hex counts per circuit, per parameter set."""
+    set_shots: list[list[int]] = field(default_factory=list)
+    memory_parts: dict[tuple[int, int], list[tuple[int, bytes]]] = field(default_factory=dict)
+    """(circuit, set) -> (shard index, per-shot memory) of every counted shard."""
     attempts: list[Attempt] = field(default_factory=list)
     nodes_used: set[str] = field(default_factory=set)
     stale_dropped: int = 0
     shards_done: int = 0
+
+    @classmethod
+    def from_stored(cls, stored: StoredJob) -> JobRecord:
+        return cls(stored.job_id, stored.created_at, stored.seed, stored.method, stored.policy, stored.infos,
+                   stored.shots, stored.params, stored.qpy, stored.memory, stored.noise_model,
+                   state=stored.state, error=stored.error, finished_at=stored.finished_at)
+
+    def plan(self) -> tuple[ShardPlan, ...]:
+        return plan_job(self.infos, self.shots, self.num_sets, self.seed, self.method, self.policy,
+                        noisy=bool(self.noise_model))
+
+    @property
+    def num_sets(self) -> list[int]:
+        return [p.num_sets if p is not None else 1 for p in self.params]
 
     @property
     def final(self) -> bool:
@@ -131,25 +153,36 @@ class JobRecord:
 
     @property
     def shots_total(self) -> int:
-        return self.shots * len(self.infos)
+        return sum(n * k for n, k in zip(self.shots, self.num_sets))
 
     @property
     def shots_done(self) -> int:
-        return sum(self.circuit_shots)
+        return sum(sum(s) for s in self.set_shots)
 
     @property
     def shards_running(self) -> int:
         return sum(1 for s in self.shards if s.status == "running")
 
+    def circuit_counts(self, index: int) -> dict[str, int]:
+        """Counted hex counts of a circuit, merged over its parameter sets."""
+        merged: dict[str, int] = {}
+        for counts in self.counts[index]:
+            merge_counts(merged, counts.items())
+        return merged
+
     def partial_counts(self) -> list[dict[str, int]]:
-        """Counted results plus the chunks of running attempts that have come in so far."""
-        merged = [dict(c) for c in self.counts]
+        """Per circuit: counted results plus the chunks of running attempts that came in so far."""
+        merged = [self.circuit_counts(i) for i in range(len(self.infos))]
         for shard in self.shards:
             if shard.status == "running" and shard.attempt is not None:
                 for chunk in shard.attempt.partial.values():
-                    for index, counts in chunk.items():
-                        merge_counts(merged[index], counts.items())
+                    for result in chunk:
+                        merge_counts(merged[result.circuit_index], result.counts.items())
         return merged
+
+    def set_memory(self, index: int, set_index: int) -> bytes:
+        """Per-shot memory of one parameter set, in shot order (shards in plan order)."""
+        return b"".join(part for _, part in sorted(self.memory_parts.get((index, set_index), ())))
 
     def describe_circuits(self, indices: Iterable[int]) -> str:
         idx = list(indices)
@@ -238,14 +271,16 @@ class Scheduler:
         timeout = self.config.heartbeat_timeout_s
         silent = [n for n in self.nodes.values() if now - n.last_heartbeat > timeout]
         for node in silent:
-            self._lose_node(node, now, f"no heartbeat for {now - node.last_heartbeat:.1f}s")
+            # Its stream stays open: whatever a hung node sends later arrives there and is
+            # dropped as stale; the node learns it was lost from its next heartbeat.
+            self._lose_node(node, now, f"no heartbeat for {now - node.last_heartbeat:.1f}s", close_stream=False)
         return [n.node_id for n in silent]
 
-    def _lose_node(self, node: NodeRecord, now: float, reason: str) -> None:
+    def _lose_node(self, node: NodeRecord, now: float, reason: str, *, close_stream: bool = True) -> None:
         node.state = "lost"
         del self.nodes[node.node_id]
         self.lost_nodes.append(node)
-        if node.sink is not None:
+        if node.sink is not None and close_stream:
             node.sink.put_nowait(None)
         level = logging.INFO if reason == "left after draining" else logging.WARNING
         log.log(level, "node %s lost (%s); requeueing %d shard(s)", node.node_id, reason, len(node.running))
@@ -264,25 +299,19 @@ class Scheduler:
 
     # ------------------------------------------------------------------- jobs
 
-    def submit(
-        self,
-        infos: list[CircuitInfo],
-        qpy: list[bytes],
-        *,
-        shots: int,
-        seed: int,
-        method: str,
-        now: float,
-    ) -> JobRecord:
+    def submit(self, prepared: PreparedJob, now: float) -> JobRecord:
         """Plan, persist and queue a job (already validated by intake)."""
-        policy = self.config.policy
-        plan = plan_job(infos, shots, seed, method, policy)
-        self._check_capacity(infos, plan, method)
-        job = JobRecord(uuid.uuid4().hex[:16], now, shots, seed, method, policy, infos, qpy)
-        self.store.insert_job(StoredJob(job.job_id, now, QUEUED, shots, seed, method, policy, infos, qpy))
+        stored = StoredJob(uuid.uuid4().hex[:16], now, QUEUED, prepared.seed, prepared.method, self.config.policy,
+                           prepared.infos, prepared.shots, prepared.params, prepared.qpy, prepared.memory,
+                           prepared.noise_model)
+        job = JobRecord.from_stored(stored)
+        plan = job.plan()
+        self._check_capacity(job.infos, plan, job.method)
+        self.store.insert_job(stored)
         self._activate(job, plan, {})
-        log.info("job %s accepted: %d circuit(s) x %d shots, %d shard(s), seed %d, method %s", job.job_id,
-                 len(infos), shots, len(plan), seed, method or "automatic")
+        log.info("job %s accepted: %d circuit(s), %d experiment(s), %d shots, %d shard(s), seed %d, method %s%s",
+                 job.job_id, len(job.infos), sum(job.num_sets), job.shots_total, len(plan), job.seed,
+                 job.method or "automatic", ", noisy" if job.noise_model else "")
         self.dispatch(now)
         return job
 
@@ -305,23 +334,31 @@ class Scheduler:
                     f"holds {_gib(best)}"
                 )
 
-    def _activate(self, job: JobRecord, plan: tuple[ShardPlan, ...], done: dict[int, dict[int, dict[str, int]]]) -> None:
-        job.shards = [ShardState(p) for p in plan]
-        job.counts = [{} for _ in job.infos]
-        job.circuit_shots = [0] * len(job.infos)
+    def _activate(self, job: JobRecord, plan: tuple[ShardPlan, ...],
+                  done: dict[int, list[common_pb2.CircuitCounts]]) -> None:
+        self._load_results(job, plan, done)
         self.jobs[job.job_id] = job
+        self.queue.extend((job.job_id, s.plan.index) for s in job.shards if s.status == "queued")
+
+    def _load_results(self, job: JobRecord, plan: tuple[ShardPlan, ...],
+                      done: dict[int, list[common_pb2.CircuitCounts]]) -> None:
+        job.shards = [ShardState(p) for p in plan]
+        job.counts = [[{} for _ in range(k)] for k in job.num_sets]
+        job.set_shots = [[0] * k for k in job.num_sets]
         for shard in job.shards:
             if shard.plan.index in done:
                 self._merge(job, shard, done[shard.plan.index])
-            else:
-                self.queue.append((job.job_id, shard.plan.index))
 
-    def _merge(self, job: JobRecord, shard: ShardState, counts: dict[int, dict[str, int]]) -> None:
+    def _merge(self, job: JobRecord, shard: ShardState, results: Iterable[common_pb2.CircuitCounts]) -> None:
         for chunk in shard.plan.chunks:
-            for index in chunk.circuit_indices:
-                job.circuit_shots[index] += chunk.shots
-        for index, hex_counts in counts.items():
-            merge_counts(job.counts[index], hex_counts.items())
+            for entry in chunk.entries:
+                for s in range(entry.set_start, entry.set_start + entry.set_count):
+                    job.set_shots[entry.circuit][s] += chunk.shots
+        for result in results:
+            merge_counts(job.counts[result.circuit_index][result.set_index], result.counts.items())
+            if job.memory:
+                job.memory_parts.setdefault((result.circuit_index, result.set_index), []).append(
+                    (shard.plan.index, result.memory))
         shard.status = "done"
         job.shards_done += 1
 
@@ -329,10 +366,8 @@ class Scheduler:
         """Reload every unfinished job from the store and queue what is left of it."""
         recovered = 0
         for stored in self.store.unfinished_jobs(FINAL_STATES):
-            job = JobRecord(stored.job_id, stored.created_at, stored.shots, stored.seed, stored.method,
-                            stored.policy, stored.infos, stored.qpy)
-            plan = plan_job(stored.infos, stored.shots, stored.seed, stored.method, stored.policy)
-            self._activate(job, plan, stored.shard_results)
+            job = JobRecord.from_stored(stored)
+            self._activate(job, job.plan(), stored.shard_results)
             if job.shards_done:
                 job.state = RUNNING
             recovered += 1
@@ -344,7 +379,7 @@ class Scheduler:
         return recovered
 
     def get_job(self, job_id: str) -> JobRecord:
-        """A job by id, from memory or (finished jobs from before a restart) from the store."""
+        """A job by id, from memory or (finished jobs no longer in memory) from the store."""
         job = self.jobs.get(job_id)
         if job is not None:
             return job
@@ -353,16 +388,8 @@ class Scheduler:
         stored = self.store.load_job(job_id, with_payloads=False)
         if stored is None:
             raise NotFoundError(f"no job {job_id!r}")
-        job = JobRecord(stored.job_id, stored.created_at, stored.shots, stored.seed, stored.method,
-                        stored.policy, stored.infos, [], state=stored.state, error=stored.error,
-                        finished_at=stored.finished_at)
-        plan = plan_job(stored.infos, stored.shots, stored.seed, stored.method, stored.policy)
-        job.shards = [ShardState(p) for p in plan]
-        job.counts = [{} for _ in job.infos]
-        job.circuit_shots = [0] * len(job.infos)
-        for shard in job.shards:
-            if shard.plan.index in stored.shard_results:
-                self._merge(job, shard, stored.shard_results[shard.plan.index])
+        job = JobRecord.from_stored(stored)
+        self._load_results(job, job.plan(), stored.shard_results)
         if job.final:
             self.jobs[job_id] = job
             self._remember_finished(job_id)
@@ -392,11 +419,11 @@ class Scheduler:
             return
         job = self.jobs[attempt.job_id]
         shard = job.shards[attempt.shard_index]
-        problem = _check_chunk(shard.plan, msg)
+        problem = _check_chunk(job, shard.plan, msg)
         if problem:
             self._attempt_failed(job, shard, attempt, f"node sent inconsistent results: {problem}", now)
             return
-        attempt.partial[msg.chunk_index] = {c.circuit_index: dict(c.counts) for c in msg.counts}
+        attempt.partial[msg.chunk_index] = list(msg.counts)
         self.on_job_change(job.job_id)
 
     def shard_done(self, node_id: str, token: str, now: float) -> None:
@@ -410,17 +437,14 @@ class Scheduler:
             self._attempt_failed(job, shard, attempt, f"node reported the shard done after "
                                  f"{len(attempt.partial)} of {len(shard.plan.chunks)} chunks", now)
             return
-        counts: dict[int, dict[str, int]] = {}
-        for chunk in attempt.partial.values():
-            for index, hex_counts in chunk.items():
-                merge_counts(counts.setdefault(index, {}), hex_counts.items())
-        if not self.store.record_shard(job.job_id, shard.plan.index, counts, node_id, token, now):
+        results = common_pb2.ShardResult(results=[r for k in sorted(attempt.partial) for r in attempt.partial[k]])
+        if not self.store.record_shard(job.job_id, shard.plan.index, results, node_id, token, now):
             log.error("job %s shard %d already had a stored result; dropping attempt %s", job.job_id,
                       shard.plan.index, token)
             self._end_attempt(attempt, now, "stale", "duplicate result")
             return
         self._end_attempt(attempt, now, "done", "")
-        self._merge(job, shard, counts)
+        self._merge(job, shard, results.results)
         node = self.nodes.get(node_id)
         if node is not None:
             node.shards_done += 1
@@ -574,11 +598,15 @@ class Scheduler:
             job_id=job.job_id,
             shard_index=plan.index,
             attempt_token=token,
-            chunks=[common_pb2.Chunk(circuit_indices=c.circuit_indices, shots=c.shots, seed=c.seed)
+            chunks=[common_pb2.Chunk(entries=[common_pb2.ChunkEntry(circuit_index=e.circuit, set_start=e.set_start,
+                                                                      set_count=e.set_count) for e in c.entries],
+                                     shots=c.shots, seed=c.seed)
                     for c in plan.chunks],
-            circuits=[node_pb2.CircuitPayload(circuit_index=i, qpy=job.qpy[i]) for i in plan.circuit_indices],
+            circuits=[_payload(job, plan, i) for i in plan.circuit_indices],
             method=job.method or "automatic",
             memory_bytes=plan.memory_bytes,
+            memory=job.memory,
+            noise_model=job.noise_model,
         )
         assert node.sink is not None
         node.sink.put_nowait(node_pb2.CoordinatorMessage(assign=assignment))
@@ -587,17 +615,35 @@ class Scheduler:
         self.on_job_change(job.job_id)
 
 
-def _check_chunk(plan: ShardPlan, msg: node_pb2.ChunkResult) -> str:
+def _payload(job: JobRecord, plan: ShardPlan, index: int) -> node_pb2.CircuitPayload:
+    """The circuit's QPY and the rows of parameter values the shard uses."""
+    payload = node_pb2.CircuitPayload(circuit_index=index, qpy=job.qpy[index])
+    params = job.params[index]
+    if params is not None:
+        first, count = plan.set_range(index)
+        row = 8 * len(params.names)
+        payload.first_set = first
+        payload.parameters.names.extend(params.names)
+        payload.parameters.num_sets = count
+        payload.parameters.values = params.values[first * row : (first + count) * row]
+    return payload
+
+
+def _check_chunk(job: JobRecord, plan: ShardPlan, msg: node_pb2.ChunkResult) -> str:
     if not 0 <= msg.chunk_index < len(plan.chunks):
         return f"no chunk {msg.chunk_index}"
     chunk = plan.chunks[msg.chunk_index]
-    got = [c.circuit_index for c in msg.counts]
-    if sorted(got) != sorted(chunk.circuit_indices):
-        return f"chunk {msg.chunk_index} has counts for circuits {got}, expected {list(chunk.circuit_indices)}"
+    expected = sorted((e.circuit, s) for e in chunk.entries for s in range(e.set_start, e.set_start + e.set_count))
+    got = sorted((c.circuit_index, c.set_index) for c in msg.counts)
+    if got != expected:
+        return f"chunk {msg.chunk_index} has results for {len(got)} experiments, not the {len(expected)} planned"
     for c in msg.counts:
         total = sum(c.counts.values())
         if total != chunk.shots:
             return f"circuit {c.circuit_index} counts add up to {total}, expected {chunk.shots}"
+        width = memory_width(job.infos[c.circuit_index].num_clbits)
+        if job.memory and len(c.memory) != chunk.shots * width:
+            return f"circuit {c.circuit_index} sent {len(c.memory)} bytes of memory, expected {chunk.shots * width}"
     return ""
 
 

@@ -164,8 +164,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                      ) -> jobs_pb2.SubmitReply:
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(self.executor, prepare_job, request, self.config.limits)
-        job = self.core.submit(prepared.infos, prepared.qpy, shots=prepared.shots, seed=prepared.seed,
-                               method=prepared.method, now=self.clock())
+        job = self.core.submit(prepared, self.clock())
         return jobs_pb2.SubmitReply(job_id=job.job_id, seed=job.seed)
 
     @_unary
@@ -206,8 +205,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             if job is not None:
                 reply.jobs.append(views.job_status(job))
             else:
-                reply.jobs.add(job_id=job_id, state=state, error=error, shots_total=shots * n,
-                               shots_done=shots * n if state == common_pb2.JOB_STATE_DONE else 0,
+                reply.jobs.add(job_id=job_id, state=state, error=error, shots_total=shots,
+                               shots_done=shots if state == common_pb2.JOB_STATE_DONE else 0,
                                num_circuits=n, created_at=created, finished_at=finished)
         return reply
 

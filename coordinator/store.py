@@ -1,9 +1,9 @@
 """Durable coordinator state in SQLite (WAL, ``synchronous=FULL``).
 
-What is written here survives a coordinator restart: accepted jobs with their circuits,
-every counted shard result, and final job states. Each write is committed before the caller
-acknowledges anything to a client or node. A lock file keeps a second coordinator off the
-same state directory.
+What is written here survives a coordinator restart: accepted jobs with their circuits and
+parameter values, every counted shard result, and final job states. Each write is committed
+before the caller acknowledges anything to a client or node. A lock file keeps a second
+coordinator off the same state directory.
 """
 
 from __future__ import annotations
@@ -21,21 +21,26 @@ from pathlib import Path
 from qscale.circuits import CircuitInfo
 from qscale.coordinator.planner import PlanningPolicy
 from qscale.errors import FailedPreconditionError
+from qscale.proto.v1 import common_pb2
 
-__all__ = ["Store", "StoredJob"]
+__all__ = ["Store", "StoredJob", "SCHEMA_VERSION"]
 
 log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     created_at REAL NOT NULL,
     state INTEGER NOT NULL,
-    shots INTEGER NOT NULL,
     seed INTEGER NOT NULL,
     method TEXT NOT NULL,
     policy TEXT NOT NULL,
     num_circuits INTEGER NOT NULL,
+    shots_total INTEGER NOT NULL,
+    memory INTEGER NOT NULL,
+    noise_model TEXT NOT NULL,
     error TEXT NOT NULL DEFAULT '',
     finished_at REAL NOT NULL DEFAULT 0
 );
@@ -44,22 +49,21 @@ CREATE TABLE IF NOT EXISTS circuits (
     job_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
     info TEXT NOT NULL,
+    shots INTEGER NOT NULL,
+    params BLOB,
     qpy BLOB NOT NULL,
     PRIMARY KEY (job_id, idx)
 );
 CREATE TABLE IF NOT EXISTS shard_results (
     job_id TEXT NOT NULL,
     shard_index INTEGER NOT NULL,
-    counts TEXT NOT NULL,
+    result BLOB NOT NULL,
     node_id TEXT NOT NULL,
     attempt TEXT NOT NULL,
     finished_at REAL NOT NULL,
     PRIMARY KEY (job_id, shard_index)
 );
 """
-
-# Counts of one shard: circuit index -> {hex outcome: count}
-ShardCounts = dict[int, dict[str, int]]
 
 
 @dataclass
@@ -69,15 +73,22 @@ class StoredJob:
     job_id: str
     created_at: float
     state: int
-    shots: int
     seed: int
     method: str
     policy: PlanningPolicy
     infos: list[CircuitInfo]
+    shots: list[int]
+    params: list[common_pb2.ParameterValues | None]
     qpy: list[bytes]
+    memory: bool = False
+    noise_model: str = ""
     error: str = ""
     finished_at: float = 0.0
-    shard_results: dict[int, ShardCounts] = field(default_factory=dict)
+    shard_results: dict[int, list[common_pb2.CircuitCounts]] = field(default_factory=dict)
+
+    @property
+    def shots_total(self) -> int:
+        return sum(n * (p.num_sets if p is not None else 1) for n, p in zip(self.shots, self.params))
 
 
 def _info_to_json(info: CircuitInfo) -> str:
@@ -87,6 +98,8 @@ def _info_to_json(info: CircuitInfo) -> str:
 def _info_from_json(text: str) -> CircuitInfo:
     data = json.loads(text)
     data["creg_sizes"] = tuple(tuple(x) for x in data["creg_sizes"])
+    data["parameters"] = tuple(data.get("parameters", ()))
+    data["creg_clbits"] = tuple(tuple(x) for x in data.get("creg_clbits", ()))
     return CircuitInfo(**data)
 
 
@@ -106,9 +119,20 @@ class Store:
                 "stop it or choose another --state-dir"
             ) from None
         self._db = sqlite3.connect(self.path / "state.sqlite3", isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+            if tables and version != SCHEMA_VERSION:
+                raise FailedPreconditionError(
+                    f"the state in {self.path} has schema {version}, this qscale uses {SCHEMA_VERSION}; "
+                    "finish its jobs with the qscale that wrote it, or start from an empty --state-dir")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Close the database and release the directory lock."""
@@ -120,26 +144,26 @@ class Store:
         """Persist a newly accepted job with its circuits, in one transaction."""
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO jobs (job_id, created_at, state, shots, seed, method, policy, num_circuits)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.job_id, job.created_at, job.state, job.shots, job.seed, job.method,
-                 json.dumps(dataclasses.asdict(job.policy)), len(job.infos)),
+                "INSERT INTO jobs (job_id, created_at, state, seed, method, policy, num_circuits, shots_total,"
+                " memory, noise_model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.job_id, job.created_at, job.state, job.seed, job.method,
+                 json.dumps(dataclasses.asdict(job.policy)), len(job.infos), job.shots_total, int(job.memory),
+                 job.noise_model),
             )
             db.executemany(
-                "INSERT INTO circuits (job_id, idx, info, qpy) VALUES (?, ?, ?, ?)",
-                ((job.job_id, i, _info_to_json(info), qpy) for i, (info, qpy) in enumerate(zip(job.infos, job.qpy))),
+                "INSERT INTO circuits (job_id, idx, info, shots, params, qpy) VALUES (?, ?, ?, ?, ?, ?)",
+                ((job.job_id, i, _info_to_json(info), shots, p.SerializeToString() if p is not None else None, qpy)
+                 for i, (info, shots, p, qpy) in enumerate(zip(job.infos, job.shots, job.params, job.qpy))),
             )
 
-    def record_shard(
-        self, job_id: str, shard_index: int, counts: ShardCounts, node_id: str, attempt: str, at: float
-    ) -> bool:
-        """Persist a shard's counts; False if that shard already had a result (nothing written)."""
-        payload = json.dumps({str(k): v for k, v in counts.items()})
+    def record_shard(self, job_id: str, shard_index: int, result: common_pb2.ShardResult, node_id: str,
+                     attempt: str, at: float) -> bool:
+        """Persist a shard's results; False if that shard already had a result (nothing written)."""
         with self._transaction() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO shard_results (job_id, shard_index, counts, node_id, attempt, finished_at)"
+                "INSERT OR IGNORE INTO shard_results (job_id, shard_index, result, node_id, attempt, finished_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, shard_index, payload, node_id, attempt, at),
+                (job_id, shard_index, result.SerializeToString(), node_id, attempt, at),
             )
             return cur.rowcount == 1
 
@@ -151,44 +175,50 @@ class Store:
 
     def load_job(self, job_id: str, *, with_payloads: bool = True) -> StoredJob | None:
         """One job with its shard results, or None."""
-        row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return self._job_from_row(row, with_payloads) if row else None
 
     def unfinished_jobs(self, final_states: tuple[int, ...]) -> Iterator[StoredJob]:
         """Every job not in one of ``final_states``, oldest first."""
         marks = ",".join("?" * len(final_states))
         rows = self._db.execute(
-            f"SELECT * FROM jobs WHERE state NOT IN ({marks}) ORDER BY created_at", final_states
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state NOT IN ({marks}) ORDER BY created_at", final_states
         ).fetchall()
         for row in rows:
             yield self._job_from_row(row, True)
 
     def recent_jobs(self, limit: int) -> list[tuple[str, float, int, int, int, str, float]]:
-        """(job_id, created_at, state, shots, num_circuits, error, finished_at) of the newest jobs."""
+        """(job_id, created_at, state, shots_total, num_circuits, error, finished_at) of the newest jobs."""
         return self._db.execute(
-            "SELECT job_id, created_at, state, shots, num_circuits, error, finished_at"
+            "SELECT job_id, created_at, state, shots_total, num_circuits, error, finished_at"
             " FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)
         ).fetchall()
 
     def _job_from_row(self, row: tuple, with_payloads: bool) -> StoredJob:
-        job_id, created_at, state, shots, seed, method, policy, _n, error, finished_at = row
+        job_id, created_at, state, seed, method, policy, memory, noise_model, error, finished_at = row
         circuits = self._db.execute(
-            f"SELECT info{', qpy' if with_payloads else ''} FROM circuits WHERE job_id = ? ORDER BY idx", (job_id,)
+            f"SELECT info, shots, params{', qpy' if with_payloads else ''} FROM circuits WHERE job_id = ?"
+            " ORDER BY idx", (job_id,)
         ).fetchall()
         results = self._db.execute(
-            "SELECT shard_index, counts FROM shard_results WHERE job_id = ?", (job_id,)
+            "SELECT shard_index, result FROM shard_results WHERE job_id = ?", (job_id,)
         ).fetchall()
         return StoredJob(
-            job_id=job_id, created_at=created_at, state=state, shots=shots, seed=seed, method=method,
+            job_id=job_id, created_at=created_at, state=state, seed=seed, method=method,
             policy=PlanningPolicy(**json.loads(policy)),
             infos=[_info_from_json(c[0]) for c in circuits],
-            qpy=[c[1] for c in circuits] if with_payloads else [],
-            error=error, finished_at=finished_at,
-            shard_results={idx: {int(k): v for k, v in json.loads(c).items()} for idx, c in results},
+            shots=[c[1] for c in circuits],
+            params=[common_pb2.ParameterValues.FromString(c[2]) if c[2] is not None else None for c in circuits],
+            qpy=[c[3] for c in circuits] if with_payloads else [],
+            memory=bool(memory), noise_model=noise_model, error=error, finished_at=finished_at,
+            shard_results={idx: list(common_pb2.ShardResult.FromString(blob).results) for idx, blob in results},
         )
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+
+_JOB_COLUMNS = "job_id, created_at, state, seed, method, policy, memory, noise_model, error, finished_at"
 
 
 class _Transaction:

@@ -3,7 +3,7 @@ Qiskit bitstrings here, once per reply."""
 
 from __future__ import annotations
 
-from qscale.circuits import format_counts
+from qscale.circuits import format_counts, memory_width
 from qscale.coordinator.scheduler import JobRecord, NodeRecord
 from qscale.proto.v1 import jobs_pb2
 
@@ -53,14 +53,24 @@ def job_result(job: JobRecord) -> jobs_pb2.JobResult:
         wall_time_s=(job.finished_at or job.created_at) - job.created_at,
     )
     for index, info in enumerate(job.infos):
-        result.results.add(
+        circuit = result.results.add(
             circuit_index=index,
             name=info.name,
-            counts=format_counts(job.counts[index], info.num_clbits, info.creg_sizes),
-            shots=job.circuit_shots[index],
+            counts=format_counts(job.circuit_counts(index), info.num_clbits, info.creg_sizes),
+            shots=sum(job.set_shots[index]),
             num_qubits=info.num_qubits,
             num_clbits=info.num_clbits,
+            registers=[jobs_pb2.Register(name=name, size=size) for name, size in info.creg_sizes],
+            memory_width=memory_width(info.num_clbits),
+            register_clbits=[bit for reg in info.creg_clbits for bit in reg],
         )
+        for set_index, counts in enumerate(job.counts[index]):
+            circuit.sets.add(
+                set_index=set_index,
+                counts=format_counts(counts, info.num_clbits, info.creg_sizes),
+                shots=job.set_shots[index][set_index],
+                memory=job.set_memory(index, set_index) if job.memory else b"",
+            )
     for a in job.attempts:
         result.attempts.add(shard_index=a.shard_index, attempt_token=a.token, node_id=a.node_id,
                             started_at=a.started_at, ended_at=a.ended_at, outcome=a.outcome, error=a.error)

@@ -33,7 +33,7 @@ import grpc
 from qscale.node.capabilities import build_capabilities
 from qscale.node.config import NodeConfig, format_bytes
 from qscale.node.worker import ChunkOutcome, ShardOutcome, WorkerSlot, WorkerStartError
-from qscale.proto.v1 import common_pb2, node_pb2, node_pb2_grpc
+from qscale.proto.v1 import node_pb2, node_pb2_grpc
 
 __all__ = ["NodeDaemon", "MAX_MESSAGE_BYTES"]
 
@@ -595,7 +595,7 @@ class NodeDaemon:
                     chunk=node_pb2.ChunkResult(
                         attempt_token=token,
                         chunk_index=chunk.chunk_index,
-                        counts=[common_pb2.CircuitCounts(circuit_index=i, counts=c) for i, c in chunk.counts],
+                        counts=chunk.counts,
                         seconds=chunk.seconds,
                     )
                 )

@@ -40,7 +40,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from qscale.errors import QScaleError
-from qscale.proto.v1 import node_pb2
+from qscale.proto.v1 import common_pb2, node_pb2
 
 __all__ = [
     "WorkerSlot",
@@ -81,11 +81,12 @@ class WorkerInfo:
 
 @dataclass(frozen=True)
 class ChunkOutcome:
-    """Counts of one finished chunk: ``counts`` pairs circuit indices (in the chunk's order) with
-    Aer's hexadecimal counts, each summing to the chunk's shots."""
+    """Results of one finished chunk: one :class:`CircuitCounts` per experiment (circuit,
+    parameter set) in the chunk's order, with Aer's hexadecimal counts summing to the chunk's
+    shots and, when the shard asked for it, packed per-shot memory."""
 
     chunk_index: int
-    counts: list[tuple[int, dict[str, int]]]
+    counts: list[common_pb2.CircuitCounts]
     seconds: float
 
 
@@ -372,9 +373,10 @@ class WorkerSlot:
                         continue
                     kind = msg[0]
                     if kind == "chunk":
-                        _, chunk_index, counts, seconds = msg
+                        _, chunk_index, payload, seconds = msg
                         chunks_done += 1
                         if on_chunk is not None:
+                            counts = list(common_pb2.ShardResult.FromString(payload).results)
                             on_chunk(ChunkOutcome(chunk_index, counts, seconds))
                     elif kind == "done":
                         settled = True
@@ -551,6 +553,8 @@ class _WorkerState:
     cache_bytes: int
     cache: OrderedDict[tuple[str, int, bytes], tuple[Any, int]] = field(default_factory=OrderedDict)
     cached_bytes: int = 0
+    noise: Any = None
+    noise_key: str = ""
 
     def circuit(self, job_id: str, index: int, payloads: Mapping[int, bytes]) -> Any:
         """The circuit ``index`` of the job, decoded and (only if needed) transpiled, via the LRU."""
@@ -646,21 +650,64 @@ def _worker_aer_error(result: Any) -> str:
     return f"AerError: {status or 'simulation failed'}"[:_ERROR_MAX_CHARS]
 
 
+def _worker_noise_model(state: _WorkerState, text: str) -> Any:
+    """The shard's noise model, parsed once per distinct JSON text."""
+    if not text:
+        return None
+    if state.noise_key != text:
+        import json
+        import warnings
+
+        from qiskit_aer.noise import NoiseModel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            state.noise = NoiseModel.from_dict(json.loads(text))
+        state.noise_key = text
+    return state.noise
+
+
 def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> None:
     """Run every chunk of a shard and report each one; then done, or failed with a short error."""
+    from qscale.circuits import memory_width, pack_memory, unpack_parameter_values
+
     t0 = time.perf_counter()
     try:
         assignment = node_pb2.ShardAssignment.FromString(data)
         payloads = {p.circuit_index: p.qpy for p in assignment.circuits}
+        values = {
+            p.circuit_index: (p.first_set, list(p.parameters.names),
+                              unpack_parameter_values(p.parameters.names, p.parameters.num_sets, p.parameters.values))
+            for p in assignment.circuits if p.HasField("parameters")
+        }
         method = assignment.method or "automatic"
+        noise = _worker_noise_model(state, assignment.noise_model)
         for chunk_index, chunk in enumerate(assignment.chunks):
             tc = time.perf_counter()
             if chunk.shots <= 0:
                 raise ValueError(f"chunk {chunk_index} asks for {chunk.shots} shots")
-            indices = list(chunk.circuit_indices)
-            if not indices:
+            if not chunk.entries:
                 raise ValueError(f"chunk {chunk_index} names no circuit")
-            circuits = [state.circuit(assignment.job_id, i, payloads) for i in indices]
+            circuits: list[Any] = []
+            binds: list[dict[Any, list[float]]] = []
+            experiments: list[tuple[int, int, int]] = []  # (circuit, set, memory width), Aer's result order
+            for entry in chunk.entries:
+                circuit = state.circuit(assignment.job_id, entry.circuit_index, payloads)
+                sets = range(entry.set_start, entry.set_start + entry.set_count)
+                if circuit.parameters:
+                    if entry.circuit_index not in values:
+                        raise ValueError(f"circuit {entry.circuit_index} has parameters but the shard has no values")
+                    first, names, rows = values[entry.circuit_index]
+                    if entry.set_start < first or entry.set_start + entry.set_count > first + len(rows):
+                        raise ValueError(f"circuit {entry.circuit_index}: parameter sets out of range")
+                    block = rows[entry.set_start - first : entry.set_start - first + entry.set_count]
+                    circuits.append(circuit)
+                    binds.append({p: block[:, names.index(p.name)].tolist() for p in circuit.parameters})
+                else:
+                    circuits.extend([circuit] * entry.set_count)
+                    binds.extend({} for _ in sets)
+                width = memory_width(circuit.num_clbits)
+                experiments.extend((entry.circuit_index, s, width) for s in sets)
             result = state.sim.run(
                 circuits,
                 shots=int(chunk.shots),
@@ -668,25 +715,28 @@ def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> Non
                 method=method,
                 max_parallel_threads=state.threads,
                 max_memory_mb=state.max_memory_mb,
+                memory=assignment.memory,
+                noise_model=noise,
+                parameter_binds=binds if any(binds) else None,
             ).result()
             if not result.success:
                 conn.send(("failed", _worker_aer_error(result), False))
                 return
-            counts: list[tuple[int, dict[str, int]]] = []
-            for pos, circuit_index in enumerate(indices):
+            if len(result.results) != len(experiments):
+                raise ValueError(f"Aer returned {len(result.results)} experiments, expected {len(experiments)}")
+            out = common_pb2.ShardResult()
+            for pos, (circuit_index, set_index, width) in enumerate(experiments):
                 data_i = result.data(pos)
                 if "counts" not in data_i:
-                    raise ValueError(
-                        f"circuit {circuit_index} gave no counts: it measures no classical bit"
-                    )
+                    raise ValueError(f"circuit {circuit_index} gave no counts: it measures no classical bit")
                 c = {str(k): int(v) for k, v in data_i["counts"].items()}
                 total = sum(c.values())
                 if total != chunk.shots:
-                    raise ValueError(
-                        f"circuit {circuit_index}: counts sum to {total}, expected {chunk.shots} shots"
-                    )
-                counts.append((circuit_index, c))
-            conn.send(("chunk", chunk_index, counts, time.perf_counter() - tc))
+                    raise ValueError(f"circuit {circuit_index}: counts sum to {total}, expected {chunk.shots} shots")
+                item = out.results.add(circuit_index=circuit_index, set_index=set_index, counts=c)
+                if assignment.memory:
+                    item.memory = pack_memory(data_i["memory"], width)
+            conn.send(("chunk", chunk_index, out.SerializeToString(), time.perf_counter() - tc))
         conn.send(("done", time.perf_counter() - t0))
     except MemoryError as exc:
         conn.send(("failed", _short_error(exc), True))  # the heap may be in a bad way: restart

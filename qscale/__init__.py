@@ -4,6 +4,8 @@ The public surface::
 
     qscale.Client, qscale.Job          talk to a coordinator
     qscale.LocalCluster                an embedded coordinator and local nodes
+    qscale.SamplerV2, EstimatorV2      Qiskit primitives on the cluster
+    qscale.QScaleBackend               a Qiskit BackendV2 on the cluster
     qscale.JobResult, CircuitResult, JobStatus, Progress, JobState, NodeStatus
     qscale.QScaleError and its subclasses (see qscale.errors)
 
@@ -31,14 +33,23 @@ from qscale.errors import (
 )
 
 if TYPE_CHECKING:
+    from qscale.backend import QScaleBackend, QScaleBackendJob
     from qscale.client import Client, Job
+    from qscale.primitives import EstimatorOptions, EstimatorV2, SamplerOptions, SamplerV2
     from qscale.local import LocalCluster
-    from qscale.results import CircuitResult, JobResult, JobState, JobStatus, NodeStatus, Progress
+    from qscale.results import CircuitResult, JobResult, JobState, JobStatus, NodeStatus, Progress, SetResult
 
 _LAZY = {
     "Client": "qscale.client",
     "Job": "qscale.client",
     "LocalCluster": "qscale.local",
+    "SamplerV2": "qscale.primitives",
+    "SamplerOptions": "qscale.primitives",
+    "EstimatorV2": "qscale.primitives",
+    "EstimatorOptions": "qscale.primitives",
+    "QScaleBackend": "qscale.backend",
+    "QScaleBackendJob": "qscale.backend",
+    "SetResult": "qscale.results",
     "JobResult": "qscale.results",
     "CircuitResult": "qscale.results",
     "JobStatus": "qscale.results",

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from qiskit import QuantumCircuit, qpy
 
 from qscale.errors import InvalidArgumentError
@@ -32,6 +33,12 @@ __all__ = [
     "estimate_memory_bytes",
     "max_statevector_qubits",
     "format_counts",
+    "memory_width",
+    "split_registers",
+    "pack_memory",
+    "unpack_memory_bits",
+    "pack_parameter_values",
+    "unpack_parameter_values",
 ]
 
 #: Aer simulation methods a job may ask for.
@@ -73,6 +80,10 @@ class CircuitInfo:
     samples the same final state, so splitting shots would repeat the simulation."""
     qpy_version: int = 0
     """QPY version of the payload the nodes will decode (0: unknown)."""
+    parameters: tuple[str, ...] = ()
+    """Names of the circuit's unbound parameters, in ``circuit.parameters`` order."""
+    creg_clbits: tuple[tuple[int, ...], ...] = ()
+    """For each classical register, the circuit clbit index of each of its bits."""
 
 
 def dump_qpy(circuit: QuantumCircuit) -> bytes:
@@ -177,6 +188,8 @@ def describe(circuit: QuantumCircuit, name: str = "") -> CircuitInfo:
             getattr(inst.operation, "blocks", None) for inst in circuit.data
         ),
         final_measurements_only=_final_measurements_only(circuit),
+        parameters=tuple(p.name for p in circuit.parameters),
+        creg_clbits=tuple(tuple(circuit.find_bit(b).index for b in reg) for reg in circuit.cregs),
     )
 
 
@@ -208,7 +221,47 @@ def max_statevector_qubits(memory_bytes: int) -> int:
     return int(math.floor(math.log2(memory_bytes / _STATE_BYTES_PER_AMPLITUDE)))
 
 
-def _split_registers(bits: str, creg_sizes: Sequence[tuple[str, int]]) -> str:
+def memory_width(num_clbits: int) -> int:
+    """Bytes per shot of packed per-shot memory."""
+    return max(1, -(-num_clbits // 8))
+
+
+def pack_memory(hex_outcomes: Iterable[str], width: int) -> bytes:
+    """Aer's per-shot hexadecimal outcomes as ``width`` little-endian bytes each."""
+    return b"".join(int(h, 16).to_bytes(width, "little") for h in hex_outcomes)
+
+
+def unpack_memory_bits(memory: bytes, width: int, num_clbits: int) -> np.ndarray:
+    """Packed per-shot memory as a bool array of shape (shots, num_clbits), column j = clbit j."""
+    raw = np.frombuffer(memory, dtype=np.uint8)
+    if width <= 0 or raw.size % width:
+        raise InvalidArgumentError(f"per-shot memory of {raw.size} bytes is not a multiple of {width}")
+    bits = np.unpackbits(raw.reshape(-1, width), axis=1, bitorder="little")
+    return bits[:, :num_clbits].astype(bool)
+
+
+def pack_parameter_values(names: Sequence[str], values: np.ndarray) -> tuple[list[str], int, bytes]:
+    """(names, num_sets, float64 little-endian row-major bytes) for a (num_sets, len(names)) array."""
+    array = np.asarray(values, dtype="<f8")
+    if array.ndim != 2 or array.shape[1] != len(names):
+        raise InvalidArgumentError(f"parameter values must have shape (sets, {len(names)}), got {array.shape}")
+    return list(names), int(array.shape[0]), array.tobytes()
+
+
+def unpack_parameter_values(names: Sequence[str], num_sets: int, data: bytes) -> np.ndarray:
+    """The (num_sets, len(names)) float64 array of packed parameter values, checked."""
+    expected = num_sets * len(names) * 8
+    if num_sets < 0 or len(data) != expected:
+        raise InvalidArgumentError(
+            f"parameter values hold {len(data)} bytes; {num_sets} sets of {len(names)} float64 need {expected}")
+    array = np.frombuffer(data, dtype="<f8").reshape(num_sets, len(names))
+    if not np.all(np.isfinite(array)):
+        raise InvalidArgumentError("parameter values must be finite numbers")
+    return array
+
+
+def split_registers(bits: str, creg_sizes: Sequence[tuple[str, int]]) -> str:
+    """Insert Qiskit's register separators into a bitstring (last register first)."""
     parts = []
     end = len(bits)
     for _, size in creg_sizes:
@@ -227,7 +280,7 @@ def format_counts(
     for key, value in hex_counts.items():
         bits = format(int(key, 16), "b").zfill(num_clbits) if num_clbits else ""
         if split:
-            bits = _split_registers(bits, creg_sizes)
+            bits = split_registers(bits, creg_sizes)
         out[bits] = out.get(bits, 0) + int(value)
     return out
 

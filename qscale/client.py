@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
+from numpy.typing import ArrayLike
 from qiskit import QuantumCircuit
 
-from qscale.circuits import dump_qpy
+from qscale.circuits import dump_qpy, pack_parameter_values
 from qscale.errors import (
     InvalidArgumentError,
     JobCancelledError,
@@ -20,11 +24,14 @@ from qscale.errors import (
     JobTimeoutError,
     UnavailableError,
 )
-from qscale.proto.v1 import jobs_pb2, jobs_pb2_grpc
+from qscale.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from qscale.results import JobResult, JobState, JobStatus, NodeStatus, Progress
 from qscale.rpc_status import translate_rpc_errors
 
-__all__ = ["Client", "Job", "DEFAULT_COORDINATOR", "circuit_sources_from_file"]
+if TYPE_CHECKING:
+    from qiskit_aer.noise import NoiseModel
+
+__all__ = ["Client", "Job", "DEFAULT_COORDINATOR", "circuit_sources_from_file", "noise_model_json"]
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 _MAX_MESSAGE = 256 << 20
@@ -62,6 +69,28 @@ def circuit_sources_from_file(path: str | os.PathLike[str]) -> list[jobs_pb2.Cir
     raise InvalidArgumentError(f"{p}: unknown circuit file type {suffix!r}; use .qpy or .qasm")
 
 
+def _parameter_values(circuit: QuantumCircuit, values: ArrayLike) -> common_pb2.ParameterValues:
+    """Rows of values (columns in ``circuit.parameters`` order) on the wire. A circuit without
+    parameters takes an array of shape (sets, 0) to be run that many times."""
+    names = [p.name for p in circuit.parameters]
+    array = np.asarray(values, dtype=float)
+    try:
+        array = array.reshape(-1, len(names)) if names else array.reshape(len(array) if array.ndim else 1, 0)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"circuit {circuit.name!r}: parameter values of shape {array.shape} do not "
+                                   f"fit its {len(names)} parameters") from exc
+    names, num_sets, data = pack_parameter_values(names, array)
+    return common_pb2.ParameterValues(names=names, num_sets=num_sets, values=data)
+
+
+def noise_model_json(noise_model: NoiseModel) -> str:
+    """A qiskit-aer noise model in its portable JSON form (``to_dict(serializable=True)``)."""
+    try:
+        return json.dumps(noise_model.to_dict(serializable=True))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"cannot serialise the noise model: {exc}") from exc
+
+
 class Client:
     """A connection to a qscale coordinator.
 
@@ -91,17 +120,25 @@ class Client:
         self,
         circuits: QuantumCircuit | Iterable[QuantumCircuit],
         *,
-        shots: int = 1024,
+        shots: int | Sequence[int] = 1024,
         seed: int | None = None,
         method: str | None = None,
+        parameter_values: Sequence[ArrayLike | None] | None = None,
+        memory: bool = False,
+        noise_model: NoiseModel | None = None,
     ) -> Job:
         """Submit one circuit or several; returns at once with a :class:`Job`.
 
         Args:
-            circuits: circuits with measurements and no unbound parameters.
-            shots: shots per circuit.
-            seed: makes the merged counts reproducible, whatever the number of nodes.
+            circuits: circuits with measurements.
+            shots: shots per circuit (per parameter set), or one value per circuit.
+            seed: makes the results reproducible, whatever the number of nodes.
             method: an Aer simulation method; ``automatic`` (the default) lets Aer choose.
+            parameter_values: per circuit, ``None`` or an array of shape (sets, parameters) with
+                columns in ``circuit.parameters`` order; each row is simulated as its own
+                experiment and the sets of one circuit are spread over the nodes.
+            memory: keep every shot's outcome (``CircuitResult.memory()``), not only counts.
+            noise_model: a qiskit-aer ``NoiseModel``, sent as JSON (never pickled).
 
         Raises:
             InvalidArgumentError: a circuit or option the coordinator rejects.
@@ -109,12 +146,20 @@ class Client:
         """
         if isinstance(circuits, QuantumCircuit):
             circuits = [circuits]
+        circuits = list(circuits)
+        per_circuit_shots = [shots] * len(circuits) if isinstance(shots, int) else list(shots)
+        values = list(parameter_values) if parameter_values is not None else [None] * len(circuits)
+        if len(per_circuit_shots) != len(circuits) or len(values) != len(circuits):
+            raise InvalidArgumentError("give one shots value and one parameter array per circuit")
         sources = []
-        for circuit in circuits:
+        for circuit, circuit_shots, circuit_values in zip(circuits, per_circuit_shots, values):
             if not isinstance(circuit, QuantumCircuit):
                 raise InvalidArgumentError(f"expected QuantumCircuit, got {type(circuit).__name__}")
-            sources.append(jobs_pb2.CircuitSource(qpy=dump_qpy(circuit), name=circuit.name))
-        return self._submit(sources, shots, seed, method)
+            source = jobs_pb2.CircuitSource(qpy=dump_qpy(circuit), name=circuit.name, shots=circuit_shots)
+            if circuit_values is not None:
+                source.parameters.CopyFrom(_parameter_values(circuit, circuit_values))
+            sources.append(source)
+        return self._submit(sources, 0, seed, method, memory=memory, noise_model=noise_model)
 
     def submit_files(
         self,
@@ -129,14 +174,15 @@ class Client:
         return self._submit(sources, shots, seed, method)
 
     def _submit(self, sources: list[jobs_pb2.CircuitSource], shots: int, seed: int | None,
-                method: str | None) -> Job:
-        if isinstance(shots, bool) or not isinstance(shots, int):
-            raise InvalidArgumentError(f"shots must be an int, got {type(shots).__name__}")
-        if not -(2**63) <= shots < 2**63:
-            raise InvalidArgumentError(f"shots out of range: {shots}")
+                method: str | None, *, memory: bool = False, noise_model: NoiseModel | None = None) -> Job:
+        for value in [shots, *(s.shots for s in sources)]:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not -(2**63) <= value < 2**63:
+                raise InvalidArgumentError(f"shots must be an int, got {value!r}")
         if seed is not None and not 0 <= seed < 2**63:
             raise InvalidArgumentError("seed must be between 0 and 2**63 - 1")
-        request = jobs_pb2.SubmitRequest(circuits=sources, shots=shots, method=method or "")
+        request = jobs_pb2.SubmitRequest(circuits=sources, shots=shots, method=method or "", memory=memory)
+        if noise_model is not None:
+            request.noise_model = noise_model_json(noise_model)
         if seed is not None:
             request.seed = seed
         with translate_rpc_errors():

@@ -7,9 +7,14 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
+from qscale.circuits import split_registers, unpack_memory_bits
 from qscale.proto.v1 import common_pb2, jobs_pb2
 
-__all__ = ["JobState", "JobStatus", "Progress", "CircuitResult", "AttemptRecord", "JobResult", "NodeStatus"]
+__all__ = ["JobState", "JobStatus", "Progress", "SetResult", "CircuitResult", "AttemptRecord", "JobResult",
+           "NodeStatus"]
+
 
 
 class JobState(str, enum.Enum):
@@ -79,9 +84,20 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class SetResult:
+    """Counts of one parameter set of a circuit, and its per-shot memory if the job asked."""
+
+    index: int
+    counts: dict[str, int]
+    shots: int
+    memory: bytes = field(default=b"", repr=False)
+    """Every shot's outcome in shot order, ``memory_width`` bytes each, little-endian."""
+
+
+@dataclass(frozen=True)
 class CircuitResult:
-    """Merged counts of one circuit. Keys are Qiskit bitstrings (clbit 0 rightmost, registers
-    separated by spaces); the values add up to ``shots``."""
+    """Merged counts of one circuit (over all its parameter sets). Keys are Qiskit bitstrings
+    (clbit 0 rightmost, registers separated by spaces); the values add up to ``shots``."""
 
     index: int
     name: str
@@ -89,10 +105,32 @@ class CircuitResult:
     shots: int
     num_qubits: int
     num_clbits: int
+    sets: list[SetResult] = field(default_factory=list, repr=False)
+    """One entry per parameter set (one for a circuit without parameters)."""
+    registers: list[tuple[str, int]] = field(default_factory=list)
+    register_clbits: list[int] = field(default_factory=list, repr=False)
+    """Circuit clbit index of each register bit, registers concatenated in order."""
+    memory_width: int = 1
 
     def most_frequent(self, n: int = 10) -> list[tuple[str, int]]:
         """The ``n`` most frequent outcomes, most frequent first."""
         return sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    def memory_bits(self, set_index: int = 0) -> np.ndarray:
+        """Per-shot outcomes of one parameter set as bools, shape (shots, num_clbits), column j
+        is clbit j. Needs a job submitted with ``memory=True``."""
+        memory = self.sets[set_index].memory
+        if not memory:
+            raise ValueError("no per-shot memory: submit the job with memory=True")
+        return unpack_memory_bits(memory, self.memory_width, self.num_clbits)
+
+    def memory(self, set_index: int = 0) -> list[str]:
+        """Per-shot outcomes of one parameter set as Qiskit bitstrings, in shot order."""
+        bits = self.memory_bits(set_index)
+        flat = ["".join("1" if b else "0" for b in row[::-1]) for row in bits]
+        if len(self.registers) > 1 and sum(size for _, size in self.registers) == self.num_clbits:
+            return [split_registers(b, self.registers) for b in flat]
+        return flat
 
 
 @dataclass(frozen=True)
@@ -136,7 +174,10 @@ class JobResult:
         return cls(
             job_id=msg.status.job_id,
             status=JobStatus.from_proto(msg.status),
-            results=[CircuitResult(r.circuit_index, r.name, dict(r.counts), r.shots, r.num_qubits, r.num_clbits)
+            results=[CircuitResult(r.circuit_index, r.name, dict(r.counts), r.shots, r.num_qubits, r.num_clbits,
+                                   [SetResult(x.set_index, dict(x.counts), x.shots, x.memory) for x in r.sets],
+                                   [(g.name, g.size) for g in r.registers], list(r.register_clbits),
+                                   r.memory_width or 1)
                      for r in msg.results],
             seed=msg.seed,
             method=msg.method,
@@ -155,7 +196,10 @@ class JobResult:
             "status": self.status.state.value,
             "error": self.status.error,
             "results": [{"index": r.index, "name": r.name, "shots": r.shots, "num_qubits": r.num_qubits,
-                         "counts": r.counts} for r in self.results],
+                         "counts": r.counts,
+                         **({"sets": [{"index": x.index, "shots": x.shots, "counts": x.counts} for x in r.sets]}
+                            if len(r.sets) > 1 else {})}
+                        for r in self.results],
             "metadata": {
                 "seed": self.seed,
                 "method": self.method,

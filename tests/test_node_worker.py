@@ -60,11 +60,16 @@ def _assignment(
         job_id=job_id,
         shard_index=0,
         attempt_token=token,
-        chunks=[common_pb2.Chunk(circuit_indices=idx, shots=shots, seed=seed) for idx, shots, seed in chunks],
+        chunks=[common_pb2.Chunk(entries=[common_pb2.ChunkEntry(circuit_index=i, set_count=1) for i in idx],
+                                 shots=shots, seed=seed) for idx, shots, seed in chunks],
         circuits=[node_pb2.CircuitPayload(circuit_index=i, qpy=q) for i, q in circuits.items()],
         method=method,
         memory_bytes=1 << 20,
     )
+
+
+def _pairs(chunk: ChunkOutcome) -> list[tuple[int, dict[str, int]]]:
+    return [(c.circuit_index, dict(c.counts)) for c in chunk.counts]
 
 
 def _run(
@@ -136,11 +141,11 @@ def test_shard_of_two_chunks_returns_hex_counts_per_chunk(ready_slot: WorkerSlot
     assert outcome.ok, outcome.error
     assert outcome.chunks_done == 2 and outcome.seconds >= 0
     assert [c.chunk_index for c in chunks] == [0, 1]
-    (i0, bell_counts), (i1, uni) = chunks[0].counts
+    (i0, bell_counts), (i1, uni) = _pairs(chunks[0])
     assert (i0, i1) == (0, 1)
     assert set(bell_counts) <= {"0x0", "0x3"} and sum(bell_counts.values()) == 1000
     assert sum(uni.values()) == 1000 and all(k.startswith("0x") for k in uni)
-    [(i, uni2)] = chunks[1].counts
+    [(i, uni2)] = _pairs(chunks[1])
     assert i == 1 and sum(uni2.values()) == 500
 
 
@@ -169,7 +174,7 @@ def test_circuit_with_gates_aer_lacks_is_transpiled(ready_slot: WorkerSlot) -> N
     qc.measure_all()
     outcome, chunks = _run(ready_slot, _assignment("qft-1", {0: dump_qpy(qc)}, [([0], 300, 1)]))
     assert outcome.ok, outcome.error
-    assert chunks[0].counts == [(0, {"0x1": 300})]  # QFT then its inverse: back to |001>
+    assert _pairs(chunks[0]) == [(0, {"0x1": 300})]  # QFT then its inverse: back to |001>
 
 
 def test_garbage_qpy_fails_with_a_clear_message(ready_slot: WorkerSlot) -> None:
@@ -220,7 +225,7 @@ def test_sigkill_of_the_worker_mid_shard_is_a_failure_and_the_slot_recovers(read
     assert info.pid != pid
     again, chunks = _run(ready_slot, _assignment("kill-2", {0: dump_qpy(bell())}, [([0], 100, 3)]))
     assert again.ok, again.error
-    assert sum(chunks[0].counts[0][1].values()) == 100
+    assert sum(_pairs(chunks[0])[0][1].values()) == 100
 
 
 def test_abort_stops_a_running_shard_and_a_pending_one(ready_slot: WorkerSlot) -> None:

@@ -24,12 +24,12 @@ def _random(n: int, seed: int) -> QuantumCircuit:
 def test_shots_add_up_and_split_only_where_shots_cost() -> None:
     infos = [describe(_clifford(24)), describe(_random(10, 1)), describe(_random(20, 2))]
     policy = PlanningPolicy(shots_per_shard=1000)
-    plan = plan_job(infos, 10_000, seed=5, method="automatic", policy=policy)
+    plan = plan_job(infos, [10_000] * 3, [1] * 3, seed=5, method="automatic", policy=policy)
     per_circuit = [0, 0, 0]
     for shard in plan:
         for chunk in shard.chunks:
-            for i in chunk.circuit_indices:
-                per_circuit[i] += chunk.shots
+            for e in chunk.entries:
+                per_circuit[e.circuit] += chunk.shots * e.set_count
     assert per_circuit == [10_000, 10_000, 10_000]
     # The Clifford circuit runs on the stabilizer method (cost per shot): split in 10.
     assert sum(1 for s in plan if s.circuit_indices == (0,)) == 10
@@ -48,24 +48,24 @@ def test_mid_circuit_measurement_splits_shots() -> None:
     info = describe(qc)
     assert not info.final_measurements_only
     assert splits_shots(info, "statevector")
-    plan = plan_job([info], 2500, seed=1, method="statevector", policy=PlanningPolicy(shots_per_shard=1000))
+    plan = plan_job([info], [2500], [1], seed=1, method="statevector", policy=PlanningPolicy(shots_per_shard=1000))
     assert [s.shots for s in plan] == [834, 833, 833]
 
 
 def test_small_circuits_are_batched_in_chunks() -> None:
     infos = [describe(_random(4, s)) for s in range(100)]
     policy = PlanningPolicy(max_circuits_per_shard=40, circuits_per_chunk=16)
-    plan = plan_job(infos, 100, seed=3, method="statevector", policy=policy)
+    plan = plan_job(infos, [100] * 100, [1] * 100, seed=3, method="statevector", policy=policy)
     assert [len(s.circuit_indices) for s in plan] == [40, 40, 20]
-    assert [len(c.circuit_indices) for c in plan[0].chunks] == [16, 16, 8]
+    assert [c.experiments for c in plan[0].chunks] == [16, 16, 8]
     assert [i for s in plan for i in s.circuit_indices] == list(range(100))
 
 
 def test_plan_is_deterministic_and_seeds_differ() -> None:
     infos = [describe(_clifford(5)) for _ in range(3)]
-    a = plan_job(infos, 5000, seed=42, method="", policy=PlanningPolicy())
-    b = plan_job(infos, 5000, seed=42, method="", policy=PlanningPolicy())
-    c = plan_job(infos, 5000, seed=43, method="", policy=PlanningPolicy())
+    a = plan_job(infos, [5000] * 3, [1] * 3, seed=42, method="", policy=PlanningPolicy())
+    b = plan_job(infos, [5000] * 3, [1] * 3, seed=42, method="", policy=PlanningPolicy())
+    c = plan_job(infos, [5000] * 3, [1] * 3, seed=43, method="", policy=PlanningPolicy())
     assert a == b
     seeds = [ch.seed for s in a for ch in s.chunks]
     assert len(set(seeds)) == len(seeds)
@@ -76,11 +76,35 @@ def test_plan_is_deterministic_and_seeds_differ() -> None:
 
 def test_memory_estimate_by_method() -> None:
     info = describe(_random(20, 7))
-    (shard,) = plan_job([info], 10, seed=1, method="statevector", policy=PlanningPolicy())
+    (shard,) = plan_job([info], [10], [1], seed=1, method="statevector", policy=PlanningPolicy())
     assert shard.memory_bytes == 16 * 2**20
-    (shard,) = plan_job([info], 10, seed=1, method="density_matrix", policy=PlanningPolicy())
+    (shard,) = plan_job([info], [10], [1], seed=1, method="density_matrix", policy=PlanningPolicy())
     assert shard.memory_bytes == 16 * 4**20
     wide = describe(_clifford(200))
-    shards = plan_job([wide], 10, seed=1, method="automatic", policy=PlanningPolicy())
+    shards = plan_job([wide], [10], [1], seed=1, method="automatic", policy=PlanningPolicy())
     assert shards[0].memory_bytes < 2**21
     assert np.all([s.num_qubits == 200 for s in shards])
+
+
+def test_parameter_sweeps_are_split_by_sets_and_batched() -> None:
+    from qiskit.circuit import Parameter
+
+    theta = Parameter("t")
+    qc = QuantumCircuit(3)
+    qc.rx(theta, range(3))
+    qc.measure_all()
+    info = describe(qc)
+    policy = PlanningPolicy(max_circuits_per_shard=64, circuits_per_chunk=16)
+    plan = plan_job([info, info], [100, 200], [1000, 10], seed=1, method="statevector", policy=policy)
+    covered = sorted((e.circuit, s) for sh in plan for c in sh.chunks for e in c.entries
+                     for s in range(e.set_start, e.set_start + e.set_count))
+    assert covered == [(0, s) for s in range(1000)] + [(1, s) for s in range(10)]
+    assert len(plan) == -(-1010 // 64)
+    assert all(c.experiments <= 16 for sh in plan for c in sh.chunks)
+    # Chunks never mix shots: the shard holding both circuits calls Aer once per shot count.
+    mixed = [sh for sh in plan if len(sh.circuit_indices) == 2]
+    assert mixed and all(len({e.circuit for e in c.entries}) == 1 for c in mixed[0].chunks)
+    assert mixed[0].set_range(1) == (0, 10)
+    # Noise makes shots cost a simulation each: 1000 sets of 100 shots -> 10 sets per shard.
+    noisy = plan_job([info], [100], [1000], seed=1, method="automatic", policy=PlanningPolicy(), noisy=True)
+    assert len(noisy) == 100 and all(sh.shots == 1000 for sh in noisy)

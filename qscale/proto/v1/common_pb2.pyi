@@ -3,7 +3,7 @@ from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -22,18 +22,38 @@ JOB_STATE_DONE: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
+class ParameterValues(_message.Message):
+    __slots__ = ("names", "num_sets", "values")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SETS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    num_sets: int
+    values: bytes
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., num_sets: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
+
+class ChunkEntry(_message.Message):
+    __slots__ = ("circuit_index", "set_start", "set_count")
+    CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SET_START_FIELD_NUMBER: _ClassVar[int]
+    SET_COUNT_FIELD_NUMBER: _ClassVar[int]
+    circuit_index: int
+    set_start: int
+    set_count: int
+    def __init__(self, circuit_index: _Optional[int] = ..., set_start: _Optional[int] = ..., set_count: _Optional[int] = ...) -> None: ...
+
 class Chunk(_message.Message):
-    __slots__ = ("circuit_indices", "shots", "seed")
-    CIRCUIT_INDICES_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("entries", "shots", "seed")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
-    circuit_indices: _containers.RepeatedScalarFieldContainer[int]
+    entries: _containers.RepeatedCompositeFieldContainer[ChunkEntry]
     shots: int
     seed: int
-    def __init__(self, circuit_indices: _Optional[_Iterable[int]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    def __init__(self, entries: _Optional[_Iterable[_Union[ChunkEntry, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class CircuitCounts(_message.Message):
-    __slots__ = ("circuit_index", "counts")
+    __slots__ = ("circuit_index", "counts", "set_index", "memory")
     class CountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +63,16 @@ class CircuitCounts(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SET_INDEX_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     circuit_index: int
     counts: _containers.ScalarMap[str, int]
-    def __init__(self, circuit_index: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    set_index: int
+    memory: bytes
+    def __init__(self, circuit_index: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., set_index: _Optional[int] = ..., memory: _Optional[bytes] = ...) -> None: ...
+
+class ShardResult(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[CircuitCounts]
+    def __init__(self, results: _Optional[_Iterable[_Union[CircuitCounts, _Mapping]]] = ...) -> None: ...

@@ -9,26 +9,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CircuitSource(_message.Message):
-    __slots__ = ("qpy", "qasm", "name")
+    __slots__ = ("qpy", "qasm", "name", "parameters", "shots")
     QPY_FIELD_NUMBER: _ClassVar[int]
     QASM_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
     qpy: bytes
     qasm: str
     name: str
-    def __init__(self, qpy: _Optional[bytes] = ..., qasm: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    parameters: _common_pb2.ParameterValues
+    shots: int
+    def __init__(self, qpy: _Optional[bytes] = ..., qasm: _Optional[str] = ..., name: _Optional[str] = ..., parameters: _Optional[_Union[_common_pb2.ParameterValues, _Mapping]] = ..., shots: _Optional[int] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("circuits", "shots", "seed", "method")
+    __slots__ = ("circuits", "shots", "seed", "method", "memory", "noise_model")
     CIRCUITS_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MODEL_FIELD_NUMBER: _ClassVar[int]
     circuits: _containers.RepeatedCompositeFieldContainer[CircuitSource]
     shots: int
     seed: int
     method: str
-    def __init__(self, circuits: _Optional[_Iterable[_Union[CircuitSource, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
+    memory: bool
+    noise_model: str
+    def __init__(self, circuits: _Optional[_Iterable[_Union[CircuitSource, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("job_id", "seed")
@@ -144,7 +152,7 @@ class JobResult(_message.Message):
     def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ..., results: _Optional[_Iterable[_Union[CircuitResult, _Mapping]]] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., nodes_used: _Optional[_Iterable[str]] = ..., attempts: _Optional[_Iterable[_Union[AttemptInfo, _Mapping]]] = ..., stale_results_dropped: _Optional[int] = ..., wall_time_s: _Optional[float] = ...) -> None: ...
 
 class CircuitResult(_message.Message):
-    __slots__ = ("circuit_index", "name", "counts", "shots", "num_qubits", "num_clbits")
+    __slots__ = ("circuit_index", "name", "counts", "shots", "num_qubits", "num_clbits", "sets", "registers", "memory_width", "register_clbits")
     class CountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,13 +166,48 @@ class CircuitResult(_message.Message):
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     NUM_QUBITS_FIELD_NUMBER: _ClassVar[int]
     NUM_CLBITS_FIELD_NUMBER: _ClassVar[int]
+    SETS_FIELD_NUMBER: _ClassVar[int]
+    REGISTERS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_CLBITS_FIELD_NUMBER: _ClassVar[int]
     circuit_index: int
     name: str
     counts: _containers.ScalarMap[str, int]
     shots: int
     num_qubits: int
     num_clbits: int
-    def __init__(self, circuit_index: _Optional[int] = ..., name: _Optional[str] = ..., counts: _Optional[_Mapping[str, int]] = ..., shots: _Optional[int] = ..., num_qubits: _Optional[int] = ..., num_clbits: _Optional[int] = ...) -> None: ...
+    sets: _containers.RepeatedCompositeFieldContainer[SetResult]
+    registers: _containers.RepeatedCompositeFieldContainer[Register]
+    memory_width: int
+    register_clbits: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, circuit_index: _Optional[int] = ..., name: _Optional[str] = ..., counts: _Optional[_Mapping[str, int]] = ..., shots: _Optional[int] = ..., num_qubits: _Optional[int] = ..., num_clbits: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[SetResult, _Mapping]]] = ..., registers: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., memory_width: _Optional[int] = ..., register_clbits: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SetResult(_message.Message):
+    __slots__ = ("set_index", "counts", "shots", "memory")
+    class CountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SET_INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    set_index: int
+    counts: _containers.ScalarMap[str, int]
+    shots: int
+    memory: bytes
+    def __init__(self, set_index: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., shots: _Optional[int] = ..., memory: _Optional[bytes] = ...) -> None: ...
+
+class Register(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("limit",)

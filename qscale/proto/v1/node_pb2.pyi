@@ -70,7 +70,7 @@ class HeartbeatReply(_message.Message):
     def __init__(self, known: _Optional[bool] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ...) -> None: ...
 
 class ShardAssignment(_message.Message):
-    __slots__ = ("job_id", "shard_index", "attempt_token", "chunks", "circuits", "method", "memory_bytes")
+    __slots__ = ("job_id", "shard_index", "attempt_token", "chunks", "circuits", "method", "memory_bytes", "memory", "noise_model")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,8 @@ class ShardAssignment(_message.Message):
     CIRCUITS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MODEL_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     attempt_token: str
@@ -85,15 +87,21 @@ class ShardAssignment(_message.Message):
     circuits: _containers.RepeatedCompositeFieldContainer[CircuitPayload]
     method: str
     memory_bytes: int
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., attempt_token: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.Chunk, _Mapping]]] = ..., circuits: _Optional[_Iterable[_Union[CircuitPayload, _Mapping]]] = ..., method: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+    memory: bool
+    noise_model: str
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., attempt_token: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.Chunk, _Mapping]]] = ..., circuits: _Optional[_Iterable[_Union[CircuitPayload, _Mapping]]] = ..., method: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ...) -> None: ...
 
 class CircuitPayload(_message.Message):
-    __slots__ = ("circuit_index", "qpy")
+    __slots__ = ("circuit_index", "qpy", "parameters", "first_set")
     CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     QPY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SET_FIELD_NUMBER: _ClassVar[int]
     circuit_index: int
     qpy: bytes
-    def __init__(self, circuit_index: _Optional[int] = ..., qpy: _Optional[bytes] = ...) -> None: ...
+    parameters: _common_pb2.ParameterValues
+    first_set: int
+    def __init__(self, circuit_index: _Optional[int] = ..., qpy: _Optional[bytes] = ..., parameters: _Optional[_Union[_common_pb2.ParameterValues, _Mapping]] = ..., first_set: _Optional[int] = ...) -> None: ...
 
 class CancelAttempt(_message.Message):
     __slots__ = ("attempt_token", "reason")

@@ -1,0 +1,214 @@
+"""Qiskit primitives on a qscale cluster: :class:`SamplerV2` and :class:`EstimatorV2`.
+
+``SamplerV2`` sends each pub's circuit once with its parameter values; the sets are spread
+over the nodes and every shot's outcome comes back, so results are ``BitArray``s shaped like
+the pub's bindings, with samples in shot order. ``EstimatorV2`` estimates expectation values
+from samples through Qiskit's own ``BackendEstimatorV2`` on a :class:`~qscale.QScaleBackend`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import numpy as np
+from qiskit.primitives import (
+    BackendEstimatorV2,
+    BaseEstimatorV2,
+    BasePrimitiveJob,
+    BaseSamplerV2,
+    BitArray,
+    DataBin,
+    PrimitiveResult,
+    SamplerPubResult,
+)
+from qiskit.primitives.containers.estimator_pub import EstimatorPubLike
+from qiskit.primitives.containers.sampler_pub import SamplerPub, SamplerPubLike
+from qiskit.primitives.primitive_job import PrimitiveJob
+from qiskit.providers import JobStatus
+
+from qscale.backend import _STATUS, QScaleBackend
+from qscale.client import Client, Job
+from qscale.errors import InvalidArgumentError
+from qscale.results import JobResult
+
+if TYPE_CHECKING:
+    from qiskit.primitives import PubResult
+    from qiskit_aer.noise import NoiseModel
+
+__all__ = ["SamplerV2", "SamplerOptions", "EstimatorV2", "EstimatorOptions", "QScalePrimitiveJob"]
+
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """Options of :class:`SamplerV2`."""
+
+    default_shots: int = 1024
+    """Shots per pub when neither the pub nor ``run`` gives any."""
+    seed: int | None = None
+    """Job seed: the same seed gives the same BitArrays on any number of nodes."""
+    method: str = "automatic"
+    """qiskit-aer simulation method."""
+    noise_model: NoiseModel | None = None
+    """A qiskit-aer noise model (sent as JSON), or None for noiseless sampling."""
+
+
+@dataclass(frozen=True)
+class EstimatorOptions:
+    """Options of :class:`EstimatorV2`."""
+
+    default_precision: float = 0.015625
+    """Target standard error when the pub and ``run`` give none; sets the shots (1 / precision**2)."""
+    seed: int | None = None
+    """Job seed, for reproducible estimates."""
+    method: str = "automatic"
+    """qiskit-aer simulation method."""
+    noise_model: NoiseModel | None = None
+    """A qiskit-aer noise model (sent as JSON), or None."""
+
+
+class QScalePrimitiveJob(BasePrimitiveJob[_R, JobStatus], Generic[_R]):
+    """A primitive job backed by one cluster job; ``job_id()`` is the cluster's job id."""
+
+    def __init__(self, job: Job, build: Callable[[JobResult], _R]) -> None:
+        super().__init__(job.job_id)
+        self.qscale_job = job
+        self._build = build
+        self._result: _R | None = None
+
+    def result(self, timeout: float | None = None) -> _R:
+        """Block until the cluster job is done; raises ``qscale.JobFailedError`` if it failed."""
+        if self._result is None:
+            self._result = self._build(self.qscale_job.result(timeout))
+        return self._result
+
+    def status(self) -> JobStatus:
+        return _STATUS[self.qscale_job.status().state]
+
+    def done(self) -> bool:
+        return self.status() == JobStatus.DONE
+
+    def running(self) -> bool:
+        return self.status() == JobStatus.RUNNING
+
+    def cancelled(self) -> bool:
+        return self.status() == JobStatus.CANCELLED
+
+    def in_final_state(self) -> bool:
+        return self.status() in (JobStatus.DONE, JobStatus.ERROR, JobStatus.CANCELLED)
+
+    def cancel(self) -> None:
+        self.qscale_job.cancel()
+
+
+class SamplerV2(BaseSamplerV2):
+    """``BaseSamplerV2`` on a qscale cluster.
+
+    Args:
+        client: a connected :class:`qscale.Client`.
+        default_shots: shots per pub when neither the pub nor ``run`` gives any.
+        seed: job seed for reproducible samples.
+        options: further :class:`SamplerOptions` (or a dict of them); they win over the
+            keyword arguments.
+
+    Example::
+
+        sampler = qscale.SamplerV2(client, seed=1)
+        result = sampler.run([(circuit, parameter_values)], shots=1000).result()
+        result[0].data.meas.get_counts()
+    """
+
+    def __init__(self, client: Client, *, default_shots: int = 1024, seed: int | None = None,
+                 options: SamplerOptions | dict[str, Any] | None = None) -> None:
+        given = vars(options) if isinstance(options, SamplerOptions) else dict(options or {})
+        self._client = client
+        self._options = SamplerOptions(**{"default_shots": default_shots, "seed": seed, **given})
+
+    @property
+    def options(self) -> SamplerOptions:
+        return self._options
+
+    def run(self, pubs: Iterable[SamplerPubLike], *, shots: int | None = None
+            ) -> QScalePrimitiveJob[PrimitiveResult[SamplerPubResult]]:
+        if shots is None:
+            shots = self._options.default_shots
+        coerced = [SamplerPub.coerce(pub, shots) for pub in pubs]
+        if not coerced:
+            raise InvalidArgumentError("run needs at least one pub")
+        for i, pub in enumerate(coerced):
+            if not pub.circuit.cregs:
+                raise InvalidArgumentError(f"pub {i}: the circuit has no classical register to sample into")
+        values = [_flat_values(pub) for pub in coerced]
+        job = self._client.submit([pub.circuit for pub in coerced], shots=[pub.shots for pub in coerced],
+                                  seed=self._options.seed, method=self._options.method,
+                                  parameter_values=values, memory=True, noise_model=self._options.noise_model)
+        return QScalePrimitiveJob(job, lambda result: _sampler_result(coerced, result))
+
+
+def _flat_values(pub: SamplerPub) -> np.ndarray:
+    """The pub's bindings as rows (sets) x columns (``circuit.parameters`` order)."""
+    num_sets = math.prod(pub.shape)
+    if pub.circuit.num_parameters == 0:
+        return np.zeros((num_sets, 0))
+    array = pub.parameter_values.as_array(pub.circuit.parameters)
+    return np.asarray(array, dtype=float).reshape(num_sets, pub.circuit.num_parameters)
+
+
+def _sampler_result(pubs: list[SamplerPub], result: JobResult) -> PrimitiveResult[SamplerPubResult]:
+    pub_results = []
+    for pub, circuit_result in zip(pubs, result.results):
+        bits = np.stack([circuit_result.memory_bits(k) for k in range(len(circuit_result.sets))])
+        data = {}
+        for creg in pub.circuit.cregs:
+            positions = [pub.circuit.find_bit(bit).index for bit in creg]
+            array = BitArray.from_bool_array(bits[..., positions], order="little")
+            data[creg.name] = array.reshape(pub.shape)
+        pub_results.append(SamplerPubResult(DataBin(**data, shape=pub.shape),
+                                            metadata={"shots": pub.shots, "circuit_metadata": pub.circuit.metadata}))
+    return PrimitiveResult(pub_results, metadata={"version": 2, "job_id": result.job_id, "seed": result.seed,
+                                                  "shards": result.status.shards_total,
+                                                  "nodes_used": result.nodes_used})
+
+
+class EstimatorV2(BaseEstimatorV2):
+    """``BaseEstimatorV2`` on a qscale cluster.
+
+    Expectation values and standard errors are estimated from samples, as Qiskit's
+    ``BackendEstimatorV2`` does (which this class runs on a :class:`QScaleBackend`):
+    a precision ``p`` costs ``ceil(1 / p**2)`` shots per measured basis, and every circuit of
+    every pub goes to the cluster as one job.
+
+    Args:
+        client: a connected :class:`qscale.Client`.
+        default_precision: target standard error when the pub and ``run`` give none.
+        seed: job seed for reproducible estimates.
+        options: further :class:`EstimatorOptions` (or a dict of them); they win over the
+            keyword arguments.
+    """
+
+    def __init__(self, client: Client, *, default_precision: float = 0.015625, seed: int | None = None,
+                 options: EstimatorOptions | dict[str, Any] | None = None) -> None:
+        given = vars(options) if isinstance(options, EstimatorOptions) else dict(options or {})
+        base = EstimatorOptions(**{"default_precision": default_precision, "seed": seed, **given})
+        if base.default_precision <= 0:
+            raise InvalidArgumentError("default_precision must be > 0")
+        self._options = base
+        self.backend = QScaleBackend(client, method=base.method, noise_model=base.noise_model)
+        self._estimator = BackendEstimatorV2(
+            backend=self.backend,
+            options={"default_precision": base.default_precision, "seed_simulator": base.seed},
+        )
+
+    @property
+    def options(self) -> EstimatorOptions:
+        return self._options
+
+    def run(self, pubs: Iterable[EstimatorPubLike], *, precision: float | None = None
+            ) -> PrimitiveJob[PrimitiveResult[PubResult]]:
+        if precision is not None and precision <= 0:
+            raise InvalidArgumentError("precision must be > 0")
+        return self._estimator.run(pubs, precision=precision)
