@@ -120,11 +120,32 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _show_result(result: Any, args: argparse.Namespace) -> int:
+    if getattr(args, "output", None):
+        Path(args.output).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if getattr(args, "plot", None):
+        _plot(result, Path(args.plot), args.top)
     if args.json:
         _print_json(result.to_dict())
     else:
         _render_result(result, _console(), args.top)
     return EXIT_OK
+
+
+def _plot(result: Any, path: Path, top: int) -> None:
+    """A histogram of the most frequent outcomes of every circuit (matplotlib, the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from qiskit.visualization import plot_histogram
+    except ImportError:
+        raise errors.FailedPreconditionError(
+            "--plot needs matplotlib; install it with: pip install 'qscale[plot]'") from None
+    counts = [r.counts for r in result.results]
+    legend = [f"{r.index}: {r.name}" for r in result.results] if len(counts) > 1 else None
+    figure = plot_histogram(counts, legend=legend, number_to_keep=top, bar_labels=len(counts) == 1,
+                            title=f"job {result.job_id}: {result.shots} shots", figsize=(10, 5))
+    figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -237,6 +258,8 @@ def _parser() -> argparse.ArgumentParser:
     job_opts.add_argument("--method", help="Aer method (default: automatic)")
     job_opts.add_argument("--top", type=int, default=10, help="outcomes to show per circuit (default 10)")
     job_opts.add_argument("--timeout", type=float, help="seconds to wait for the result")
+    job_opts.add_argument("--output", metavar="FILE.json", help="also write the result as JSON to this file")
+    job_opts.add_argument("--plot", metavar="FILE.png", help="also write a histogram of the counts (needs matplotlib)")
 
     p = sub.add_parser("serve", help="run a coordinator")
     p.add_argument("--listen", help=f"HOST:PORT (default {DEFAULT_ADDRESS}; $QSCALE_LISTEN)")
@@ -270,7 +293,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish")
     p.add_argument("--timeout", type=float)
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=int, default=10, help="outcomes to show (and plot) per circuit (default 10)")
+    p.add_argument("--output", metavar="FILE.json", help="also write the result as JSON to this file")
+    p.add_argument("--plot", metavar="FILE.png", help="write a histogram of the counts (needs matplotlib)")
     p.set_defaults(func=_result)
 
     p = sub.add_parser("nodes", parents=[client_opts], help="list nodes")
