@@ -6,8 +6,9 @@
     qscale-coordinator status|result|cancel JOB
     qscale-coordinator nodes|jobs
 
-Every client command takes ``--coordinator ADDR`` (default ``$QSCALE_COORDINATOR``) and
-``--json``. Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input,
+Every client command takes ``--coordinator ADDR`` (default ``$QSCALE_COORDINATOR``),
+``--json``, ``--token-file`` (default ``$QSCALE_CLIENT_TOKEN`` / ``$QSCALE_CLIENT_TOKEN_FILE``)
+and ``--tls-ca/--tls-cert/--tls-key``; tokens are never taken as flags. Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input,
 3 coordinator unavailable, 4 other errors.
 """
 
@@ -61,9 +62,14 @@ def _serve(args: argparse.Namespace) -> int:
     config = CoordinatorConfig.from_env(
         listen=args.listen, state_dir=args.state_dir, heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
+        node_tokens_file=args.node_tokens_file, client_tokens_file=args.client_tokens_file,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure or None,
     )
     if args.print_config:
-        _print_json(dataclasses.asdict(config))
+        shown = dataclasses.asdict(config)
+        for secret in ("node_token", "client_token"):  # tokens are never printed; file paths are fine
+            shown[secret] = "<hidden>" if shown.get(secret) else None
+        _print_json(shown)
         return EXIT_OK
     _configure_logging(args.log_level)
 
@@ -88,8 +94,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> Any:
     from qscale.client import Client
+    from qscale.security import TLSConfig, read_token
 
-    return Client(args.coordinator)
+    token = read_token(args.token_file) if args.token_file else None  # else $QSCALE_CLIENT_TOKEN[_FILE]
+    tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+    return Client(args.coordinator, token=token, tls=tls if tls.enabled else None)
 
 
 def _render_result(result: Any, console: Console, top: int) -> None:
@@ -241,6 +250,7 @@ def _parser() -> argparse.ArgumentParser:
     import os
 
     from qscale.coordinator.config import DEFAULT_ADDRESS
+    from qscale.security import refuse_secret_options
 
     parser = argparse.ArgumentParser(prog="qscale-coordinator", description="qscale coordinator and client CLI")
     parser.add_argument("--version", action="version", version=f"qscale {__version__}")
@@ -250,6 +260,17 @@ def _parser() -> argparse.ArgumentParser:
     client_opts.add_argument("--coordinator", default=os.environ.get("QSCALE_COORDINATOR", DEFAULT_ADDRESS),
                              help="coordinator HOST:PORT (default: $QSCALE_COORDINATOR or %(default)s)")
     client_opts.add_argument("--json", action="store_true", help="machine-readable output")
+    client_opts.add_argument("--token-file", metavar="FILE",
+                             help="file holding the API token (default: $QSCALE_CLIENT_TOKEN, or the file named by "
+                                  "$QSCALE_CLIENT_TOKEN_FILE)")
+    client_opts.add_argument("--tls-ca", default=os.environ.get("QSCALE_TLS_CA") or None, metavar="PEM",
+                             help="CA that signed the coordinator's certificate; turns on TLS ($QSCALE_TLS_CA)")
+    client_opts.add_argument("--tls-cert", default=os.environ.get("QSCALE_TLS_CERT") or None, metavar="PEM",
+                             help="client certificate for mutual TLS ($QSCALE_TLS_CERT)")
+    client_opts.add_argument("--tls-key", default=os.environ.get("QSCALE_TLS_KEY") or None, metavar="PEM",
+                             help="key of --tls-cert ($QSCALE_TLS_KEY)")
+    refuse_secret_options(client_opts, "--token",
+                          hint="use --token-file FILE, $QSCALE_CLIENT_TOKEN or $QSCALE_CLIENT_TOKEN_FILE")
 
     job_opts = argparse.ArgumentParser(add_help=False)
     job_opts.add_argument("files", nargs="+", metavar="FILE", help=".qpy or OpenQASM 2/3 .qasm files")
@@ -270,6 +291,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=os.environ.get("QSCALE_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING or ERROR (default INFO; $QSCALE_LOG_LEVEL)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    p.add_argument("--node-tokens-file", metavar="FILE",
+                   help="join tokens nodes may present, one per line, # comments ($QSCALE_NODE_TOKENS_FILE; "
+                        "or one token in $QSCALE_NODE_TOKEN)")
+    p.add_argument("--client-tokens-file", metavar="FILE",
+                   help="API tokens clients may present, one per line, # comments ($QSCALE_CLIENT_TOKENS_FILE; "
+                        "or one token in $QSCALE_CLIENT_TOKEN)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain ($QSCALE_TLS_CERT)")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert ($QSCALE_TLS_KEY)")
+    p.add_argument("--tls-ca", metavar="PEM",
+                   help="require client certificates signed by this CA: mutual TLS ($QSCALE_TLS_CA)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --listen address without tokens (anyone who reaches it can use it)")
+    refuse_secret_options(p, "--token", "--node-token", "--client-token",
+                          hint="put tokens in --node-tokens-file / --client-tokens-file or in "
+                               "$QSCALE_NODE_TOKEN / $QSCALE_CLIENT_TOKEN")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("run", parents=[job_opts], help="run files on an embedded local cluster")

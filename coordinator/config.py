@@ -4,6 +4,7 @@ environment variables, overridden by CLI flags (see :meth:`CoordinatorConfig.fro
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -18,7 +19,13 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 @dataclass(frozen=True)
 class Limits:
-    """Caps on what a client may submit."""
+    """Caps on what a client may submit, and on the sandbox that decodes it.
+
+    Every field has a ``QSCALE_*`` environment variable (see :meth:`from_env`); ``serve`` has
+    ``--max-*`` flags for the main ones. Circuits are decoded and checked in sandboxed
+    subprocesses (:mod:`qscale.coordinator.sandbox`), within ``decode_memory_bytes`` and
+    ``decode_timeout_s``.
+    """
 
     max_message_bytes: int = 256 << 20
     """Largest gRPC message the coordinator accepts or sends."""
@@ -30,10 +37,71 @@ class Limits:
     """Most shots per circuit."""
     max_qubits: int = 1024
     """Widest circuit accepted at all (nodes narrow this further by method and memory)."""
+    max_clbits: int = 16_384
+    """Most classical bits in one circuit."""
     max_experiments: int = 1_000_000
-    """Most experiments (circuit x parameter set) in one job."""
+    """Most experiments (circuit x parameter set) in one job: the cap on parameter sets."""
+    max_operations: int = 1_000_000
+    """Most operations in one circuit, counted with every custom gate replaced by its definition
+    and every control-flow block expanded (a for loop's body once per iteration)."""
+    max_nesting_depth: int = 32
+    """Deepest nesting of custom gate definitions and control-flow blocks in one circuit."""
     max_noise_model_bytes: int = 4 << 20
     """Largest serialised noise model."""
+    decode_workers: int = 2
+    """Sandbox processes that decode and check submitted circuits."""
+    decode_memory_bytes: int = 2 << 30
+    """Address space a sandbox process may grow by, beyond what it holds after warming up
+    (``RLIMIT_AS``); a payload that needs more is refused."""
+    decode_timeout_s: float = 10.0
+    """Longest a sandbox process may spend on one circuit (or the noise model) before it is
+    killed and the payload refused."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidArgumentError(f"limit {f.name} must be a positive number, got {value!r}")
+        if self.max_nesting_depth > _MAX_NESTING_DEPTH:
+            raise InvalidArgumentError(f"max_nesting_depth must be at most {_MAX_NESTING_DEPTH}")
+        if self.decode_memory_bytes < 64 << 20:
+            raise InvalidArgumentError("decode_memory_bytes must be at least 64 MiB")
+        if self.max_message_bytes > (1 << 31) - 1:
+            raise InvalidArgumentError("max_message_bytes must be below 2 GiB (a gRPC limit)")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Limits:
+        """Defaults, then ``QSCALE_MAX_*`` / ``QSCALE_DECODE_*`` variables (byte sizes may be
+        written ``512M``, ``2G``), then ``overrides`` that are not None."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = "QSCALE_" + f.name.upper().removesuffix("_S")
+            if env.get(var, "") != "":
+                conv = float if f.type in ("float", float) else _parse_count
+                try:
+                    values[f.name] = conv(env[var])
+                except ValueError as exc:
+                    raise InvalidArgumentError(f"{var}={env[var]!r}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown limits: {sorted(unknown)}")
+        return cls(**values)
+
+
+_MAX_NESTING_DEPTH = 256  # the checks recurse once per level
+_COUNT = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+
+
+def _parse_count(text: str | int) -> int:
+    """A count or byte size: ``"1000000"``, ``"1_000_000"``, ``"512M"``, ``"2GiB"`` (binary units)."""
+    if isinstance(text, int):
+        return text
+    match = _COUNT.match(str(text).replace("_", ""))
+    if not match:
+        raise ValueError("not a whole number (sizes may end in K, M, G or T)")
+    return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
 
 
 @dataclass(frozen=True)
@@ -56,6 +124,22 @@ class CoordinatorConfig:
     """Finished jobs kept in memory for quick reads; older ones are read back from the state."""
     watch_min_interval_s: float = 0.05
     """Least time between two progress updates on one Watch stream."""
+    node_tokens_file: str | None = None
+    """File of join tokens nodes may present (one per line, ``#`` comments); see qscale.security."""
+    client_tokens_file: str | None = None
+    """File of API tokens clients may present (one per line, ``#`` comments)."""
+    node_token: str | None = field(default=None, repr=False)
+    """One more accepted join token (from ``$QSCALE_NODE_TOKEN``; never a CLI flag)."""
+    client_token: str | None = field(default=None, repr=False)
+    """One more accepted API token (from ``$QSCALE_CLIENT_TOKEN``; never a CLI flag)."""
+    tls_cert: str | None = None
+    """TLS certificate chain (PEM) to serve with; needs ``tls_key``."""
+    tls_key: str | None = None
+    """Private key (PEM) of ``tls_cert``."""
+    tls_ca: str | None = None
+    """CA (PEM) that callers' certificates must be signed by: turns on mutual TLS."""
+    insecure: bool = False
+    """Serve on a non-loopback address without tokens (refused otherwise)."""
     limits: Limits = field(default_factory=Limits)
     policy: PlanningPolicy = field(default_factory=PlanningPolicy)
 
@@ -78,6 +162,8 @@ class CoordinatorConfig:
                     values[name] = conv(env[var])
                 except ValueError as exc:
                     raise InvalidArgumentError(f"{var}={env[var]!r}: {exc}") from exc
+        if overrides.get("limits") is None:
+            values["limits"] = Limits.from_env(env)  # QSCALE_MAX_* and QSCALE_DECODE_*
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
@@ -96,4 +182,11 @@ _ENV: tuple[tuple[str, str, Any], ...] = (
     ("heartbeat_interval_s", "QSCALE_HEARTBEAT_INTERVAL", float),
     ("heartbeat_timeout_s", "QSCALE_HEARTBEAT_TIMEOUT", float),
     ("max_shard_failures", "QSCALE_MAX_SHARD_FAILURES", int),
+    ("node_tokens_file", "QSCALE_NODE_TOKENS_FILE", str),
+    ("client_tokens_file", "QSCALE_CLIENT_TOKENS_FILE", str),
+    ("node_token", "QSCALE_NODE_TOKEN", str.strip),
+    ("client_token", "QSCALE_CLIENT_TOKEN", str.strip),
+    ("tls_cert", "QSCALE_TLS_CERT", str),
+    ("tls_key", "QSCALE_TLS_KEY", str),
+    ("tls_ca", "QSCALE_TLS_CA", str),
 )

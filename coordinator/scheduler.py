@@ -299,11 +299,26 @@ class Scheduler:
 
     # ------------------------------------------------------------------- jobs
 
-    def submit(self, prepared: PreparedJob, now: float) -> JobRecord:
-        """Plan, persist and queue a job (already validated by intake)."""
+    def existing_job(self, request_key: str) -> JobRecord | None:
+        """The job an earlier Submit with this idempotency key created, if any."""
+        if not request_key:
+            return None
+        if len(request_key) > 128:
+            raise InvalidArgumentError("request key too long (at most 128 characters)")
+        job_id = self.store.job_for_request_key(request_key)
+        return self.get_job(job_id) if job_id is not None else None
+
+    def submit(self, prepared: PreparedJob, now: float, request_key: str = "") -> JobRecord:
+        """Plan, persist and queue a job (already validated by intake). A request key that
+        already created a job returns that job instead."""
+        existing = self.existing_job(request_key)
+        if existing is not None:
+            log.info("job %s: duplicate submit (request key %s) answered with the existing job", existing.job_id,
+                     request_key[:40])
+            return existing
         stored = StoredJob(uuid.uuid4().hex[:16], now, QUEUED, prepared.seed, prepared.method, self.config.policy,
                            prepared.infos, prepared.shots, prepared.params, prepared.qpy, prepared.memory,
-                           prepared.noise_model)
+                           prepared.noise_model, request_key=request_key)
         job = JobRecord.from_stored(stored)
         plan = job.plan()
         self._check_capacity(job.infos, plan, job.method)

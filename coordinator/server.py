@@ -23,6 +23,7 @@ from qscale.coordinator.servicers import JobEvents, JobServicer, NodeServicer
 from qscale.coordinator.store import Store
 from qscale.errors import FailedPreconditionError, UnavailableError
 from qscale.proto.v1 import jobs_pb2_grpc, node_pb2_grpc
+from qscale.security import AuthInterceptor, TLSConfig, Tokens, is_loopback_address
 
 __all__ = ["CoordinatorServer", "EmbeddedCoordinator"]
 
@@ -43,6 +44,38 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+def load_security(config: CoordinatorConfig) -> tuple[Tokens, grpc.ServerCredentials | None]:
+    """The tokens to check and the TLS credentials to serve with (None: plain), read from the
+    files and values of ``config``. Refuses a non-loopback address without tokens unless
+    ``config.insecure``.
+
+    Raises:
+        FailedPreconditionError: no credentials on a non-loopback address; an unreadable file.
+        InvalidArgumentError: a bad token, tokens for one role only, a TLS cert without key.
+    """
+    tokens = Tokens.load(node_files=[config.node_tokens_file], client_files=[config.client_tokens_file],
+                         node_tokens=[config.node_token], client_tokens=[config.client_token])
+    tls = TLSConfig(config.tls_cert, config.tls_key, config.tls_ca)
+    credentials = tls.server_credentials() if tls.enabled else None
+    loopback = is_loopback_address(config.listen)
+    if not tokens.enabled and not loopback:
+        if not config.insecure:
+            raise FailedPreconditionError(
+                f"refusing to listen on {config.listen} without credentials: any machine that reaches it could "
+                "register nodes and submit, read or cancel jobs. Configure node and client tokens "
+                "(--node-tokens-file and --client-tokens-file, or $QSCALE_NODE_TOKEN and $QSCALE_CLIENT_TOKEN), "
+                "listen on 127.0.0.1, or pass --insecure to serve without authentication anyway")
+        log.warning("serving on %s WITHOUT AUTHENTICATION (--insecure): anyone who reaches it can use it",
+                    config.listen)
+    elif tokens.enabled and credentials is None and not loopback:
+        log.warning("serving on %s with tokens but without TLS: tokens cross the network in clear text "
+                    "(use --tls-cert and --tls-key)", config.listen)
+    log.info("security: %s, %s", f"{len(tokens.node)} node and {len(tokens.client)} client token(s)"
+             if tokens.enabled else "no authentication",
+             ("mutual TLS" if tls.ca else "TLS") if credentials is not None else "no TLS")
+    return tokens, credentials
+
+
 class CoordinatorServer:
     """A coordinator on the current asyncio loop: ``await start()``, ``await stop()``."""
 
@@ -57,9 +90,18 @@ class CoordinatorServer:
         self.store: Store | None = None
         self.core: Scheduler | None = None
         self.health: health_aio.HealthServicer | None = None
+        self._jobs: JobServicer | None = None
 
     async def start(self) -> str:
-        """Open the state, recover unfinished jobs, and serve. Returns the bound ``host:port``."""
+        """Open the state, recover unfinished jobs, and serve. Returns the bound ``host:port``.
+
+        Raises:
+            FailedPreconditionError: the address is not loopback and no tokens are configured
+                (unless ``config.insecure``), a TLS or token file cannot be read, or the
+                address cannot be bound.
+            InvalidArgumentError: tokens for one role only, a short token, a TLS cert without key.
+        """
+        tokens, credentials = load_security(self.config)
         state_dir = self.config.state_dir
         if state_dir is None:
             state_dir = self._temp_state = tempfile.mkdtemp(prefix="qscale-state-")
@@ -68,13 +110,17 @@ class CoordinatorServer:
         events = JobEvents()
         self.core = Scheduler(self.config, self.store, on_job_change=events.notify)
         recovered = self.core.recover(self.clock())
-        server = grpc.aio.server(options=grpc_options(self.config.limits.max_message_bytes))
+        server = grpc.aio.server(options=grpc_options(self.config.limits.max_message_bytes),
+                                 interceptors=[AuthInterceptor(tokens)] if tokens.enabled else None)
         node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.core, self.config, self.clock), server)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(self.core, self.config, events, self.clock, self._executor), server)
+        self._jobs = JobServicer(self.core, self.config, events, self.clock, self._executor)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(self._jobs, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
-            port = server.add_insecure_port(self.config.listen)
+            if credentials is not None:
+                port = server.add_secure_port(self.config.listen, credentials)
+            else:
+                port = server.add_insecure_port(self.config.listen)
         except RuntimeError as exc:
             self.store.close()
             raise FailedPreconditionError(f"cannot listen on {self.config.listen}: {exc}") from exc
@@ -104,9 +150,13 @@ class CoordinatorServer:
             await self._server.wait_for_termination()
 
     async def stop(self, grace: float | None = 2.0) -> None:
-        """Stop serving: report NOT_SERVING, end the streams, close the state."""
+        """Stop serving: refuse new jobs, report NOT_SERVING, end Watch streams (UNAVAILABLE, so
+        clients retry) and node streams (nodes reconnect with backoff), close the state. Jobs
+        in flight resume when a coordinator starts again on the same state directory."""
         if self._server is None:
             return
+        if self._jobs is not None:
+            self._jobs.begin_shutdown()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self._reaper is not None:

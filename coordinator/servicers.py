@@ -17,7 +17,7 @@ from qscale.coordinator import views
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.intake import prepare_job
 from qscale.coordinator.scheduler import Scheduler
-from qscale.errors import FailedPreconditionError, InvalidArgumentError, QScaleError
+from qscale.errors import FailedPreconditionError, InvalidArgumentError, QScaleError, UnavailableError
 from qscale.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
 from qscale.rpc_status import status_for
 
@@ -158,14 +158,25 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self.events = events
         self.clock = clock
         self.executor = executor
+        self.draining = False
+        self._stopping = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new jobs and end every Watch stream with UNAVAILABLE (clients retry)."""
+        self.draining = True
+        self._stopping.set()
 
     @_unary
     async def Submit(self, request: jobs_pb2.SubmitRequest, context: grpc.aio.ServicerContext
                      ) -> jobs_pb2.SubmitReply:
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self.executor, prepare_job, request, self.config.limits)
-        job = self.core.submit(prepared, self.clock())
-        return jobs_pb2.SubmitReply(job_id=job.job_id, seed=job.seed)
+        if self.draining:
+            raise UnavailableError("the coordinator is shutting down; submit again when it is back")
+        existing = self.core.existing_job(request.request_key)
+        if existing is None:
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self.executor, prepare_job, request, self.config.limits)
+            existing = self.core.submit(prepared, self.clock(), request.request_key)
+        return jobs_pb2.SubmitReply(job_id=existing.job_id, seed=existing.seed)
 
     @_unary
     async def GetJob(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobStatus:
@@ -175,13 +186,21 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def Watch(self, request: jobs_pb2.WatchRequest, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[jobs_pb2.JobProgress]:
         job = self.core.get_job(request.job_id)
-        while True:
-            changed = self.events.event(job.job_id)
-            yield views.job_progress(job, request.include_counts, request.max_outcomes)
-            if job.final:
-                return
-            await changed.wait()
-            await asyncio.sleep(self.config.watch_min_interval_s)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                changed = self.events.event(job.job_id)
+                yield views.job_progress(job, request.include_counts, request.max_outcomes)
+                if job.final:
+                    return
+                waiter = asyncio.ensure_future(changed.wait())
+                await asyncio.wait({waiter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if stopping.done():
+                    raise UnavailableError("the coordinator is shutting down; watch again when it is back")
+                await asyncio.sleep(self.config.watch_min_interval_s)
+        finally:
+            stopping.cancel()
 
     @_unary
     async def GetResult(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobResult:
@@ -215,4 +234,5 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                         ) -> jobs_pb2.ListNodesReply:
         now = self.clock()
         nodes = [*self.core.nodes.values(), *reversed(self.core.lost_nodes)]
-        return jobs_pb2.ListNodesReply(nodes=[views.node_info(n, now) for n in nodes])
+        return jobs_pb2.ListNodesReply(nodes=[views.node_info(n, now) for n in nodes],
+                                       stale_results_dropped=self.core.stale_dropped)

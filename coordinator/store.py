@@ -41,10 +41,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     shots_total INTEGER NOT NULL,
     memory INTEGER NOT NULL,
     noise_model TEXT NOT NULL,
+    request_key TEXT,
     error TEXT NOT NULL DEFAULT '',
     finished_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs(created_at);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request_key ON jobs(request_key) WHERE request_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS circuits (
     job_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -84,6 +86,7 @@ class StoredJob:
     noise_model: str = ""
     error: str = ""
     finished_at: float = 0.0
+    request_key: str = ""
     shard_results: dict[int, list[common_pb2.CircuitCounts]] = field(default_factory=dict)
 
     @property
@@ -145,16 +148,21 @@ class Store:
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO jobs (job_id, created_at, state, seed, method, policy, num_circuits, shots_total,"
-                " memory, noise_model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " memory, noise_model, request_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.job_id, job.created_at, job.state, job.seed, job.method,
                  json.dumps(dataclasses.asdict(job.policy)), len(job.infos), job.shots_total, int(job.memory),
-                 job.noise_model),
+                 job.noise_model, job.request_key or None),
             )
             db.executemany(
                 "INSERT INTO circuits (job_id, idx, info, shots, params, qpy) VALUES (?, ?, ?, ?, ?, ?)",
                 ((job.job_id, i, _info_to_json(info), shots, p.SerializeToString() if p is not None else None, qpy)
                  for i, (info, shots, p, qpy) in enumerate(zip(job.infos, job.shots, job.params, job.qpy))),
             )
+
+    def job_for_request_key(self, key: str) -> str | None:
+        """The id of the job a Submit with this idempotency key created, if any."""
+        row = self._db.execute("SELECT job_id FROM jobs WHERE request_key = ?", (key,)).fetchone()
+        return row[0] if row else None
 
     def record_shard(self, job_id: str, shard_index: int, result: common_pb2.ShardResult, node_id: str,
                      attempt: str, at: float) -> bool:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from qscale._version import __version__
-from qscale.errors import InvalidArgumentError
+from qscale.errors import FailedPreconditionError, InvalidArgumentError
 from qscale.node.config import NodeConfig, parse_bytes
 
 __all__ = ["main", "build_parser"]
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qscale-node",
         description="Run a qscale node: join a coordinator and simulate the shards it hands out.",
         epilog="Environment: QSCALE_COORDINATOR, QSCALE_NODE_NAME, QSCALE_NODE_SLOTS, QSCALE_NODE_CORES, "
-        "QSCALE_NODE_MEMORY_BUDGET, QSCALE_NODE_DRAIN_GRACE, QSCALE_LOG_LEVEL (flags win).",
+        "QSCALE_NODE_MEMORY_BUDGET, QSCALE_NODE_DRAIN_GRACE, QSCALE_LOG_LEVEL, QSCALE_NODE_TOKEN, "
+        "QSCALE_NODE_TOKEN_FILE, QSCALE_TLS_CERT, QSCALE_TLS_KEY, QSCALE_TLS_CA (flags win).",
     )
     p.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator address (default 127.0.0.1:50051)")
     p.add_argument("--name", help="node name shown by the coordinator (default: the hostname)")
@@ -52,7 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=int, metavar="PID", help="exit when this process is gone")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration as JSON and exit")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file holding the join token (or the token itself in $QSCALE_NODE_TOKEN)")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA that signed the coordinator's certificate; turns on TLS")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate for a mutual-TLS coordinator")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--version", action="version", version=f"qscale-node {__version__}")
+    from qscale.security import refuse_secret_options
+
+    refuse_secret_options(p, "--token", hint="use --token-file FILE, $QSCALE_NODE_TOKEN or $QSCALE_NODE_TOKEN_FILE")
     return p
 
 
@@ -71,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             drain_grace_s=args.drain_grace,
             parent_pid=args.parent_pid,
             log_level=args.log_level,
+            token_file=args.token_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
         )
     except InvalidArgumentError as exc:
         print(f"qscale-node: error: {exc}", file=sys.stderr)
@@ -78,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
+    try:  # read the token and TLS files now: a bad one is a setting error, not a retry loop
+        config.resolved_token()
+        tls = config.tls_config()
+        if tls is not None:
+            tls.channel_credentials()
+    except (InvalidArgumentError, FailedPreconditionError) as exc:
+        print(f"qscale-node: error: {exc}", file=sys.stderr)
+        return 2
 
     logging.basicConfig(
         level=config.log_level,

@@ -119,6 +119,16 @@ class NodeConfig:
     """Exit when this process is gone (the local cluster sets it so nodes never outlive it)."""
     log_level: str = "INFO"
     """Logging level name for the CLI's handler (DEBUG, INFO, WARNING, ERROR)."""
+    token: str | None = field(default=None, repr=False)
+    """Join token sent with every call (from ``$QSCALE_NODE_TOKEN``; never a CLI flag)."""
+    token_file: str | None = None
+    """File holding the join token (``--token-file``, ``$QSCALE_NODE_TOKEN_FILE``); wins over ``token``."""
+    tls_cert: str | None = None
+    """Client certificate (PEM) presented to a mutual-TLS coordinator; needs ``tls_key``."""
+    tls_key: str | None = None
+    """Private key (PEM) of ``tls_cert``."""
+    tls_ca: str | None = None
+    """CA (PEM) that signed the coordinator's certificate. Any TLS setting turns TLS on."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.coordinator, str) or not self.coordinator.strip() or any(
@@ -146,6 +156,30 @@ class NodeConfig:
                 f"unknown log level {self.log_level!r}; use DEBUG, INFO, WARNING, ERROR or CRITICAL"
             )
         object.__setattr__(self, "log_level", str(self.log_level).upper())
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgumentError("a TLS client certificate needs its key: give --tls-cert and --tls-key together")
+        if self.token is not None and len(self.token.strip()) < 16:
+            raise InvalidArgumentError("the node token is too short (at least 16 characters)")
+
+    def resolved_token(self) -> str | None:
+        """The join token: read from :attr:`token_file` when set, else :attr:`token`.
+
+        Raises:
+            InvalidArgumentError, FailedPreconditionError: the file holds no single valid token
+                or cannot be read.
+        """
+        from qscale.security import check_token, read_token
+
+        if self.token_file:
+            return read_token(self.token_file)
+        return check_token(self.token.strip(), "$QSCALE_NODE_TOKEN") if self.token else None
+
+    def tls_config(self) -> Any:
+        """A :class:`qscale.security.TLSConfig` when any TLS setting is given, else None (plain)."""
+        from qscale.security import TLSConfig
+
+        tls = TLSConfig(self.tls_cert, self.tls_key, self.tls_ca)
+        return tls if tls.enabled else None
 
     @property
     def threads_per_worker(self) -> int:
@@ -160,6 +194,7 @@ class NodeConfig:
     def to_dict(self) -> dict[str, Any]:
         """The effective settings as plain JSON-friendly values (derived ones included)."""
         out = asdict(self)
+        out["token"] = "<hidden>" if self.token else None  # never printed
         out["threads_per_worker"] = self.threads_per_worker
         out["slot_memory_budget"] = self.slot_memory_budget
         return out
@@ -171,7 +206,9 @@ class NodeConfig:
 
         Variables: ``QSCALE_COORDINATOR``, ``QSCALE_NODE_NAME``, ``QSCALE_NODE_SLOTS``,
         ``QSCALE_NODE_CORES``, ``QSCALE_NODE_MEMORY_BUDGET`` (bytes or 4G/512M),
-        ``QSCALE_NODE_DRAIN_GRACE`` (seconds), ``QSCALE_LOG_LEVEL``. Empty values are ignored.
+        ``QSCALE_NODE_DRAIN_GRACE`` (seconds), ``QSCALE_LOG_LEVEL``, ``QSCALE_NODE_TOKEN``,
+        ``QSCALE_NODE_TOKEN_FILE``, ``QSCALE_TLS_CERT``, ``QSCALE_TLS_KEY``, ``QSCALE_TLS_CA``.
+        Empty values are ignored.
 
         Raises:
             InvalidArgumentError: a variable or override that does not parse or is out of range.
@@ -230,4 +267,9 @@ _ENV: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("memory_budget", "QSCALE_NODE_MEMORY_BUDGET", parse_bytes),
     ("drain_grace_s", "QSCALE_NODE_DRAIN_GRACE", _float),
     ("log_level", "QSCALE_LOG_LEVEL", str),
+    ("token", "QSCALE_NODE_TOKEN", str),
+    ("token_file", "QSCALE_NODE_TOKEN_FILE", str),
+    ("tls_cert", "QSCALE_TLS_CERT", str),
+    ("tls_key", "QSCALE_TLS_KEY", str),
+    ("tls_ca", "QSCALE_TLS_CA", str),
 )

@@ -34,6 +34,7 @@ from qscale.node.capabilities import build_capabilities
 from qscale.node.config import NodeConfig, format_bytes
 from qscale.node.worker import ChunkOutcome, ShardOutcome, WorkerSlot, WorkerStartError
 from qscale.proto.v1 import node_pb2, node_pb2_grpc
+from qscale.security import make_channel
 
 __all__ = ["NodeDaemon", "MAX_MESSAGE_BYTES"]
 
@@ -241,8 +242,10 @@ class NodeDaemon:
         self._methods = frozenset(info.methods)
         self._capabilities = build_capabilities(cfg, info)
 
-        self._channel = grpc.insecure_channel(
+        self._channel = make_channel(
             cfg.coordinator,
+            token=cfg.resolved_token(),
+            tls=cfg.tls_config(),
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -374,6 +377,25 @@ class NodeDaemon:
         logger.warning(
             "node %s: session ended: %s; registering again", session.node_id, session.end_reason
         )
+        self._abandon_in_hand(session)
+
+    def _abandon_in_hand(self, session: _Session) -> None:
+        """The lease of an ended session is over: the coordinator has (or will have) given its
+        shards to other nodes, so stop working on them. Results already produced still go out
+        and are dropped by the coordinator as stale."""
+        with self._cond:
+            queued = list(self._queue)
+            self._queue.clear()
+            running = list(self._running.items())
+            for token, _ in running:
+                self._abort_reasons.setdefault(token, _STOP)
+            for a in queued:
+                self._attempts.pop(a.attempt_token, None)
+        if queued or running:
+            logger.info("node %s: lease over: dropped %d queued and stopped %d running shard(s)",
+                        session.node_id, len(queued), len(running))
+        for token, slot in running:
+            slot.abort(token, "lease over: the coordinator lost contact with this node")
 
     def _close_session_gracefully(self) -> None:
         """End the request stream after the outbox is flushed; wait (bounded) for the coordinator

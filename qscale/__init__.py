@@ -4,6 +4,7 @@ The public surface::
 
     qscale.Client, qscale.Job          talk to a coordinator
     qscale.LocalCluster                an embedded coordinator and local nodes
+    qscale.TLSConfig                   TLS / mutual TLS files for Client and LocalCluster
     qscale.SamplerV2, EstimatorV2      Qiskit primitives on the cluster
     qscale.QScaleBackend               a Qiskit BackendV2 on the cluster
     qscale.JobResult, CircuitResult, JobStatus, Progress, JobState, NodeStatus
@@ -37,12 +38,14 @@ if TYPE_CHECKING:
     from qscale.client import Client, Job
     from qscale.primitives import EstimatorOptions, EstimatorV2, SamplerOptions, SamplerV2
     from qscale.local import LocalCluster
+    from qscale.security import TLSConfig
     from qscale.results import CircuitResult, JobResult, JobState, JobStatus, NodeStatus, Progress, SetResult
 
 _LAZY = {
     "Client": "qscale.client",
     "Job": "qscale.client",
     "LocalCluster": "qscale.local",
+    "TLSConfig": "qscale.security",
     "SamplerV2": "qscale.primitives",
     "SamplerOptions": "qscale.primitives",
     "EstimatorV2": "qscale.primitives",

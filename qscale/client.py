@@ -7,11 +7,11 @@ import os
 import random
 import struct
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
 import numpy as np
 from numpy.typing import ArrayLike
 from qiskit import QuantumCircuit
@@ -27,6 +27,7 @@ from qscale.errors import (
 from qscale.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from qscale.results import JobResult, JobState, JobStatus, NodeStatus, Progress
 from qscale.rpc_status import translate_rpc_errors
+from qscale.security import TLSConfig, make_channel, token_from_env
 
 if TYPE_CHECKING:
     from qiskit_aer.noise import NoiseModel
@@ -97,6 +98,11 @@ class Client:
     Args:
         address: ``host:port`` of the coordinator; defaults to ``$QSCALE_COORDINATOR`` or
             ``127.0.0.1:50051``.
+        token: the API token sent with every call; defaults to ``$QSCALE_CLIENT_TOKEN``, or the
+            token in the file named by ``$QSCALE_CLIENT_TOKEN_FILE``; none when neither is set.
+        tls: TLS settings (:class:`qscale.security.TLSConfig`): ``ca`` verifies the coordinator
+            (the system's roots when None), ``cert`` + ``key`` are presented for mutual TLS.
+            None: a plain connection.
         timeout: deadline in seconds for each unary call.
 
     Example::
@@ -106,11 +112,15 @@ class Client:
             print(job.result().counts[0])
     """
 
-    def __init__(self, address: str | None = None, *, timeout: float = 60.0) -> None:
+    def __init__(self, address: str | None = None, *, token: str | None = None, tls: TLSConfig | None = None,
+                 timeout: float = 60.0) -> None:
         self.address = address or os.environ.get("QSCALE_COORDINATOR") or DEFAULT_COORDINATOR
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            self.address,
+        self.tls = tls
+        if token is None:
+            token = token_from_env("QSCALE_CLIENT_TOKEN", "QSCALE_CLIENT_TOKEN_FILE")
+        self._channel = make_channel(
+            self.address, token=token, tls=tls,
             options=[("grpc.max_receive_message_length", _MAX_MESSAGE),
                      ("grpc.max_send_message_length", _MAX_MESSAGE)],
         )
@@ -185,9 +195,21 @@ class Client:
             request.noise_model = noise_model_json(noise_model)
         if seed is not None:
             request.seed = seed
-        with translate_rpc_errors():
-            reply = self._stub.Submit(request, timeout=self.timeout)
-        return Job(self, reply.job_id, seed=reply.seed)
+        # The idempotency key makes retrying safe: a Submit that reached the coordinator before
+        # it went away is answered with the same job, never a second one.
+        request.request_key = uuid.uuid4().hex
+        deadline = time.monotonic() + self.timeout
+        backoff = 0.1
+        while True:
+            try:
+                with translate_rpc_errors():
+                    reply = self._stub.Submit(request, timeout=max(0.1, deadline - time.monotonic()))
+                return Job(self, reply.job_id, seed=reply.seed)
+            except UnavailableError:
+                if time.monotonic() + backoff > deadline:
+                    raise
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job (checked to exist)."""
@@ -295,9 +317,18 @@ class Job:
             JobCancelledError: the job was cancelled.
             JobTimeoutError: not finished within ``timeout`` seconds (the job goes on).
         """
-        self.wait(timeout)
-        with translate_rpc_errors():
-            reply = self._client._stub.GetResult(jobs_pb2.JobRef(job_id=self.job_id), timeout=self._client.timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            try:
+                with translate_rpc_errors():
+                    reply = self._client._stub.GetResult(jobs_pb2.JobRef(job_id=self.job_id),
+                                                         timeout=self._client.timeout)
+                break
+            except UnavailableError:  # the coordinator went away between the two calls
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         result = JobResult.from_proto(reply)
         if result.status.state == JobState.FAILED:
             raise JobFailedError(f"job {self.job_id} failed: {result.status.error}", self.job_id)

@@ -17,10 +17,14 @@ from qscale.client import Client
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.server import EmbeddedCoordinator
 from qscale.errors import QScaleError
+from qscale.security import TLSConfig
 
 __all__ = ["LocalCluster"]
 
 log = logging.getLogger(__name__)
+
+_NODE_SECURITY_ENV = ("QSCALE_NODE_TOKEN", "QSCALE_NODE_TOKEN_FILE", "QSCALE_TLS_CERT", "QSCALE_TLS_KEY",
+                      "QSCALE_TLS_CA")
 
 
 def _physical_memory() -> int:
@@ -38,9 +42,18 @@ class LocalCluster:
         slots_per_node: shards each node runs at once.
         cores_per_node: simulation threads per node; by default the machine's cores shared out.
         memory_budget_per_node: bytes; by default half the machine's memory shared out.
-        config: coordinator settings (``listen`` is forced to ``127.0.0.1:0``).
+        config: coordinator settings (``listen`` is forced to ``127.0.0.1:0``; its token and TLS
+            settings are replaced by the arguments below).
         log_dir: where node logs go; a temporary directory (removed on stop) when None.
         startup_timeout: seconds to wait for the nodes to join.
+        node_token: join token the coordinator accepts and the nodes present (passed to them in
+            ``$QSCALE_NODE_TOKEN``). Give both tokens or neither; default: no authentication.
+        client_token: API token the coordinator accepts and :attr:`client` presents.
+        tls: the coordinator's TLS files (:class:`~qscale.security.TLSConfig`): ``cert`` and
+            ``key`` to serve with, ``ca`` to require client certificates (mutual TLS).
+        client_tls: what the nodes and :attr:`client` use to connect: ``ca`` to verify the
+            coordinator, ``cert`` + ``key`` to present. Default with ``tls``: ``tls.ca`` as the
+            CA and, under mutual TLS, ``tls.cert``/``tls.key`` as the client certificate.
 
     Example::
 
@@ -59,15 +72,28 @@ class LocalCluster:
         config: CoordinatorConfig | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 120.0,
+        node_token: str | None = None,
+        client_token: str | None = None,
+        tls: TLSConfig | None = None,
+        client_tls: TLSConfig | None = None,
     ) -> None:
         if nodes < 0:
             raise ValueError("nodes must be >= 0")
+        self.node_token = node_token
+        self.client_token = client_token
+        self.tls = tls
+        if client_tls is None and tls is not None:
+            client_tls = TLSConfig(tls.cert if tls.ca else None, tls.key if tls.ca else None, tls.ca)
+        self.client_tls = client_tls
         self.num_nodes = nodes
         self.slots_per_node = slots_per_node
         cpus = os.cpu_count() or 1
         self.cores_per_node = cores_per_node or max(1, cpus // max(1, nodes))
         self.memory_budget_per_node = memory_budget_per_node or _physical_memory() // 2 // max(1, nodes)
-        self.config = (config or CoordinatorConfig()).with_(listen="127.0.0.1:0")
+        self.config = (config or CoordinatorConfig()).with_(
+            listen="127.0.0.1:0", node_tokens_file=None, client_tokens_file=None, node_token=node_token,
+            client_token=client_token, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
+            tls_ca=tls.ca if tls else None)
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="qscale-local-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +116,7 @@ class LocalCluster:
     def client(self) -> Client:
         """A client connected to the cluster."""
         if self._client is None:
-            self._client = Client(self.address)
+            self._client = Client(self.address, token=self.client_token, tls=self.client_tls)
         return self._client
 
     def start(self) -> LocalCluster:
@@ -107,7 +133,9 @@ class LocalCluster:
         return self
 
     def node_command(self, name: str, coordinator: str | None = None) -> list[str]:
-        """The command line of one local node."""
+        """The command line of one local node (its token travels in the environment, see
+        :meth:`add_node`)."""
+        tls = self.client_tls or TLSConfig()
         return [
             sys.executable, "-m", "qscale.node",
             "--coordinator", coordinator or self.address,
@@ -116,6 +144,9 @@ class LocalCluster:
             "--cores", str(self.cores_per_node),
             "--memory-budget", str(self.memory_budget_per_node),
             "--parent-pid", str(os.getpid()),
+            "--drain-grace", "5",
+            *(arg for flag, path in (("--tls-ca", tls.ca), ("--tls-cert", tls.cert), ("--tls-key", tls.key))
+              if path for arg in (flag, path)),
         ]
 
     def add_node(self, coordinator: str | None = None) -> subprocess.Popen[bytes]:
@@ -124,6 +155,12 @@ class LocalCluster:
         self._counter += 1
         log_path = self.log_dir / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The node's credentials are this cluster's, never ones inherited from the caller's shell;
+        # the token goes in the environment, not on the command line (which shows in ``ps``).
+        for var in _NODE_SECURITY_ENV:
+            env.pop(var, None)
+        if self.node_token:
+            env["QSCALE_NODE_TOKEN"] = self.node_token
         # cwd: ``python -m`` puts the working directory first on sys.path; from a source checkout
         # its ``qscale/`` folder (which lacks the mapped ``qscale.node``) would shadow the install.
         with open(log_path, "ab") as log_file:

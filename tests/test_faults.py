@@ -68,13 +68,15 @@ def test_sigstopped_node_is_reaped_its_late_results_ignored_and_it_rejoins(make_
         wait_until(lambda: all(n.node_id != victim.node_id or n.state == "lost" for n in client.nodes()),
                    HEARTBEAT_TIMEOUT * 4, "the stopped node to be declared lost")
         lost_after = time.time() - stopped_at
+        # The other node finishes the job, the stopped node's shard included. Only the daemon
+        # is stopped: its worker process finishes the shard too, and the result waits for it.
+        result = job.result(timeout=180)
     finally:
         proc.send_signal(signal.SIGCONT)
-    result = job.result(timeout=180)
     assert result.shots == 3000 and sum(result.counts[0].values()) == 3000
     # The node comes back under a new id and gets work again.
     wait_until(lambda: sum(n.state == "alive" for n in client.nodes()) == 2, 30, "the node to rejoin")
-    # Whatever it finished while stopped arrives late and is dropped, not counted.
+    # What it finished while stopped arrives late and is dropped, not counted.
     stale = wait_until(lambda: client.job(job.job_id).result(timeout=5).stale_results_dropped, 30,
                        "the late results of the stopped node")
     final = client.job(job.job_id).result(timeout=5)

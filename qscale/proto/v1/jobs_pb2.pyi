@@ -23,20 +23,22 @@ class CircuitSource(_message.Message):
     def __init__(self, qpy: _Optional[bytes] = ..., qasm: _Optional[str] = ..., name: _Optional[str] = ..., parameters: _Optional[_Union[_common_pb2.ParameterValues, _Mapping]] = ..., shots: _Optional[int] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("circuits", "shots", "seed", "method", "memory", "noise_model")
+    __slots__ = ("circuits", "shots", "seed", "method", "memory", "noise_model", "request_key")
     CIRCUITS_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     NOISE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_KEY_FIELD_NUMBER: _ClassVar[int]
     circuits: _containers.RepeatedCompositeFieldContainer[CircuitSource]
     shots: int
     seed: int
     method: str
     memory: bool
     noise_model: str
-    def __init__(self, circuits: _Optional[_Iterable[_Union[CircuitSource, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ...) -> None: ...
+    request_key: str
+    def __init__(self, circuits: _Optional[_Iterable[_Union[CircuitSource, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ..., request_key: _Optional[str] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("job_id", "seed")
@@ -244,7 +246,9 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., capabilities: _Optional[_Union[_node_pb2.NodeCapabilities, _Mapping]] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., registered_at: _Optional[float] = ..., shards_done: _Optional[int] = ...) -> None: ...
 
 class ListNodesReply(_message.Message):
-    __slots__ = ("nodes",)
+    __slots__ = ("nodes", "stale_results_dropped")
     NODES_FIELD_NUMBER: _ClassVar[int]
+    STALE_RESULTS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+    stale_results_dropped: int
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., stale_results_dropped: _Optional[int] = ...) -> None: ...

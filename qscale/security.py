@@ -1,0 +1,516 @@
+"""Authentication and transport security: bearer tokens per role, TLS and mutual TLS.
+
+Two roles hold separate credentials::
+
+    role     token                           may call
+    node     a join token (QSCALE_NODE_*)    /qscale.v1.NodeService/*   (Register, Heartbeat, Work)
+    client   an API token (QSCALE_CLIENT_*)  /qscale.v1.JobService/*    (Submit, GetJob, Watch, ...)
+    (none)   -                               /grpc.health.v1.Health/*   (probes)
+
+The coordinator checks every call in :class:`AuthInterceptor` before any handler runs: no
+token or an unknown one gets ``UNAUTHENTICATED``, a valid token of the other role
+``PERMISSION_DENIED``. Callers attach ``authorization: Bearer <token>`` metadata to every call
+of a channel made by :func:`make_channel`.
+
+Tokens come from files (one token per line, ``#`` comments, so several may be valid at once
+while they are rotated) or from environment variables, never from command-line arguments,
+which any local user can read in ``ps``. They are compared in constant time.
+
+:class:`TLSConfig` turns PEM file paths into gRPC credentials: a server with a CA requires
+client certificates signed by it (mutual TLS); a client or node verifies the server with its
+CA and, given a certificate and key, presents them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from qscale.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    QScaleError,
+    UnauthenticatedError,
+)
+from qscale.rpc_status import status_for
+
+__all__ = [
+    "NODE",
+    "CLIENT",
+    "MIN_TOKEN_LENGTH",
+    "Tokens",
+    "TLSConfig",
+    "AuthInterceptor",
+    "BearerTokenInterceptor",
+    "check_token",
+    "read_token_file",
+    "read_token",
+    "token_from_env",
+    "required_role",
+    "make_channel",
+    "is_loopback_address",
+    "refuse_secret_options",
+]
+
+log = logging.getLogger(__name__)
+
+NODE = "node"
+CLIENT = "client"
+MIN_TOKEN_LENGTH = 16
+"""Shortest token accepted (``openssl rand -hex 32`` makes a good one)."""
+
+AUTH_HEADER = "authorization"
+_SCHEME = "bearer"
+_ROLE_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("/qscale.v1.NodeService/", NODE),
+    ("/qscale.v1.JobService/", CLIENT),
+)
+_OPEN_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
+_OPEN = "open"
+
+
+# ------------------------------------------------------------------------------------- tokens
+
+def check_token(token: str, source: str = "token") -> str:
+    """``token`` if it is acceptable: at least :data:`MIN_TOKEN_LENGTH` printable ASCII
+    characters without spaces (it travels in gRPC metadata).
+
+    Raises:
+        InvalidArgumentError: the token is too short or holds other characters; the message
+            names ``source`` but never shows the token.
+    """
+    if not isinstance(token, str):
+        raise InvalidArgumentError(f"{source}: a token must be a string")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise InvalidArgumentError(
+            f"{source}: token too short ({len(token)} characters; at least {MIN_TOKEN_LENGTH} are needed, "
+            "e.g. from `openssl rand -hex 32`)")
+    if not all("!" <= ch <= "~" for ch in token):
+        raise InvalidArgumentError(f"{source}: a token may only hold printable ASCII characters without spaces")
+    return token
+
+
+def _read_text(path: str | os.PathLike[str], what: str) -> str:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FailedPreconditionError(f"cannot read {what} {p}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(f"{what} {p} is not UTF-8 text") from exc
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        mode = 0
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s %s is readable by other users (mode %o); chmod 600 it", what, p, stat.S_IMODE(mode))
+    return text
+
+
+def read_token_file(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """Every token of a token file: one per line; blank lines and ``#`` comments (whole-line or
+    after a token) are ignored. Several tokens let a new one be handed out before the old one
+    is removed.
+
+    Raises:
+        FailedPreconditionError: the file cannot be read.
+        InvalidArgumentError: it holds no token, or a token that :func:`check_token` rejects
+            (the message gives the line number, never the token).
+    """
+    text = _read_text(path, "token file")
+    tokens: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        token = line.split("#", 1)[0].strip()
+        if token:
+            tokens.append(check_token(token, f"token file {path}, line {number}"))
+    if not tokens:
+        raise InvalidArgumentError(f"token file {path} holds no token")
+    return tuple(dict.fromkeys(tokens))
+
+
+def read_token(path: str | os.PathLike[str]) -> str:
+    """The one token of a caller's token file (same format as :func:`read_token_file`).
+
+    Raises:
+        InvalidArgumentError: the file holds no token or several.
+    """
+    tokens = read_token_file(path)
+    if len(tokens) > 1:
+        raise InvalidArgumentError(f"token file {path} holds {len(tokens)} tokens; a caller needs exactly one")
+    return tokens[0]
+
+
+def token_from_env(token_var: str, file_var: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A caller's token from ``$token_var`` (the token itself) or else the file named by
+    ``$file_var``; None when neither is set. Empty values count as unset."""
+    env = os.environ if environ is None else environ
+    token = env.get(token_var, "").strip()
+    if token:
+        return check_token(token, f"${token_var}")
+    path = env.get(file_var, "").strip()
+    if path:
+        return read_token(path)
+    return None
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The tokens a coordinator accepts, per role. Both roles or neither: a coordinator that
+    checks only one side would leave the other open."""
+
+    node: frozenset[str] = field(default=frozenset(), repr=False)
+    """Join tokens: may call NodeService (register a node, heartbeat, hold a work stream)."""
+    client: frozenset[str] = field(default=frozenset(), repr=False)
+    """API tokens: may call JobService (submit, read, watch, cancel jobs; list nodes)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "node", frozenset(self.node))
+        object.__setattr__(self, "client", frozenset(self.client))
+        for role, tokens in ((NODE, self.node), (CLIENT, self.client)):
+            for token in tokens:
+                check_token(token, f"a {role} token")
+        if bool(self.node) != bool(self.client):
+            have, missing = (NODE, CLIENT) if self.node else (CLIENT, NODE)
+            raise InvalidArgumentError(
+                f"{have} tokens are configured but no {missing} tokens: configure both roles "
+                f"(--node-tokens-file and --client-tokens-file, or $QSCALE_NODE_TOKEN and $QSCALE_CLIENT_TOKEN) "
+                "or neither")
+        if self.node & self.client:
+            raise InvalidArgumentError("the same token is configured for nodes and for clients; "
+                                       "give each role its own tokens")
+        digests = {NODE: tuple(map(_digest, sorted(self.node))), CLIENT: tuple(map(_digest, sorted(self.client)))}
+        object.__setattr__(self, "_digests", digests)
+
+    def __repr__(self) -> str:
+        return f"Tokens(node=<{len(self.node)} token(s)>, client=<{len(self.client)} token(s)>)"
+
+    @property
+    def enabled(self) -> bool:
+        """True when calls must carry a token."""
+        return bool(self.node)
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        node_files: Iterable[str | os.PathLike[str] | None] = (),
+        client_files: Iterable[str | os.PathLike[str] | None] = (),
+        node_tokens: Iterable[str | None] = (),
+        client_tokens: Iterable[str | None] = (),
+    ) -> Tokens:
+        """Tokens from files (see :func:`read_token_file`) and literal tokens; None entries
+        are skipped."""
+        node = {t for f in node_files if f for t in read_token_file(f)}
+        client = {t for f in client_files if f for t in read_token_file(f)}
+        node |= {check_token(t, "node token") for t in node_tokens if t}
+        client |= {check_token(t, "client token") for t in client_tokens if t}
+        return cls(frozenset(node), frozenset(client))
+
+    def role_of(self, token: str | None) -> str | None:
+        """The role of ``token`` (:data:`NODE` or :data:`CLIENT`), None if it is none of ours.
+        Compares digests with :func:`hmac.compare_digest` against every known token, so the
+        time taken does not depend on which token (or how much of one) matched."""
+        if not token:
+            return None
+        candidate = _digest(token)
+        found: str | None = None
+        digests: dict[str, tuple[bytes, ...]] = self._digests  # type: ignore[attr-defined]
+        for role, known in digests.items():
+            for digest in known:
+                if hmac.compare_digest(candidate, digest) and found is None:
+                    found = role
+        return found
+
+
+# ---------------------------------------------------------------------------------------- TLS
+
+def _read_pem(path: str, what: str) -> bytes:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise FailedPreconditionError(f"cannot read the TLS {what} {p}: {exc.strerror or exc}") from exc
+    if b"-----BEGIN " not in data:
+        raise InvalidArgumentError(f"the TLS {what} {p} is not a PEM file")
+    return data
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """PEM files for TLS.
+
+    On the coordinator, ``cert`` and ``key`` are its certificate chain and private key, and
+    ``ca``, when given, turns on mutual TLS: every caller must present a certificate signed by
+    it. On a node or client, ``ca`` verifies the coordinator's certificate (the system's roots
+    when None) and ``cert`` + ``key`` are the caller's own certificate for mutual TLS.
+    """
+
+    cert: str | None = None
+    """Certificate chain (PEM)."""
+    key: str | None = None
+    """Private key of ``cert`` (PEM)."""
+    ca: str | None = None
+    """CA certificate(s) (PEM) that the other side's certificate must be signed by."""
+
+    def __post_init__(self) -> None:
+        for name in ("cert", "key", "ca"):
+            value = getattr(self, name)
+            if value is not None:
+                value = os.fspath(value)
+                object.__setattr__(self, name, value or None)
+        if (self.cert is None) != (self.key is None):
+            given, missing = ("certificate", "key") if self.cert else ("key", "certificate")
+            raise InvalidArgumentError(f"a TLS {given} was given without its {missing}: "
+                                       "pass --tls-cert and --tls-key together")
+
+    @property
+    def enabled(self) -> bool:
+        """True when any file is set."""
+        return any((self.cert, self.key, self.ca))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TLSConfig | None:
+        """From ``QSCALE_TLS_CERT``, ``QSCALE_TLS_KEY`` and ``QSCALE_TLS_CA``; None if none is set."""
+        env = os.environ if environ is None else environ
+        values = {name: env.get(f"QSCALE_TLS_{name.upper()}", "").strip() or None for name in ("cert", "key", "ca")}
+        return cls(**values) if any(values.values()) else None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials for ``server.add_secure_port``; mutual TLS when ``ca`` is set.
+
+        Raises:
+            InvalidArgumentError: no certificate and key, or a file that is not PEM.
+            FailedPreconditionError: a file cannot be read.
+        """
+        if self.cert is None or self.key is None:
+            raise InvalidArgumentError("TLS on the coordinator needs its certificate and key "
+                                       "(--tls-cert and --tls-key); --tls-ca alone only sets the client CA")
+        pair = (_read_pem(self.key, "key"), _read_pem(self.cert, "certificate"))
+        ca = _read_pem(self.ca, "CA") if self.ca else None
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials for ``grpc.secure_channel``: verify the server with ``ca`` (or the
+        system's roots) and present ``cert`` + ``key`` when given.
+
+        Raises:
+            InvalidArgumentError: a file that is not PEM.
+            FailedPreconditionError: a file cannot be read.
+        """
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(self.ca, "CA") if self.ca else None,
+            private_key=_read_pem(self.key, "key") if self.key else None,
+            certificate_chain=_read_pem(self.cert, "certificate") if self.cert else None,
+        )
+
+
+# ----------------------------------------------------------------------------- server side
+
+def required_role(method: str) -> str | None:
+    """The role a full method name (``/package.Service/Method``) needs: :data:`NODE`,
+    :data:`CLIENT`, ``"open"`` for the health service, or None for a method no role may call."""
+    if method.startswith(_OPEN_PREFIXES):
+        return _OPEN
+    for prefix, role in _ROLE_PREFIXES:
+        if method.startswith(prefix):
+            return role
+    return None
+
+
+def _bearer(metadata: Sequence[Any] | None) -> str | None:
+    for item in metadata or ():
+        key, value = item[0], item[1]
+        if key.lower() == AUTH_HEADER:
+            if isinstance(value, bytes):
+                value = value.decode("ascii", "replace")
+            scheme, _, token = str(value).strip().partition(" ")
+            if scheme.lower() == _SCHEME:
+                return token.strip() or None
+            return None
+    return None
+
+
+def _refusal(handler: grpc.RpcMethodHandler, error: QScaleError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that only aborts with ``error``. It reads no
+    request message (requests are left as raw bytes: nothing an unauthenticated caller sends is
+    parsed) and never reaches the servicer."""
+    code, details, trailing = status_for(error)
+
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, details, trailing)
+
+    serializer = handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort, None, serializer)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort, None, serializer)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort, None, serializer)
+    return grpc.unary_unary_rpc_method_handler(abort, None, serializer)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks the bearer token of every call against :class:`Tokens` before its handler runs.
+
+    The health service is open; NodeService needs a node token, JobService a client token,
+    anything else is refused. A refused call gets ``UNAUTHENTICATED`` (no token, or one we do
+    not know) or ``PERMISSION_DENIED`` (a valid token of the other role) and changes nothing.
+    """
+
+    def __init__(self, tokens: Tokens) -> None:
+        if not tokens.enabled:
+            raise InvalidArgumentError("AuthInterceptor needs node and client tokens")
+        self.tokens = tokens
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        needed = required_role(method)
+        if needed == _OPEN:
+            return await continuation(handler_call_details)
+        role = self.tokens.role_of(_bearer(handler_call_details.invocation_metadata))
+        error: QScaleError | None = None
+        if role is None:
+            error = UnauthenticatedError(
+                f"{method}: missing or invalid credentials; send 'authorization: Bearer <token>' with a "
+                f"{needed or 'valid'} token")
+        elif needed is None:
+            error = PermissionDeniedError(f"{method}: no role may call this method")
+        elif role != needed:
+            error = PermissionDeniedError(f"{method} needs a {needed} token; this is a {role} token")
+        handler = await continuation(handler_call_details)
+        if error is None or handler is None:
+            return handler
+        log.info("refused %s: %s", method, error.code.name)
+        return _refusal(handler, error)
+
+
+# ----------------------------------------------------------------------------- client side
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                                            "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class BearerTokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call of a (sync) channel, plain or TLS
+    (``grpc.metadata_call_credentials`` would only work over TLS)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = (AUTH_HEADER, f"Bearer {check_token(token)}")
+
+    def __repr__(self) -> str:
+        return "BearerTokenInterceptor(<token>)"
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        metadata = [m for m in (details.metadata or ()) if m[0].lower() != AUTH_HEADER]
+        metadata.append(self._header)
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def is_loopback_address(address: str) -> bool:
+    """True for a ``host:port`` (or gRPC target) that only this machine can reach:
+    127.0.0.0/8, ::1, ``localhost`` or a unix socket. An empty host or a wildcard is not."""
+    target = address.strip()
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("ipv4:", "ipv6:", "dns:///", "dns:"):
+        if target.startswith(scheme):
+            target = target[len(scheme):]
+            break
+    if target.startswith("["):
+        host = target[1:].split("]", 1)[0]
+    elif target.count(":") == 1:
+        host = target.rsplit(":", 1)[0]
+    else:
+        host = target  # a bare host, or a bare IPv6 address
+    host = host.strip().lower().rstrip(".")
+    if host in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def refuse_secret_options(parser: argparse.ArgumentParser, *flags: str, hint: str) -> None:
+    """Make ``flags`` (e.g. ``--token``) errors that point to ``hint``, without echoing the
+    value. They are hidden from ``--help``; they exist so that argparse does not take them as
+    abbreviations of a ``--token-file`` style option and read a file named like the secret."""
+
+    class _Refuse(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                     option_string: str | None = None) -> None:
+            parser.error(f"{option_string} is not accepted: a secret on the command line shows in `ps` and in "
+                         f"shell history; {hint}")
+
+    for flag in flags:
+        parser.add_argument(flag, action=_Refuse, nargs="?", help=argparse.SUPPRESS, dest=f"_refused_{flag}")
+
+
+def make_channel(
+    address: str,
+    *,
+    token: str | None = None,
+    tls: TLSConfig | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Channel:
+    """A sync gRPC channel to ``address``, the way clients and nodes all build theirs: TLS when
+    ``tls`` is given (even an empty :class:`TLSConfig`, which verifies the server with the
+    system's roots), plain otherwise; every call carries ``token`` when one is given.
+
+    Raises:
+        InvalidArgumentError, FailedPreconditionError: a bad token or unreadable TLS file.
+    """
+    opts = list(options)
+    if tls is not None:
+        channel = grpc.secure_channel(address, tls.channel_credentials(), options=opts)
+    else:
+        channel = grpc.insecure_channel(address, options=opts)
+    if token:
+        interceptor = BearerTokenInterceptor(token)
+        if tls is None and not is_loopback_address(address):
+            log.warning("sending a token to %s without TLS: anyone on the path can read it", address)
+        channel = grpc.intercept_channel(channel, interceptor)
+    return channel
