@@ -656,10 +656,22 @@ def _check_chunk(job: JobRecord, plan: ShardPlan, msg: node_pb2.ChunkResult) -> 
         total = sum(c.counts.values())
         if total != chunk.shots:
             return f"circuit {c.circuit_index} counts add up to {total}, expected {chunk.shots}"
+        num_clbits = job.infos[c.circuit_index].num_clbits
+        for key in c.counts:
+            if not _valid_outcome(key, num_clbits):
+                return f"circuit {c.circuit_index} has an outcome that is not a {num_clbits}-bit hexadecimal value"
         width = memory_width(job.infos[c.circuit_index].num_clbits)
         if job.memory and len(c.memory) != chunk.shots * width:
             return f"circuit {c.circuit_index} sent {len(c.memory)} bytes of memory, expected {chunk.shots * width}"
     return ""
+
+
+def _valid_outcome(key: str, num_clbits: int) -> bool:
+    """Aer's outcome keys: ``0x`` and lowercase hex digits, below ``2**num_clbits``."""
+    digits = key[2:]
+    if not key.startswith("0x") or not 0 < len(digits) <= max(1, -(-num_clbits // 4)):
+        return False
+    return all(ch in "0123456789abcdef" for ch in digits) and int(digits, 16) < (1 << num_clbits)
 
 
 def _gib(n: int) -> str:
