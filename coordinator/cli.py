@@ -56,12 +56,13 @@ def _print_json(data: Any) -> None:
 # ------------------------------------------------------------------- serve
 
 def _serve(args: argparse.Namespace) -> int:
-    from qscale.coordinator.config import CoordinatorConfig
+    from qscale.coordinator.config import CoordinatorConfig, Limits
     from qscale.coordinator.server import CoordinatorServer
 
+    limits = Limits.from_env(**{name: getattr(args, name) for name in _LIMIT_FLAGS})
     config = CoordinatorConfig.from_env(
         listen=args.listen, state_dir=args.state_dir, heartbeat_interval_s=args.heartbeat_interval,
-        heartbeat_timeout_s=args.heartbeat_timeout,
+        heartbeat_timeout_s=args.heartbeat_timeout, limits=limits,
         node_tokens_file=args.node_tokens_file, client_tokens_file=args.client_tokens_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure or None,
     )
@@ -246,6 +247,29 @@ def _run(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------- parser
 
+# ``serve --max-*`` flags: Limits fields, with the defaults of qscale.coordinator.config.Limits.
+_LIMIT_FLAGS = {
+    "max_message_bytes": "largest gRPC message, e.g. 256M (default 256M)",
+    "max_qubits": "widest circuit accepted (default 1024)",
+    "max_clbits": "most classical bits in a circuit (default 16384)",
+    "max_shots": "most shots per circuit (default 100000000)",
+    "max_circuits": "most circuits in a job (default 100000)",
+    "max_experiments": "most circuits x parameter sets in a job (default 1000000)",
+    "max_operations": "most operations in a circuit once custom gates and control flow are expanded "
+                      "(default 1000000)",
+    "max_nesting_depth": "deepest nesting of gate definitions and control-flow blocks (default 32)",
+}
+
+
+def _count(text: str) -> int:
+    from qscale.coordinator.config import _parse_count
+
+    try:
+        return _parse_count(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     import os
 
@@ -291,6 +315,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=os.environ.get("QSCALE_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING or ERROR (default INFO; $QSCALE_LOG_LEVEL)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    for name, text in _LIMIT_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=_count, metavar="N",
+                       help=f"{text} ($QSCALE_{name.upper()})")
     p.add_argument("--node-tokens-file", metavar="FILE",
                    help="join tokens nodes may present, one per line, # comments ($QSCALE_NODE_TOKENS_FILE; "
                         "or one token in $QSCALE_NODE_TOKEN)")

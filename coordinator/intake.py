@@ -1,32 +1,22 @@
 """Validation of submitted jobs: every circuit is decoded (QPY) or parsed (OpenQASM), checked
-against the limits, and summarised for the planner before anything is stored; parameter
-values, shots and the noise model are checked too.
+against the limits and the operation allow-list, and summarised for the planner before anything
+is stored; parameter values, shots and the noise model are checked too.
 
-CPU-bound; the servicer runs it in a worker thread so heartbeats are never held up by a big
-submission.
+Untrusted bytes are decoded in the sandbox (:mod:`qscale.coordinator.sandbox`), never in the
+coordinator's process: a payload that would exhaust memory or crash a parser costs an error
+message. This module checks what is cheap (counts, sizes, shots) before sending anything there.
+The servicer runs it in a worker thread so heartbeats are never held up by a big submission.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
-from qiskit import QuantumCircuit
 
-from qscale.circuits import (
-    METHODS,
-    CircuitInfo,
-    describe,
-    dump_qpy,
-    load_qpy,
-    pack_parameter_values,
-    parse_qasm,
-    qpy_version,
-    unpack_parameter_values,
-)
+from qscale.circuits import METHODS, CircuitInfo, pack_parameter_values, unpack_parameter_values
+from qscale.coordinator import sandbox
 from qscale.coordinator.config import Limits
 from qscale.errors import InvalidArgumentError
 from qscale.proto.v1 import common_pb2, jobs_pb2
@@ -52,8 +42,12 @@ class PreparedJob:
     noise_model: str = ""
 
 
-def prepare_job(request: jobs_pb2.SubmitRequest, limits: Limits) -> PreparedJob:
+def prepare_job(request: jobs_pb2.SubmitRequest, limits: Limits,
+                decoder: sandbox.Decoder | None = None) -> PreparedJob:
     """Validate a submission and decode its circuits.
+
+    ``decoder`` decodes and checks the circuits and the noise model; by default the sandbox pool
+    for ``limits`` (:func:`qscale.coordinator.sandbox.pool_for`).
 
     Raises:
         InvalidArgumentError: with a message naming the offending circuit or field.
@@ -65,68 +59,75 @@ def prepare_job(request: jobs_pb2.SubmitRequest, limits: Limits) -> PreparedJob:
         raise InvalidArgumentError(f"a job may hold at most {limits.max_circuits} circuits, this one has {n}")
     method = request.method or "automatic"
     if method not in METHODS:
-        raise InvalidArgumentError(f"unknown simulation method {method[:40]!r}; choose one of {', '.join(METHODS)}")
+        raise InvalidArgumentError(f"unknown simulation method; choose one of {', '.join(METHODS)}")
     if request.HasField("seed"):
         if request.seed > MAX_SEED:
             raise InvalidArgumentError(f"seed must be below 2**63, got {request.seed}")
         seed = request.seed
     else:
         seed = secrets.randbits(63)
-    noise_model = check_noise_model(request.noise_model, limits) if request.noise_model else ""
-    infos: list[CircuitInfo] = []
-    payloads: list[bytes] = []
+    if len(request.noise_model) > limits.max_noise_model_bytes:
+        raise InvalidArgumentError(
+            f"noise model is {len(request.noise_model)} bytes; the limit is {limits.max_noise_model_bytes}")
+    sources: list[sandbox.Source] = []
     shots: list[int] = []
-    params: list[common_pb2.ParameterValues | None] = []
     experiments = 0
     for index, source in enumerate(request.circuits):
         try:
             circuit_shots = source.shots or request.shots
             if not 1 <= circuit_shots <= limits.max_shots:
                 raise InvalidArgumentError(f"shots must be between 1 and {limits.max_shots}, got {circuit_shots}")
-            circuit, payload = _decode(source, limits)
-            info = replace(describe(circuit, source.name[:200]), qpy_version=qpy_version(payload))
-            _check(circuit, info, limits)
-            values = _parameters(source, info)
+            sources.append(_source(source, limits))
+            sets = source.parameters.num_sets if source.HasField("parameters") else 1
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"circuit {index}: {exc}") from None
-        experiments += values.num_sets if values is not None else 1
+        experiments += max(1, sets)
         if experiments > limits.max_experiments:
             raise InvalidArgumentError(f"a job may hold at most {limits.max_experiments} experiments "
                                        "(circuits x parameter sets)")
-        infos.append(info)
-        payloads.append(payload)
         shots.append(circuit_shots)
+    decoded = (decoder or sandbox.pool_for(limits)).decode(sources, limits, noise_model=request.noise_model)
+    infos: list[CircuitInfo] = []
+    payloads: list[bytes] = []
+    params: list[common_pb2.ParameterValues | None] = []
+    for index, (source, result) in enumerate(zip(request.circuits, decoded)):
+        try:
+            _check(result.info, limits)
+            values = _parameters(source, result.info)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"circuit {index}: {exc}") from None
+        infos.append(result.info)
+        payloads.append(source.qpy if result.qpy is None else result.qpy)
         params.append(values)
-    return PreparedJob(infos, payloads, shots, params, seed, method, request.memory, noise_model)
+    return PreparedJob(infos, payloads, shots, params, seed, method, request.memory, request.noise_model)
 
 
-def check_noise_model(text: str, limits: Limits) -> str:
-    """Validate a JSON noise model (``NoiseModel.to_dict(serializable=True)``); returns it unchanged."""
+def check_noise_model(text: str, limits: Limits, decoder: sandbox.Decoder | None = None) -> str:
+    """Validate a JSON noise model (``NoiseModel.to_dict(serializable=True)``) in the sandbox;
+    returns it unchanged."""
     if len(text) > limits.max_noise_model_bytes:
         raise InvalidArgumentError(f"noise model is {len(text)} bytes; the limit is {limits.max_noise_model_bytes}")
-    try:
-        data = json.loads(text)
-        from qiskit_aer.noise import NoiseModel
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            NoiseModel.from_dict(data)
-    except Exception as exc:  # any failure is the payload's fault
-        raise InvalidArgumentError(f"invalid noise model: {type(exc).__name__}") from None
+    (decoder or sandbox.pool_for(limits)).decode([], limits, noise_model=text)
     return text
 
 
-def _decode(source: jobs_pb2.CircuitSource, limits: Limits) -> tuple[QuantumCircuit, bytes]:
+def _source(source: jobs_pb2.CircuitSource, limits: Limits) -> sandbox.Source:
+    """What the sandbox gets for one circuit, once the cheap checks passed."""
+    name = source.name[:200]
     kind = source.WhichOneof("source")
     if kind == "qpy":
-        return load_qpy(source.qpy, max_bytes=limits.max_circuit_bytes), source.qpy
+        if len(source.qpy) > limits.max_circuit_bytes:
+            raise InvalidArgumentError(f"QPY payload is {len(source.qpy)} bytes; the limit is {limits.max_circuit_bytes}")
+        return sandbox.Source("qpy", source.qpy, name)
     if kind == "qasm":
-        circuit = parse_qasm(source.qasm, max_chars=limits.max_circuit_bytes)
-        return circuit, dump_qpy(circuit)
+        if len(source.qasm) > limits.max_circuit_bytes:
+            raise InvalidArgumentError(
+                f"OpenQASM source is {len(source.qasm)} characters; the limit is {limits.max_circuit_bytes}")
+        return sandbox.Source("qasm", source.qasm, name)
     raise InvalidArgumentError("empty: give QPY bytes or OpenQASM text")
 
 
-def _check(circuit: QuantumCircuit, info: CircuitInfo, limits: Limits) -> None:
+def _check(info: CircuitInfo, limits: Limits) -> None:
     if info.num_qubits > limits.max_qubits:
         raise InvalidArgumentError(f"{info.num_qubits} qubits; the limit is {limits.max_qubits}")
     if info.num_qubits == 0:
@@ -140,17 +141,23 @@ def _parameters(source: jobs_pb2.CircuitSource, info: CircuitInfo) -> common_pb2
     """The source's parameter values with columns in the circuit's parameter order, or None."""
     if not source.HasField("parameters"):
         if info.parameters:
-            names = ", ".join(info.parameters[:5])
-            raise InvalidArgumentError(f"unbound parameters ({names}); give values for them")
+            raise InvalidArgumentError(f"unbound parameters ({_names(info.parameters)}); give values for them")
         return None
     given = source.parameters
     names = list(given.names)
     if sorted(names) != sorted(info.parameters) or len(set(names)) != len(names):
         raise InvalidArgumentError(
-            f"parameter values name {sorted(names)[:5]} but the circuit has {sorted(info.parameters)[:5]}")
+            f"parameter values name {_names(sorted(names))} but the circuit has {_names(sorted(info.parameters))}")
     if given.num_sets < 1:
         raise InvalidArgumentError("parameter values need at least one set")
     values = unpack_parameter_values(names, given.num_sets, given.values)
-    order = [names.index(name) for name in info.parameters]
+    column = {name: i for i, name in enumerate(names)}
+    order = [column[name] for name in info.parameters]
     names, num_sets, data = pack_parameter_values(info.parameters, np.ascontiguousarray(values[:, order]))
     return common_pb2.ParameterValues(names=names, num_sets=num_sets, values=data)
+
+
+def _names(names: list[str] | tuple[str, ...]) -> str:
+    """Up to five parameter names, each cut short, for a message."""
+    shown = [name if len(name) <= 40 else name[:37] + "..." for name in names[:5]]
+    return ", ".join(shown) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from qscale.coordinator import sandbox
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.scheduler import Scheduler
 from qscale.coordinator.servicers import JobEvents, JobServicer, NodeServicer
@@ -91,6 +92,7 @@ class CoordinatorServer:
         self.core: Scheduler | None = None
         self.health: health_aio.HealthServicer | None = None
         self._jobs: JobServicer | None = None
+        self._sandbox: sandbox.SandboxPool | None = None
 
     async def start(self) -> str:
         """Open the state, recover unfinished jobs, and serve. Returns the bound ``host:port``.
@@ -126,6 +128,8 @@ class CoordinatorServer:
             raise FailedPreconditionError(f"cannot listen on {self.config.listen}: {exc}") from exc
         host = self.config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
+        # Circuits are decoded in sandbox processes; they warm up in the background.
+        self._sandbox = sandbox.open_pool(self.config.limits)
         await server.start()
         self._server = server
         for service in ("", *SERVICES):
@@ -168,6 +172,9 @@ class CoordinatorServer:
         await self._server.stop(grace)
         self._server = None
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._sandbox is not None:
+            sandbox.release(self._sandbox)
+            self._sandbox = None
         if self.store is not None:
             self.store.close()
         if self._temp_state is not None:
