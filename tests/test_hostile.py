@@ -575,7 +575,9 @@ def test_gate_bombs_and_deep_nesting(cluster: LocalCluster, jobs) -> None:
     refused(jobs, qasm_job(qasm3_nested_ifs(3).replace("x q[0];", "for uint i in [0:100000000] { x q[0]; }")),
             "more than 1000 operations")
     deep = "(" * 5000 + "0.5" + ")" * 5000
-    refused(jobs, qasm_job(f'OPENQASM 3.0;\ninclude "stdgates.inc";\nqubit q;\nrx({deep}) q;\n'), "OpenQASM 3 error")
+    # The parser either rejects it or runs into the sandbox's time limit (on a loaded machine).
+    details = refused(jobs, qasm_job(f'OPENQASM 3.0;\ninclude "stdgates.inc";\nqubit q;\nrx({deep}) q;\n'))
+    assert "OpenQASM 3 error" in details or "could not be decoded safely" in details, details
     refused(jobs, qpy_job(gate_chain(30)), "nested deeper than 8")
     refused(jobs, qpy_job(nested_ifs(30)), "nested deeper than 8")
     still_serving(cluster)
