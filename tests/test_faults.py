@@ -71,15 +71,18 @@ def test_sigstopped_node_is_reaped_its_late_results_ignored_and_it_rejoins(make_
         # The other node finishes the job, the stopped node's shard included. Only the daemon
         # is stopped: its worker process finishes the shard too, and the result waits for it.
         result = job.result(timeout=180)
+        wait_until(lambda: all(cpu_idle(w) for w in worker_pids(proc.pid)), 120,
+                   "the stopped node's worker to finish its shard")
     finally:
         proc.send_signal(signal.SIGCONT)
     assert result.shots == 3000 and sum(result.counts[0].values()) == 3000
     # The node comes back under a new id and gets work again.
     wait_until(lambda: sum(n.state == "alive" for n in client.nodes()) == 2, 30, "the node to rejoin")
-    # What it finished while stopped arrives late and is dropped, not counted.
-    stale = wait_until(lambda: client.job(job.job_id).result(timeout=5).stale_results_dropped, 30,
-                       "the late results of the stopped node")
+    # What it finished while stopped arrives late and is dropped, not counted. (Whether anything
+    # arrives is a race with the node's own lease check, which may stop the shard first; the
+    # dropping itself is pinned down in test_scheduler.py without timing.)
     final = client.job(job.job_id).result(timeout=5)
+    stale = final.stale_results_dropped
     assert final.counts == result.counts and final.shots == 3000
     print(f"stopped node lost after {lost_after:.2f} s; {stale} late message(s) dropped")
     again = client.submit(slow_circuit(), shots=3000, seed=5).result(timeout=180)
@@ -123,6 +126,18 @@ def test_node_started_before_coordinator_joins_and_survives_a_restart(tmp_path) 
         client.close()
         cluster.stop()
         coordinator.stop()
+
+
+def cpu_idle(pid: int, window: float = 0.3) -> bool:
+    """True if the process used no CPU time during ``window`` seconds."""
+
+    def cpu() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    before = cpu()
+    time.sleep(window)
+    return cpu() == before
 
 
 def worker_pids(node_pid: int) -> list[int]:
