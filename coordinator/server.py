@@ -20,7 +20,7 @@ from grpc_health.v1.health import aio as health_aio
 from qscale.coordinator import sandbox
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.scheduler import Scheduler
-from qscale.coordinator.servicers import JobEvents, JobServicer, NodeServicer
+from qscale.coordinator.servicers import JobEvents, JobServicer, NodeServicer, add_services
 from qscale.coordinator.store import Store
 from qscale.errors import FailedPreconditionError, UnavailableError
 from qscale.proto.v1 import jobs_pb2_grpc, node_pb2_grpc
@@ -114,9 +114,10 @@ class CoordinatorServer:
         recovered = self.core.recover(self.clock())
         server = grpc.aio.server(options=grpc_options(self.config.limits.max_message_bytes),
                                  interceptors=[AuthInterceptor(tokens)] if tokens.enabled else None)
-        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.core, self.config, self.clock), server)
         self._jobs = JobServicer(self.core, self.config, events, self.clock, self._executor)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(self._jobs, server)
+        add_services(server, (node_pb2_grpc.add_NodeServiceServicer_to_server,
+                              NodeServicer(self.core, self.config, self.clock)),
+                     (jobs_pb2_grpc.add_JobServiceServicer_to_server, self._jobs))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
             if credentials is not None:

@@ -21,12 +21,62 @@ from qscale.errors import FailedPreconditionError, InvalidArgumentError, QScaleE
 from qscale.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
 from qscale.rpc_status import status_for
 
-__all__ = ["NodeServicer", "JobServicer", "JobEvents"]
+__all__ = ["NodeServicer", "JobServicer", "JobEvents", "add_services", "MALFORMED"]
 
 log = logging.getLogger(__name__)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _HELLO_TIMEOUT_S = 30.0
+
+
+class _Malformed:
+    """Stands for a request whose bytes did not decode (see :func:`add_services`)."""
+
+
+MALFORMED = _Malformed()
+
+
+def _decode_or_mark(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # any decoding failure is the caller's bytes' fault
+            return MALFORMED
+
+    return decode
+
+
+class _Capture:
+    """Collects what a generated ``add_*Servicer_to_server`` registers."""
+
+    def __init__(self) -> None:
+        self.services: list[tuple[str, dict[str, grpc.RpcMethodHandler]]] = []
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.services.append((service, handlers))
+
+
+def add_services(server: grpc.aio.Server, *registrations: tuple[Callable[[Any, Any], None], Any]) -> None:
+    """Register servicers like the generated ``add_*Servicer_to_server`` functions, but with
+    request deserializers that never fail: undecodable bytes reach the handler as
+    :data:`MALFORMED` and get INVALID_ARGUMENT, instead of gRPC's own status naming a Python
+    exception class (and a logged traceback per call)."""
+    for add, servicer in registrations:
+        capture = _Capture()
+        add(servicer, capture)
+        for service, handlers in capture.services:
+            safe = {name: handler._replace(request_deserializer=_decode_or_mark(handler.request_deserializer))
+                    for name, handler in handlers.items()}
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, safe),))
+            server.add_registered_method_handlers(service, safe)
+
+
+def _check_decoded(request: Any) -> None:
+    if request is MALFORMED:
+        raise InvalidArgumentError("malformed request: its bytes are not a valid message of this method")
 _MAX_LIST = 1000
 
 
@@ -36,6 +86,7 @@ def _unary(method: _F) -> _F:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _check_decoded(request)
             return await method(self, request, context)
         except QScaleError as exc:
             await context.abort(*status_for(exc))
@@ -52,6 +103,7 @@ def _streaming(method: _F) -> _F:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            _check_decoded(request)
             async for item in method(self, request, context):
                 yield item
         except QScaleError as exc:
@@ -107,7 +159,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             first = await asyncio.wait_for(request_iterator.__anext__(), _HELLO_TIMEOUT_S)
         except (StopAsyncIteration, asyncio.TimeoutError):
             raise InvalidArgumentError("a work stream must start with a hello message") from None
-        if first.WhichOneof("kind") != "hello":
+        if first is MALFORMED or first.WhichOneof("kind") != "hello":
             raise InvalidArgumentError("a work stream must start with a hello message")
         node_id = first.hello.node_id
         outbox: asyncio.Queue[node_pb2.CoordinatorMessage | None] = asyncio.Queue()
@@ -125,6 +177,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         core = self.core
         try:
             async for msg in requests:
+                if msg is MALFORMED:
+                    log.warning("node %s sent a message that does not decode; closing its stream", node_id)
+                    break
                 kind = msg.WhichOneof("kind")
                 now = self.clock()
                 if kind == "chunk":

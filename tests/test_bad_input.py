@@ -111,3 +111,23 @@ def test_unknown_ids_and_bad_streams(stubs) -> None:
     with pytest.raises(grpc.RpcError) as info:
         list(nodes.Work(ghost, timeout=10))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_undecodable_request_bytes_get_invalid_argument_without_internals(cluster: LocalCluster) -> None:
+    channel = grpc.insecure_channel(cluster.address)
+    try:
+        for method in ("/qscale.v1.JobService/Submit", "/qscale.v1.JobService/GetJob",
+                       "/qscale.v1.NodeService/Register"):
+            call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"\xff\xff\xff\xff garbage", timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+            assert "malformed request" in info.value.details() and "class" not in info.value.details()
+        work = channel.stream_stream("/qscale.v1.NodeService/Work", request_serializer=None,
+                                     response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as info:
+            list(work(iter([b"\xff\xff\xff\xff garbage"]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        channel.close()
+    assert cluster.client.submit(bell(), shots=10, seed=1).result(timeout=60).shots == 10
