@@ -213,12 +213,15 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self.events = events
         self.clock = clock
         self.executor = executor
-        self.draining = False
         self._stopping = asyncio.Event()
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`begin_shutdown` ran."""
+        return self._stopping.is_set()
 
     def begin_shutdown(self) -> None:
         """Refuse new jobs and end every Watch stream with UNAVAILABLE (clients retry)."""
-        self.draining = True
         self._stopping.set()
 
     @_unary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -93,3 +94,10 @@ def ghz(n: int) -> QuantumCircuit:
         qc.cx(i, i + 1)
     qc.measure_all()
     return qc
+
+
+def free_port() -> int:
+    """A loopback port the OS just handed out (for a process that must be restarted on it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qiskit import QuantumCircuit
 from qiskit.circuit import Parameter
 
-from conftest import fast_config, ghz, slow_circuit, wait_until
+from conftest import free_port, fast_config, ghz, slow_circuit, wait_until
 from qscale.client import Client
 from qscale.local import LocalCluster
 from qscale.circuits import dump_qpy
@@ -28,12 +27,6 @@ from qscale.proto.v1 import jobs_pb2, jobs_pb2_grpc
 
 CHAOS_SECONDS = 25.0
 JOBS = 14
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class CoordinatorProcess:
@@ -95,7 +88,7 @@ def submit(client: Client, k: int):
 
 def test_chaos(tmp_path: Path) -> None:
     rng = random.Random(20261124)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     coordinator = CoordinatorProcess(address, tmp_path / "state", tmp_path / "coordinator.log")
     (tmp_path / "state").mkdir()
     nodes = LocalCluster(0, cores_per_node=1, log_dir=tmp_path / "logs")
@@ -206,7 +199,7 @@ def test_same_request_key_creates_one_job(tmp_path: Path) -> None:
 def test_node_stops_its_shards_when_its_lease_runs_out(tmp_path: Path) -> None:
     """The coordinator hangs (SIGSTOP): past the lease the node stops its shards; when the
     coordinator resumes, the job still completes exactly."""
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     (tmp_path / "state").mkdir()
     coordinator = CoordinatorProcess(address, tmp_path / "state", tmp_path / "coordinator.log")
     nodes = LocalCluster(0, cores_per_node=1, log_dir=tmp_path / "logs")
@@ -238,7 +231,7 @@ def test_sigterm_on_the_coordinator_drains_and_a_restart_resumes(tmp_path: Path)
     reconnect, the process exits 0; a new coordinator on the same state finishes the job."""
     from qscale.errors import UnavailableError
 
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     (tmp_path / "state").mkdir()
     coordinator = CoordinatorProcess(address, tmp_path / "state", tmp_path / "coordinator.log")
     nodes = LocalCluster(0, cores_per_node=1, log_dir=tmp_path / "logs")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-from conftest import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, fast_config, slow_circuit, wait_until
+from conftest import free_port, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, fast_config, slow_circuit, wait_until
 from qscale.client import Client
 from qscale.coordinator.server import EmbeddedCoordinator
 from qscale.local import LocalCluster
@@ -89,14 +88,8 @@ def test_sigstopped_node_is_reaped_its_late_results_ignored_and_it_rejoins(make_
     assert again.counts == result.counts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_node_started_before_coordinator_joins_and_survives_a_restart(tmp_path) -> None:
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     config = fast_config(listen=address, state_dir=str(tmp_path / "state"))
     cluster = LocalCluster(0, cores_per_node=1, config=config, log_dir=tmp_path / "logs")
