@@ -16,7 +16,7 @@ import grpc
 from qscale.coordinator import views
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.intake import prepare_job
-from qscale.coordinator.scheduler import Scheduler
+from qscale.coordinator.scheduler import JobRecord, Scheduler
 from qscale.errors import FailedPreconditionError, InvalidArgumentError, QScaleError, UnavailableError
 from qscale.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
 from qscale.rpc_status import status_for
@@ -256,9 +256,23 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 waiter.cancel()
                 if stopping.done():
                     raise UnavailableError("the coordinator is shutting down; watch again when it is back")
-                await asyncio.sleep(self.config.watch_min_interval_s)
+                await self._throttle(job)
         finally:
             stopping.cancel()
+
+    async def _throttle(self, job: JobRecord) -> None:
+        """Let at least ``watch_min_interval_s`` pass between two updates of a running job, but
+        report a job that finishes meanwhile at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.watch_min_interval_s
+        while not job.final:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.events.event(job.job_id).wait(), remaining)
+            except asyncio.TimeoutError:
+                return
 
     @_unary
     async def GetResult(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobResult:
