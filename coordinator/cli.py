@@ -65,6 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat_timeout_s=args.heartbeat_timeout, limits=limits,
         node_tokens_file=args.node_tokens_file, client_tokens_file=args.client_tokens_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure or None,
+        prefetch_per_slot=args.prefetch_per_slot, backup_after_s=args.backup_after,
+        policy_overrides={"shots_per_shard": args.shots_per_shard, "target_shards": args.target_shards},
     )
     if args.print_config:
         shown = dataclasses.asdict(config)
@@ -312,6 +314,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 2)")
     p.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before a node is lost (default 10)")
     p.add_argument("--address-file", help="write the bound HOST:PORT here once serving (useful with port 0)")
+    p.add_argument("--shots-per-shard", type=_count, metavar="N",
+                   help="cap on the shots of one shard where shots cost a simulation each (default 0: shards "
+                        "are sized by estimated cost only; $QSCALE_SHOTS_PER_SHARD)")
+    p.add_argument("--target-shards", type=_count, metavar="N",
+                   help="a job with enough work is cut into about this many shards: the most nodes that share "
+                        "one job evenly (default 32; $QSCALE_TARGET_SHARDS)")
+    p.add_argument("--prefetch-per-slot", type=_count, metavar="N",
+                   help="shards a node holds beyond its slots, per slot (default 1; $QSCALE_PREFETCH_PER_SLOT)")
+    p.add_argument("--backup-after", type=float, metavar="SECONDS",
+                   help="a straggling shard gets a backup copy on an idle node after this long "
+                        "(default 2, 0: never; $QSCALE_BACKUP_AFTER)")
     p.add_argument("--log-level", default=os.environ.get("QSCALE_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING or ERROR (default INFO; $QSCALE_LOG_LEVEL)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")

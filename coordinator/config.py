@@ -120,6 +120,15 @@ class CoordinatorConfig:
     """A shard that failed this many times (on different nodes when there are any) fails its job."""
     max_shard_losses: int = 3
     """A shard whose nodes were lost this many times while running it fails its job."""
+    prefetch_per_slot: int = 1
+    """Shards a node is given beyond its slots, per slot, so that its next shard is in hand when
+    one ends (0: no pipelining)."""
+    backup_after_s: float = 2.0
+    """A shard running this long, at least ``backup_slowdown`` times longer than expected from
+    the job's finished shards, gets a backup copy on an idle node once nothing of its job is
+    queued; the first result wins (0: no backup copies)."""
+    backup_slowdown: float = 2.0
+    """How much slower than expected a shard must be to get a backup copy."""
     finished_jobs_in_memory: int = 1000
     """Finished jobs kept in memory for quick reads; older ones are read back from the state."""
     watch_min_interval_s: float = 0.05
@@ -150,10 +159,16 @@ class CoordinatorConfig:
             raise InvalidArgumentError("heartbeat timeout must be longer than the heartbeat interval")
         if self.max_shard_failures < 1 or self.max_shard_losses < 1:
             raise InvalidArgumentError("max shard failures and losses must be >= 1")
+        if self.prefetch_per_slot < 0 or self.backup_after_s < 0 or self.backup_slowdown < 1:
+            raise InvalidArgumentError("prefetch and backup settings: prefetch >= 0, backup after >= 0, "
+                                       "slowdown >= 1")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> CoordinatorConfig:
-        """Defaults, then ``QSCALE_*`` variables, then ``overrides`` that are not None."""
+        """Defaults, then ``QSCALE_*`` variables, then ``overrides`` that are not None.
+
+        ``policy_overrides`` (a dict) sets fields of the planning policy the same way
+        (``QSCALE_SHOTS_PER_SHARD``, ``QSCALE_TARGET_SHARDS``)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name, var, conv in _ENV:
@@ -164,6 +179,21 @@ class CoordinatorConfig:
                     raise InvalidArgumentError(f"{var}={env[var]!r}: {exc}") from exc
         if overrides.get("limits") is None:
             values["limits"] = Limits.from_env(env)  # QSCALE_MAX_* and QSCALE_DECODE_*
+        policy_overrides = overrides.pop("policy_overrides", None) or {}
+        if overrides.get("policy") is None:
+            planning: dict[str, int] = {}
+            for name, var in (("shots_per_shard", "QSCALE_SHOTS_PER_SHARD"), ("target_shards", "QSCALE_TARGET_SHARDS")):
+                if env.get(var):
+                    try:
+                        planning[name] = int(env[var])
+                    except ValueError as exc:
+                        raise InvalidArgumentError(f"{var}={env[var]!r}: {exc}") from exc
+            planning.update({k: v for k, v in policy_overrides.items() if v is not None})
+            if planning:
+                try:
+                    values["policy"] = PlanningPolicy(**planning)
+                except ValueError as exc:
+                    raise InvalidArgumentError(str(exc)) from exc
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
@@ -182,6 +212,8 @@ _ENV: tuple[tuple[str, str, Any], ...] = (
     ("heartbeat_interval_s", "QSCALE_HEARTBEAT_INTERVAL", float),
     ("heartbeat_timeout_s", "QSCALE_HEARTBEAT_TIMEOUT", float),
     ("max_shard_failures", "QSCALE_MAX_SHARD_FAILURES", int),
+    ("prefetch_per_slot", "QSCALE_PREFETCH_PER_SLOT", int),
+    ("backup_after_s", "QSCALE_BACKUP_AFTER", float),
     ("node_tokens_file", "QSCALE_NODE_TOKENS_FILE", str),
     ("client_tokens_file", "QSCALE_CLIENT_TOKENS_FILE", str),
     ("node_token", "QSCALE_NODE_TOKEN", str.strip),

@@ -12,36 +12,78 @@ shard, each chunk is one Aer call whose results are streamed back as soon as it 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from qscale.circuits import CircuitInfo, estimate_memory_bytes, resolved_method
+from qscale.circuits import CircuitInfo, estimate_memory_bytes, memory_width, resolved_method
 
-__all__ = ["PlanningPolicy", "Entry", "ChunkPlan", "ShardPlan", "plan_job", "chunk_seed", "splits_shots"]
+__all__ = ["PlanningPolicy", "Entry", "ChunkPlan", "ShardPlan", "plan_job", "chunk_seed", "splits_shots",
+           "choose_method", "experiment_cost"]
 
 _SEED_MODULUS = 1 << 31  # Aer adds an offset per experiment to the seed; stay far from overflow
 
 
 @dataclass(frozen=True)
 class PlanningPolicy:
-    """How jobs are cut. Stored with each job, so a restart plans it the same way."""
+    """How jobs are cut. Stored with each job, so a restart plans it the same way.
 
-    shots_per_shard: int = 1000
-    """Largest number of shots in one shard where shots cost a simulation each."""
-    max_circuits_per_shard: int = 64
-    """Most experiments (circuit x parameter set) batched into one shard."""
-    circuits_per_chunk: int = 16
-    """Most experiments in one Aer call inside a shard (the granularity of partial results)."""
-    batch_max_qubits: int = 16
-    """Circuits at most this wide are batched; wider ones get a shard per experiment."""
+    Shard sizes come from a cost model (:func:`experiment_cost`) in *reference seconds*: one
+    simulation thread of the machine the constants were measured on (see DESIGN.md). The
+    figures only need to be right relative to each other; the plan depends on them and on the
+    job, never on the cluster.
+    """
+
+    target_shards: int = 32
+    """A job with enough work is cut into about this many shards, so that up to this many
+    nodes share it evenly; a small job gets fewer, never shards cheaper than
+    ``min_shard_seconds``."""
+    min_shard_seconds: float = 0.05
+    """Smallest estimated cost of a shard: keeps the per-shard overhead (~1 ms) below ~2%."""
+    max_shard_seconds: float = 30.0
+    """Largest estimated cost of a shard whose work can be divided (sets, batches, shots)."""
+    min_chunk_seconds: float = 0.5
+    """A shard is cut into Aer calls (chunks, the unit of partial results) of at least this cost."""
+    chunks_per_shard: int = 4
+    """Most chunks of a long shard."""
+    max_circuits_per_shard: int = 2048
+    """Most experiments (circuit x parameter set) in one shard (bounds message sizes)."""
+    circuits_per_chunk: int = 512
+    """Most experiments in one Aer call."""
+    shots_per_shard: int = 0
+    """If > 0, the most shots of one experiment in a shard where shots cost a simulation each."""
+    max_memory_chunk_bytes: int = 8 << 20
+    """Most bytes of per-shot memory one chunk returns: wider ones split their shots."""
+    # Cost model constants (reference seconds, one thread).
+    amplitude_op_s: float = 4e-9
+    """Applying one instruction to one statevector amplitude."""
+    stabilizer_op_s: float = 8e-9
+    """One instruction on one qubit of a stabilizer tableau, per shot."""
+    sample_s: float = 1e-7
+    """Sampling one shot, per measured qubit, from a final state."""
+    experiment_overhead_s: float = 3e-4
+    """Fixed cost of one experiment in an Aer call (setup, conversion, result)."""
 
     def __post_init__(self) -> None:
-        for name in ("shots_per_shard", "max_circuits_per_shard", "circuits_per_chunk", "batch_max_qubits"):
+        for name in ("target_shards", "chunks_per_shard", "max_circuits_per_shard", "circuits_per_chunk",
+                     "max_memory_chunk_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PlanningPolicy.{name} must be >= 1")
+        if self.shots_per_shard < 0:
+            raise ValueError("PlanningPolicy.shots_per_shard must be >= 0")
+        for name in ("min_shard_seconds", "max_shard_seconds", "min_chunk_seconds", "amplitude_op_s",
+                     "stabilizer_op_s", "sample_s", "experiment_overhead_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PlanningPolicy.{name} must be > 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> PlanningPolicy:
+        """A policy from its stored form; fields this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -76,6 +118,10 @@ class ShardPlan:
     num_qubits: int
     qpy_version: int = 0
     """Newest QPY version among its circuits' payloads: a node must read it."""
+    method: str = "automatic"
+    """The Aer method every experiment of the shard runs with."""
+    cost: float = 0.0
+    """Estimated reference seconds (see :func:`experiment_cost`)."""
 
     @property
     def circuit_indices(self) -> tuple[int, ...]:
@@ -101,6 +147,23 @@ def chunk_seed(job_seed: int, shard_index: int, chunk_index: int) -> int:
     return int(seq.generate_state(1, dtype=np.uint64)[0] % _SEED_MODULUS)
 
 
+def choose_method(info: CircuitInfo, method: str, shots: int, noisy: bool = False) -> str:
+    """The Aer method a circuit runs with: the job's, or for ``automatic`` what Aer would pick.
+
+    Aer picks the stabilizer method for Clifford circuits, and for a noisy circuit the
+    density-matrix method when it is cheaper than one trajectory per shot (more shots than
+    ``2**num_qubits``) and simulates every instruction; otherwise the statevector method.
+    The plan names the method, so every shard of an experiment runs the same way.
+    """
+    if method not in ("", "automatic"):
+        return method
+    if info.clifford and not noisy:
+        return "stabilizer"
+    if noisy and info.density_matrix_ok and info.num_qubits < 30 and shots > (1 << info.num_qubits):
+        return "density_matrix"
+    return "statevector"
+
+
 def splits_shots(info: CircuitInfo, method: str, noisy: bool = False) -> bool:
     """Whether each shot costs a simulation of its own, so that splitting shots spreads work.
 
@@ -117,30 +180,68 @@ def splits_shots(info: CircuitInfo, method: str, noisy: bool = False) -> bool:
     return noisy or not info.final_measurements_only
 
 
+def experiment_cost(info: CircuitInfo, method: str, shots: int, policy: PlanningPolicy, noisy: bool = False
+                    ) -> float:
+    """Estimated reference seconds of one experiment (one parameter set) with ``shots`` shots.
+
+    Statevector: instructions x 2**n amplitudes once, or once per shot where shots cost a
+    simulation; density matrix: instructions x 4**n (twice the work per element); stabilizer:
+    instructions x n per shot; matrix product state: as a statevector of at most 20 qubits.
+    Plus sampling (shots x measured bits) and a fixed per-experiment overhead.
+    """
+    method = resolved_method(method, info)
+    n, ops = info.num_qubits, max(1, info.num_operations)
+    sampling = shots * max(1, info.num_clbits) * policy.sample_s
+    if method in ("stabilizer", "extended_stabilizer"):
+        per_shot = ops * max(1, n) * policy.stabilizer_op_s * (10 if method == "extended_stabilizer" else 1)
+        return policy.experiment_overhead_s + shots * per_shot + sampling
+    if method == "density_matrix":
+        return policy.experiment_overhead_s + 2 * ops * float(1 << min(2 * n, 62)) * policy.amplitude_op_s + sampling
+    amplitudes = float(1 << min(n, 20 if method == "matrix_product_state" else 62))
+    state = ops * amplitudes * policy.amplitude_op_s
+    runs = shots if splits_shots(info, method, noisy) else 1
+    return policy.experiment_overhead_s + runs * state + sampling
+
+
 def _even_split(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def _chunks(items: list[tuple[Entry, int]], per_chunk: int) -> list[tuple[list[Entry], int]]:
-    """Consecutive entries with the same shots, cut into calls of at most ``per_chunk`` experiments."""
+@dataclass
+class _Pending:
+    """A shard being built: its experiments (entry, shots), cost and method."""
+
+    method: str
+    items: list[tuple[Entry, int, float]] = dataclasses.field(default_factory=list)
+    cost: float = 0.0
+    experiments: int = 0
+
+
+def _chunks(items: list[tuple[Entry, int, float]], per_chunk: int, chunk_cost: float
+            ) -> list[tuple[list[Entry], int]]:
+    """Consecutive entries with the same shots, cut into Aer calls of at most ``per_chunk``
+    experiments and about ``chunk_cost`` each. ``items`` hold (entry, shots, cost per set)."""
     out: list[tuple[list[Entry], int]] = []
     current: list[Entry] = []
-    size = 0
+    size, cost = 0, 0.0
     shots = items[0][1]
-    for entry, entry_shots in items:
+    for entry, entry_shots, each in items:
         if entry_shots != shots and current:
             out.append((current, shots))
-            current, size = [], 0
+            current, size, cost = [], 0, 0.0
         shots = entry_shots
         start, left = entry.set_start, entry.set_count
         while left:
-            take = min(left, per_chunk - size)
+            room = per_chunk - size
+            if each > 0:
+                room = min(room, max(1, math.ceil((chunk_cost - cost) / each)))
+            take = min(left, room)
             current.append(Entry(entry.circuit, start, take))
-            start, left, size = start + take, left - take, size + take
-            if size == per_chunk:
+            start, left, size, cost = start + take, left - take, size + take, cost + take * each
+            if size >= per_chunk or cost >= chunk_cost:
                 out.append((current, shots))
-                current, size = [], 0
+                current, size, cost = [], 0, 0.0
     if current:
         out.append((current, shots))
     return out
@@ -155,69 +256,101 @@ def plan_job(
     policy: PlanningPolicy,
     *,
     noisy: bool = False,
+    memory: bool = False,
 ) -> tuple[ShardPlan, ...]:
-    """Cut a job into shards.
+    """Cut a job into shards of about equal estimated cost.
 
     Args:
         infos: the circuits.
         shots: shots per parameter set, per circuit.
         num_sets: parameter sets per circuit (1 for a circuit without parameters).
+        memory: the job returns per-shot memory (chunks are kept under
+            ``policy.max_memory_chunk_bytes``).
 
-    Experiments whose shots cost a simulation each are split into shards of at most
-    ``policy.shots_per_shard`` shots (several small experiments per shard when they fit);
-    other experiments keep all their shots in one shard, and narrow ones are batched.
+    The target cost of a shard is the job's estimated cost over ``policy.target_shards``,
+    kept between ``min_shard_seconds`` and ``max_shard_seconds``. Experiments are packed in
+    order into shards of about that cost (many small circuits or parameter sets share a
+    shard); an experiment whose shots cost a simulation each and that costs more than the
+    target is split by shots; one that samples every shot from one final state is never split
+    (unless its per-shot memory would not fit a chunk).
     """
-    per_shard = policy.max_circuits_per_shard
-    pending: list[list[tuple[Entry, int]]] = []
-    batch: list[tuple[Entry, int]] = []
-    batch_size = 0
-
-    def flush() -> None:
-        nonlocal batch, batch_size
-        if batch:
-            pending.append(batch)
-            batch, batch_size = [], 0
-
+    if not (len(infos) == len(shots) == len(num_sets)):
+        raise ValueError("infos, shots and num_sets must have the same length")
+    methods: list[str] = []
+    costs: list[float] = []
     for index, info in enumerate(infos):
         n, sets = shots[index], num_sets[index]
         if n < 1 or sets < 1:
             raise ValueError(f"circuit {index}: shots and parameter sets must be >= 1")
-        if splits_shots(info, method, noisy):
+        methods.append(choose_method(info, method, n, noisy))
+        costs.append(experiment_cost(info, methods[-1], n, policy, noisy))
+    total = sum(c * k for c, k in zip(costs, num_sets))
+    target = min(max(total / policy.target_shards, policy.min_shard_seconds), policy.max_shard_seconds)
+
+    pending: list[_Pending] = []
+    batch: _Pending | None = None
+
+    def flush() -> None:
+        nonlocal batch
+        if batch is not None and batch.items:
+            pending.append(batch)
+        batch = None
+
+    for index, info in enumerate(infos):
+        n, sets, m, cost = shots[index], num_sets[index], methods[index], costs[index]
+        per_shot = splits_shots(info, m, noisy)
+        parts = 1
+        if per_shot and cost > target:
+            parts = math.ceil(cost / target)
+        if per_shot and policy.shots_per_shard:
+            parts = max(parts, math.ceil(n / policy.shots_per_shard))
+        if memory:
+            parts = max(parts, math.ceil(n * memory_width(info.num_clbits) / policy.max_memory_chunk_bytes))
+        parts = min(parts, n)
+        if parts > 1:
             flush()
-            if n > policy.shots_per_shard:
-                parts = _even_split(n, math.ceil(n / policy.shots_per_shard))
-                pending.extend([(Entry(index, s, 1), part)] for s in range(sets) for part in parts)
-            else:
-                k = max(1, min(policy.shots_per_shard // n, per_shard))
-                pending.extend([(Entry(index, s, min(k, sets - s)), n)] for s in range(0, sets, k))
-        elif info.num_qubits <= policy.batch_max_qubits:
-            start = 0
-            while start < sets:
-                take = min(per_shard - batch_size, sets - start)
-                batch.append((Entry(index, start, take), n))
-                batch_size += take
-                start += take
-                if batch_size >= per_shard:
-                    flush()
-        else:
-            flush()
-            pending.extend([(Entry(index, s, 1), n)] for s in range(sets))
+            split = _even_split(n, parts)
+            for s in range(sets):
+                for part in split:
+                    pending.append(_Pending(m, [(Entry(index, s, 1), part, cost * part / n)], cost * part / n, 1))
+            continue
+        start = 0
+        while start < sets:
+            if batch is None or batch.method != m:
+                flush()
+                batch = _Pending(m)
+            room = policy.max_circuits_per_shard - batch.experiments
+            by_cost = max(1, math.ceil((target - batch.cost) / cost)) if cost > 0 else room
+            take = min(sets - start, room, by_cost)
+            batch.items.append((Entry(index, start, take), n, cost))
+            batch.cost += take * cost
+            batch.experiments += take
+            start += take
+            if batch.experiments >= policy.max_circuits_per_shard or batch.cost >= target:
+                flush()
     flush()
 
     shards = []
-    for shard_index, items in enumerate(pending):
+    for shard_index, item in enumerate(pending):
+        chunk_cost = max(policy.min_chunk_seconds, item.cost / policy.chunks_per_shard)
+        circuits = list(dict.fromkeys(e.circuit for e, _, _ in item.items))
+        per_chunk = policy.circuits_per_chunk
+        if memory:  # keep a chunk's per-shot memory under the cap
+            widest = max(memory_width(infos[i].num_clbits) * shots[i] for i in circuits)
+            per_chunk = max(1, min(per_chunk, policy.max_memory_chunk_bytes // max(1, widest)))
         chunks = tuple(
             ChunkPlan(tuple(entries), chunk_shots, chunk_seed(seed, shard_index, k))
-            for k, (entries, chunk_shots) in enumerate(_chunks(items, policy.circuits_per_chunk))
+            for k, (entries, chunk_shots) in enumerate(_chunks(item.items, per_chunk, chunk_cost))
         )
-        circuits = list(dict.fromkeys(e.circuit for e, _ in items))
         shards.append(
             ShardPlan(
                 index=shard_index,
                 chunks=chunks,
-                memory_bytes=max(estimate_memory_bytes(infos[i], method) for i in circuits),
+                memory_bytes=max(estimate_memory_bytes(infos[i], item.method) for i in circuits),
                 num_qubits=max(infos[i].num_qubits for i in circuits),
                 qpy_version=max(infos[i].qpy_version for i in circuits),
+                method=item.method,
+                cost=item.cost,
             )
         )
     return tuple(shards)

@@ -20,7 +20,7 @@ import logging
 import secrets
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -63,6 +63,8 @@ class Attempt:
     ended_at: float = 0.0
     outcome: str = "running"  # running, done, failed, refused, lost, cancelled
     error: str = ""
+    backup: bool = False
+    """A backup copy of a slow shard (the first result of the two counts)."""
     partial: dict[int, list[common_pb2.CircuitCounts]] = field(default_factory=dict)
     """chunk index -> one result per experiment of the chunk, as chunks finish."""
 
@@ -71,10 +73,17 @@ class Attempt:
 class ShardState:
     plan: ShardPlan
     status: str = "queued"  # queued, running, done
-    attempt: Attempt | None = None
+    live: list[Attempt] = field(default_factory=list)
+    """Attempts running now: one, or two while a backup copy races the first."""
     failures: list[tuple[str, str]] = field(default_factory=list)
     refused_by: set[str] = field(default_factory=set)
     losses: int = 0
+    backups: int = 0
+
+    @property
+    def attempt(self) -> Attempt | None:
+        """The oldest running attempt, if any."""
+        return self.live[0] if self.live else None
 
 
 @dataclass(eq=False)
@@ -86,19 +95,29 @@ class NodeRecord:
     state: str = "alive"  # alive, draining, lost
     sink: MessageSink | None = None
     running: dict[str, Attempt] = field(default_factory=dict)
+    """Attempts in hand: running, or queued on the node behind its busy slots."""
     shards_done: int = 0
+    in_hand_limit: int = 1
+    """Most attempts the node is given at once: its slots plus the prefetch."""
+    sent: dict[str, set[int]] = field(default_factory=dict)
+    """job id -> circuits whose QPY went to the node on its stream (sent once per job)."""
+    noise_sent: set[str] = field(default_factory=set)
+    """Jobs whose noise model went to the node."""
+    pool: int | None = None
+    """Where the scheduler files it: free slots (> 0), 0 for prefetch, None for neither."""
 
     @property
     def free_slots(self) -> int:
-        return self.caps.slots - len(self.running)
+        return max(0, self.caps.slots - len(self.running))
 
     @property
     def slot_memory(self) -> int:
         """Memory one slot may use: what the node itself checks before running a shard."""
         return self.caps.memory_budget_bytes // max(1, self.caps.slots)
 
-    def can_hold(self, shard: ShardPlan, method: str) -> bool:
-        """Whether the node offers the method, reads the shard's QPY, and has a slot big enough."""
+    def can_hold(self, shard: ShardPlan) -> bool:
+        """Whether the node offers the shard's method, reads its QPY, and has a slot big enough."""
+        method = shard.method
         method_ok = method in ("", "automatic") or method in self.caps.methods
         qpy_ok = not self.caps.qpy_version or shard.qpy_version <= self.caps.qpy_version
         return method_ok and qpy_ok and shard.memory_bytes <= self.slot_memory
@@ -132,6 +151,9 @@ class JobRecord:
     nodes_used: set[str] = field(default_factory=set)
     stale_dropped: int = 0
     shards_done: int = 0
+    shards_queued: int = 0
+    seconds_per_cost: list[float] = field(default_factory=list)
+    """Wall seconds per estimated reference second of the shards done (backup decisions)."""
 
     @classmethod
     def from_stored(cls, stored: StoredJob) -> JobRecord:
@@ -141,7 +163,7 @@ class JobRecord:
 
     def plan(self) -> tuple[ShardPlan, ...]:
         return plan_job(self.infos, self.shots, self.num_sets, self.seed, self.method, self.policy,
-                        noisy=bool(self.noise_model))
+                        noisy=bool(self.noise_model), memory=self.memory)
 
     @property
     def num_sets(self) -> list[int]:
@@ -211,6 +233,11 @@ class Scheduler:
         self.queue: deque[tuple[str, int]] = deque()
         self.attempts: dict[str, Attempt] = {}
         self.stale_dropped = 0
+        self.backups_started = 0
+        # Indexes that keep the hot paths free of work proportional to the number of nodes:
+        self._idle: dict[int, dict[str, NodeRecord]] = {}  # free slots -> nodes with that many, next first
+        self._prefetch: dict[str, NodeRecord] = {}  # every slot busy, room for a shard in hand
+        self._by_heartbeat: OrderedDict[str, NodeRecord] = OrderedDict()  # oldest heartbeat first
 
     # ------------------------------------------------------------------ nodes
 
@@ -223,8 +250,10 @@ class Scheduler:
         if len(caps.name) > 200 or len(caps.hostname) > 255:
             raise InvalidArgumentError("node capabilities: name or hostname too long")
         label = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in caps.name)[:40] or "node"
-        node = NodeRecord(f"{label}-{uuid.uuid4().hex[:8]}", caps, now, now)
+        node = NodeRecord(f"{label}-{uuid.uuid4().hex[:8]}", caps, now, now,
+                          in_hand_limit=caps.slots * (1 + self.config.prefetch_per_slot))
         self.nodes[node.node_id] = node
+        self._by_heartbeat[node.node_id] = node
         log.info("node %s registered: %d slots, %d cores, %.1f GiB budget (%s)", node.node_id, caps.slots,
                  caps.cores, caps.memory_budget_bytes / 2**30, caps.hostname)
         return node
@@ -235,6 +264,7 @@ class Scheduler:
         if node is None:
             return False
         node.last_heartbeat = now
+        self._by_heartbeat.move_to_end(node_id)
         return True
 
     def attach_stream(self, node_id: str, sink: MessageSink, now: float) -> NodeRecord:
@@ -247,6 +277,8 @@ class Scheduler:
             raise FailedPreconditionError(f"node {node_id} already had a work stream; register again")
         node.sink = sink
         node.last_heartbeat = now
+        self._by_heartbeat.move_to_end(node_id)
+        self._index(node)
         log.info("node %s work stream open", node_id)
         self.dispatch(now)
         return node
@@ -264,12 +296,17 @@ class Scheduler:
         node = self.nodes.get(node_id)
         if node is not None and node.state == "alive":
             node.state = "draining"
+            self._index(node)
             log.info("node %s draining", node_id)
 
     def reap(self, now: float) -> list[str]:
         """Declare lost every node silent past the heartbeat timeout; returns their ids."""
         timeout = self.config.heartbeat_timeout_s
-        silent = [n for n in self.nodes.values() if now - n.last_heartbeat > timeout]
+        silent = []
+        for node in self._by_heartbeat.values():  # oldest first: stop at the first one in time
+            if now - node.last_heartbeat <= timeout:
+                break
+            silent.append(node)
         for node in silent:
             # Its stream stays open: whatever a hung node sends later arrives there and is
             # dropped as stale; the node learns it was lost from its next heartbeat.
@@ -279,6 +316,8 @@ class Scheduler:
     def _lose_node(self, node: NodeRecord, now: float, reason: str, *, close_stream: bool = True) -> None:
         node.state = "lost"
         del self.nodes[node.node_id]
+        self._by_heartbeat.pop(node.node_id, None)
+        self._index(node)
         self.lost_nodes.append(node)
         if node.sink is not None and close_stream:
             node.sink.put_nowait(None)
@@ -288,6 +327,8 @@ class Scheduler:
             job = self.jobs[attempt.job_id]
             shard = job.shards[attempt.shard_index]
             self._end_attempt(attempt, now, "lost", reason)
+            if shard.live or shard.status == "done":
+                continue  # a backup copy of it runs on, or it was counted meanwhile
             shard.losses += 1
             if shard.losses >= self.config.max_shard_losses:
                 self._fail_job(job, f"{job.describe_circuits(shard.plan.circuit_indices)}: the nodes running it "
@@ -321,7 +362,7 @@ class Scheduler:
                            prepared.noise_model, request_key=request_key)
         job = JobRecord.from_stored(stored)
         plan = job.plan()
-        self._check_capacity(job.infos, plan, job.method)
+        self._check_capacity(job.infos, plan)
         self.store.insert_job(stored)
         self._activate(job, plan, {})
         log.info("job %s accepted: %d circuit(s), %d experiment(s), %d shots, %d shard(s), seed %d, method %s%s",
@@ -330,12 +371,12 @@ class Scheduler:
         self.dispatch(now)
         return job
 
-    def _check_capacity(self, infos: list[CircuitInfo], plan: tuple[ShardPlan, ...], method: str) -> None:
+    def _check_capacity(self, infos: list[CircuitInfo], plan: tuple[ShardPlan, ...]) -> None:
         live = [n for n in self.nodes.values() if n.state == "alive"]
         if not live:
             return  # nothing to judge by; the job waits for nodes
         for shard in plan:
-            if not any(n.can_hold(shard, method) for n in live):
+            if not any(n.can_hold(shard) for n in live):
                 widest = max(shard.circuit_indices, key=lambda i: infos[i].num_qubits)
                 best = max(n.slot_memory for n in live)
                 newest_qpy = max(n.caps.qpy_version for n in live)
@@ -345,7 +386,7 @@ class Scheduler:
                         f"({newest_qpy}); upgrade qiskit on the nodes or dump with an older QPY version")
                 raise NoCapableNodeError(
                     f"circuit {widest} ({infos[widest].name!r}, {infos[widest].num_qubits} qubits) needs "
-                    f"{_gib(shard.memory_bytes)} with method {method or 'automatic'}; the largest node slot "
+                    f"{_gib(shard.memory_bytes)} with method {shard.method}; the largest node slot "
                     f"holds {_gib(best)}"
                 )
 
@@ -353,7 +394,9 @@ class Scheduler:
                   done: dict[int, list[common_pb2.CircuitCounts]]) -> None:
         self._load_results(job, plan, done)
         self.jobs[job.job_id] = job
-        self.queue.extend((job.job_id, s.plan.index) for s in job.shards if s.status == "queued")
+        queued = [(job.job_id, s.plan.index) for s in job.shards if s.status == "queued"]
+        job.shards_queued = len(queued)
+        self.queue.extend(queued)
 
     def _load_results(self, job: JobRecord, plan: tuple[ShardPlan, ...],
                       done: dict[int, list[common_pb2.CircuitCounts]]) -> None:
@@ -459,12 +502,16 @@ class Scheduler:
             self._end_attempt(attempt, now, "stale", "duplicate result")
             return
         self._end_attempt(attempt, now, "done", "")
+        if shard.plan.cost > 0:
+            job.seconds_per_cost.append((now - attempt.started_at) / shard.plan.cost)
+        for other in list(shard.live):  # a backup copy lost the race: stop it
+            self._cancel_attempt(other, now, "another copy of the shard finished first")
         self._merge(job, shard, results.results)
         node = self.nodes.get(node_id)
         if node is not None:
             node.shards_done += 1
-        log.info("job %s shard %d done on node %s (%d/%d)", job.job_id, shard.plan.index, node_id,
-                 job.shards_done, len(job.shards))
+        log.info("job %s shard %d done on node %s (%d/%d)%s", job.job_id, shard.plan.index, node_id,
+                 job.shards_done, len(job.shards), " (backup copy)" if attempt.backup else "")
         if job.shards_done == len(job.shards):
             self._finish(job, DONE, "", now)
         else:
@@ -482,6 +529,10 @@ class Scheduler:
         if refused:
             self._end_attempt(attempt, now, "refused", error)
             shard.refused_by.add(node_id)
+            node = self.nodes.get(node_id)
+            if node is not None:
+                node.sent.pop(job.job_id, None)  # it may have lost what it kept of the job
+                node.noise_sent.discard(job.job_id)
             log.info("job %s shard %d handed back by node %s: %s", job.job_id, shard.plan.index, node_id, error)
             self._requeue(job, shard, front=True)
             self.dispatch(now)
@@ -490,6 +541,10 @@ class Scheduler:
 
     def _attempt_failed(self, job: JobRecord, shard: ShardState, attempt: Attempt, error: str, now: float) -> None:
         self._end_attempt(attempt, now, "failed", error)
+        node = self.nodes.get(attempt.node_id)
+        if node is not None:  # a worker restart keeps the daemon's copies, but be safe
+            node.sent.pop(job.job_id, None)
+            node.noise_sent.discard(job.job_id)
         shard.failures.append((attempt.node_id, error))
         log.warning("job %s shard %d failed on node %s (%d/%d): %s", job.job_id, shard.plan.index,
                     attempt.node_id, len(shard.failures), self.config.max_shard_failures, error)
@@ -521,18 +576,27 @@ class Scheduler:
         node = self.nodes.get(attempt.node_id)
         if node is not None:
             node.running.pop(attempt.token, None)
+            self._index(node)
         job = self.jobs.get(attempt.job_id)
         if job is not None:
             shard = job.shards[attempt.shard_index]
-            if shard.attempt is attempt:
-                shard.attempt = None
-                if shard.status == "running":
+            if attempt in shard.live:
+                shard.live.remove(attempt)
+                if not shard.live and shard.status == "running" and outcome != "done":
                     shard.status = "queued"
+                    job.shards_queued += 1
+
+    def _cancel_attempt(self, attempt: Attempt, now: float, reason: str) -> None:
+        """Stop a running attempt whose result is no longer wanted, and tell its node."""
+        node = self.nodes.get(attempt.node_id)
+        if node is not None and node.sink is not None:
+            node.sink.put_nowait(node_pb2.CoordinatorMessage(
+                cancel=node_pb2.CancelAttempt(attempt_token=attempt.token, reason=reason)))
+        self._end_attempt(attempt, now, "cancelled", reason)
 
     def _requeue(self, job: JobRecord, shard: ShardState, *, front: bool) -> None:
-        if job.final or shard.status == "done":
-            return
-        shard.status = "queued"
+        if job.final or shard.status != "queued":
+            return  # counted, or a copy of it still runs
         entry = (job.job_id, shard.plan.index)
         if front:
             self.queue.appendleft(entry)
@@ -551,13 +615,14 @@ class Scheduler:
         job.finished_at = now
         self.store.finish_job(job.job_id, state, error, now)
         for shard in job.shards:
-            attempt = shard.attempt
-            if attempt is not None and attempt.outcome == "running":
-                node = self.nodes.get(attempt.node_id)
-                if node is not None and node.sink is not None:
-                    node.sink.put_nowait(node_pb2.CoordinatorMessage(
-                        cancel=node_pb2.CancelAttempt(attempt_token=attempt.token, reason=error or "job finished")))
-                self._end_attempt(attempt, now, "cancelled", error)
+            for attempt in list(shard.live):
+                self._cancel_attempt(attempt, now, error or "job finished")
+        for node_id in job.nodes_used:
+            node = self.nodes.get(node_id)
+            if node is not None and (node.sent.pop(job.job_id, None) is not None or job.job_id in node.noise_sent):
+                node.noise_sent.discard(job.job_id)
+                if node.sink is not None:
+                    node.sink.put_nowait(node_pb2.CoordinatorMessage(forget=node_pb2.ForgetJob(job_id=job.job_id)))
         job.qpy = []  # payloads are on disk; free the memory
         self._remember_finished(job.job_id)
         log.info("job %s %s after %.2fs%s", job.job_id, common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
@@ -566,41 +631,116 @@ class Scheduler:
 
     # ---------------------------------------------------------------- dispatch
 
+    def _index(self, node: NodeRecord) -> None:
+        """File a node under idle (by its free slots), prefetch (room in hand) or neither. A
+        node filed again goes to the back of its group (round robin)."""
+        node_id = node.node_id
+        if node.pool is not None:
+            group = self._prefetch if node.pool == 0 else self._idle[node.pool]
+            group.pop(node_id, None)
+            if node.pool and not group:
+                del self._idle[node.pool]
+            node.pool = None
+        if node.state != "alive" or node.sink is None or node_id not in self.nodes:
+            return
+        free = node.caps.slots - len(node.running)
+        if free > 0:
+            self._idle.setdefault(free, {})[node_id] = node
+            node.pool = free
+        elif len(node.running) < node.in_hand_limit:
+            self._prefetch[node_id] = node
+            node.pool = 0
+
+    def _idle_nodes(self) -> Iterator[NodeRecord]:
+        """Nodes with a free slot, those with the most free slots first."""
+        for free in sorted(self._idle, reverse=True):
+            yield from self._idle[free].values()
+
     def dispatch(self, now: float) -> int:
-        """Place queued shards on nodes with free slots that can hold them; returns how many."""
-        candidates = [n for n in self.nodes.values() if n.state == "alive" and n.sink is not None and n.free_slots > 0]
+        """Place queued shards on nodes that can hold them: free slots first, then one more in
+        hand per slot so that a node's next shard is there when one ends. Returns how many."""
         placed = 0
         skipped: list[tuple[str, int]] = []
-        while self.queue and candidates:
+        while self.queue and (self._idle or self._prefetch):
             job_id, index = self.queue.popleft()
             job = self.jobs.get(job_id)
             if job is None or job.final or job.shards[index].status != "queued":
                 continue
             shard = job.shards[index]
-            node = self._pick(candidates, job, shard)
+            node = self._pick(shard)
             if node is None:
                 skipped.append((job_id, index))
                 continue
             self._start_attempt(job, shard, node, now)
             placed += 1
-            if node.free_slots <= 0:
-                candidates.remove(node)
         self.queue.extendleft(reversed(skipped))
         return placed
 
-    def _pick(self, candidates: list[NodeRecord], job: JobRecord, shard: ShardState) -> NodeRecord | None:
-        able = [n for n in candidates if n.node_id not in shard.refused_by and n.can_hold(shard.plan, job.method)]
-        if not able:
-            return None
+    def _pick(self, shard: ShardState, *, idle_only: bool = False) -> NodeRecord | None:
+        """The first node that can hold the shard, idle ones first, preferring one it has not
+        failed on. Nodes that cannot hold it are skipped; usually the first one fits."""
         failed_on = {n for n, _ in shard.failures}
-        fresh = [n for n in able if n.node_id not in failed_on] or able
-        return max(fresh, key=lambda n: (n.free_slots, -len(n.running), -n.registered_at))
+        running_on = {a.node_id for a in shard.live}
+        pools = (self._idle_nodes(),) if idle_only else (self._idle_nodes(), iter(self._prefetch.values()))
+        for pool in pools:
+            fallback = None
+            for node in pool:
+                if node.node_id in shard.refused_by or node.node_id in running_on or not node.can_hold(shard.plan):
+                    continue
+                if node.node_id not in failed_on:
+                    return node
+                fallback = fallback or node
+            if fallback is not None:
+                return fallback
+        return None
 
-    def _start_attempt(self, job: JobRecord, shard: ShardState, node: NodeRecord, now: float) -> None:
+    def speculate(self, now: float) -> int:
+        """Give slow shards a backup copy on an idle node, near the end of their job.
+
+        A shard qualifies when nothing of its job is queued, it runs as a single attempt, has
+        had no backup yet, and has run ``backup_after_s`` and ``backup_slowdown`` times longer
+        than the job's finished shards suggest for its estimated cost. Called periodically (not
+        on every event): its work is proportional to the attempts running.
+        """
+        after = self.config.backup_after_s
+        if not after or not self._idle:
+            return 0
+        started = 0
+        for attempt in sorted(self.attempts.values(), key=lambda a: a.started_at):
+            if not self._idle:
+                break
+            elapsed = now - attempt.started_at
+            if elapsed < after:
+                break  # sorted: every later one is younger
+            job = self.jobs.get(attempt.job_id)
+            if job is None or job.final or job.shards_queued or not job.seconds_per_cost:
+                continue
+            shard = job.shards[attempt.shard_index]
+            if len(shard.live) != 1 or shard.backups or shard.status != "running":
+                continue
+            rates = sorted(job.seconds_per_cost)
+            expected = rates[len(rates) // 2] * shard.plan.cost
+            if elapsed < self.config.backup_slowdown * expected:
+                continue
+            node = self._pick(shard, idle_only=True)
+            if node is None:
+                continue
+            shard.backups += 1
+            self.backups_started += 1
+            log.info("job %s shard %d: running %.1fs on node %s (expected %.1fs): backup copy on node %s",
+                     job.job_id, shard.plan.index, elapsed, attempt.node_id, expected, node.node_id)
+            self._start_attempt(job, shard, node, now, backup=True)
+            started += 1
+        return started
+
+    def _start_attempt(self, job: JobRecord, shard: ShardState, node: NodeRecord, now: float, *,
+                       backup: bool = False) -> None:
         token = f"{job.job_id}:{shard.plan.index}:{secrets.token_hex(8)}"
-        attempt = Attempt(token, job.job_id, shard.plan.index, node.node_id, now)
+        attempt = Attempt(token, job.job_id, shard.plan.index, node.node_id, now, backup=backup)
+        if shard.status == "queued":
+            job.shards_queued -= 1
         shard.status = "running"
-        shard.attempt = attempt
+        shard.live.append(attempt)
         node.running[token] = attempt
         self.attempts[token] = attempt
         job.attempts.append(attempt)
@@ -609,6 +749,7 @@ class Scheduler:
             job.state = RUNNING
             job.started_at = now
         plan = shard.plan
+        sent = node.sent.setdefault(job.job_id, set())
         assignment = node_pb2.ShardAssignment(
             job_id=job.job_id,
             shard_index=plan.index,
@@ -617,22 +758,35 @@ class Scheduler:
                                                                       set_count=e.set_count) for e in c.entries],
                                      shots=c.shots, seed=c.seed)
                     for c in plan.chunks],
-            circuits=[_payload(job, plan, i) for i in plan.circuit_indices],
-            method=job.method or "automatic",
+            circuits=[_payload(job, plan, i, cached=i in sent) for i in plan.circuit_indices],
+            method=plan.method,
             memory_bytes=plan.memory_bytes,
             memory=job.memory,
-            noise_model=job.noise_model,
         )
+        sent.update(plan.circuit_indices)
+        if job.noise_model:
+            if job.job_id in node.noise_sent:
+                assignment.noise_model_cached = True
+            else:
+                assignment.noise_model = job.noise_model
+                node.noise_sent.add(job.job_id)
         assert node.sink is not None
         node.sink.put_nowait(node_pb2.CoordinatorMessage(assign=assignment))
-        log.info("job %s shard %d -> node %s (attempt %d)", job.job_id, plan.index, node.node_id,
-                 len(shard.failures) + shard.losses + len(shard.refused_by) + 1)
+        self._index(node)
+        log.info("job %s shard %d -> node %s (attempt %d%s)", job.job_id, plan.index, node.node_id,
+                 len(shard.failures) + shard.losses + len(shard.refused_by) + shard.backups + 1,
+                 ", backup" if backup else "")
         self.on_job_change(job.job_id)
 
 
-def _payload(job: JobRecord, plan: ShardPlan, index: int) -> node_pb2.CircuitPayload:
-    """The circuit's QPY and the rows of parameter values the shard uses."""
-    payload = node_pb2.CircuitPayload(circuit_index=index, qpy=job.qpy[index])
+def _payload(job: JobRecord, plan: ShardPlan, index: int, *, cached: bool) -> node_pb2.CircuitPayload:
+    """The circuit's QPY (unless the node has it already) and the rows of parameter values the
+    shard uses."""
+    payload = node_pb2.CircuitPayload(circuit_index=index)
+    if cached:
+        payload.cached = True
+    else:
+        payload.qpy = job.qpy[index]
     params = job.params[index]
     if params is not None:
         first, count = plan.set_range(index)

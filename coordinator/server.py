@@ -145,7 +145,9 @@ class CoordinatorServer:
         while True:
             await asyncio.sleep(period)
             try:
-                self.core.reap(self.clock())
+                now = self.clock()
+                self.core.reap(now)
+                self.core.speculate(now)
             except Exception:
                 log.exception("reaper failed")
 

@@ -213,7 +213,7 @@ class Store:
         ).fetchall()
         return StoredJob(
             job_id=job_id, created_at=created_at, state=state, seed=seed, method=method,
-            policy=PlanningPolicy(**json.loads(policy)),
+            policy=PlanningPolicy.from_dict(json.loads(policy)),
             infos=[_info_from_json(c[0]) for c in circuits],
             shots=[c[1] for c in circuits],
             params=[common_pb2.ParameterValues.FromString(c[2]) if c[2] is not None else None for c in circuits],

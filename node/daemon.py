@@ -20,6 +20,7 @@ whether it is stale).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import random
@@ -49,6 +50,7 @@ _REGISTER_TIMEOUT_S = 10.0
 _FLUSH_S = 5.0
 _STREAM_CLOSE_WAIT_S = 3.0
 _HEALTHY_SESSION_S = 10.0
+_JOB_CACHE_BYTES = 512 << 20  # circuits and noise models kept for the coordinator's jobs
 
 # Why the daemon aborted a running attempt; decides what it reports.
 _CANCEL, _DRAIN, _STOP = "cancel", "drain", "stop"
@@ -85,6 +87,15 @@ class _Outbox:
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
+
+
+@dataclasses.dataclass
+class _JobCache:
+    """Circuits (QPY) and noise model of one job, as the coordinator sent them."""
+
+    qpy: dict[int, bytes] = dataclasses.field(default_factory=dict)
+    noise_model: str | None = None
+    size: int = 0
 
 
 class _Session:
@@ -150,6 +161,10 @@ class NodeDaemon:
         self._running: dict[str, WorkerSlot] = {}
         self._abort_reasons: dict[str, str] = {}
         self._attempts: dict[str, tuple[str, int]] = {}  # token -> (job id, shard index), for logs
+        # What the coordinator sent once per job on this session (circuits, noise model): later
+        # shards of the job refer to it. Oldest job first; bounded by _JOB_CACHE_BYTES.
+        self._job_cache: collections.OrderedDict[str, _JobCache] = collections.OrderedDict()
+        self._job_cache_bytes = 0
         self._session: _Session | None = None
         self._last_node_id: str | None = None
         self._stopped = threading.Event()
@@ -355,6 +370,9 @@ class NodeDaemon:
         session.reader = threading.Thread(
             target=self._read_stream, args=(session,), name=f"qscale-stream-{reply.node_id}", daemon=True
         )
+        with self._cond:  # a new node id: the coordinator sends every job's circuits again
+            self._job_cache.clear()
+            self._job_cache_bytes = 0
         self._session = session
         self._last_node_id = reply.node_id
         session.reader.start()
@@ -436,6 +454,8 @@ class NodeDaemon:
                     self._on_assign(session, msg.assign)
                 elif kind == "cancel":
                     self._on_cancel(session, msg.cancel)
+                elif kind == "forget":
+                    self._forget_job(msg.forget.job_id)
                 else:
                     logger.warning("node %s: unknown message on the work stream: %r", session.node_id, kind)
         except grpc.RpcError as err:
@@ -519,9 +539,49 @@ class NodeDaemon:
             return f"this node does not offer the Aer method {a.method!r} (it offers {offered})"
         return None
 
+    def _fill_from_cache(self, a: node_pb2.ShardAssignment) -> str | None:
+        """Complete an assignment with the circuits and noise model sent with earlier shards of
+        its job, and keep what it brings for later ones. Returns a refusal if something is
+        missing (evicted): the coordinator then sends the shard elsewhere."""
+        with self._cond:
+            entry = self._job_cache.get(a.job_id)
+            if entry is None:
+                entry = self._job_cache[a.job_id] = _JobCache()
+            self._job_cache.move_to_end(a.job_id)
+            for payload in a.circuits:
+                if payload.cached:
+                    qpy = entry.qpy.get(payload.circuit_index)
+                    if qpy is None:
+                        return f"circuit {payload.circuit_index} of job {a.job_id} is no longer in this node's cache"
+                    payload.qpy = qpy
+                    payload.cached = False
+                elif payload.circuit_index not in entry.qpy:
+                    entry.qpy[payload.circuit_index] = payload.qpy
+                    entry.size += len(payload.qpy)
+                    self._job_cache_bytes += len(payload.qpy)
+            if a.noise_model_cached:
+                if entry.noise_model is None:
+                    return f"the noise model of job {a.job_id} is no longer in this node's cache"
+                a.noise_model = entry.noise_model
+                a.noise_model_cached = False
+            elif a.noise_model and entry.noise_model is None:
+                entry.noise_model = a.noise_model
+                entry.size += len(a.noise_model)
+                self._job_cache_bytes += len(a.noise_model)
+            while self._job_cache_bytes > _JOB_CACHE_BYTES and len(self._job_cache) > 1:
+                _, old = self._job_cache.popitem(last=False)
+                self._job_cache_bytes -= old.size
+        return None
+
+    def _forget_job(self, job_id: str) -> None:
+        with self._cond:
+            entry = self._job_cache.pop(job_id, None)
+            if entry is not None:
+                self._job_cache_bytes -= entry.size
+
     def _on_assign(self, session: _Session, a: node_pb2.ShardAssignment) -> None:
         token = a.attempt_token
-        refusal = self._refusal(a)
+        refusal = self._refusal(a) or self._fill_from_cache(a)
         with self._cond:
             duplicate = token in self._running or any(q.attempt_token == token for q in self._queue)
             if not duplicate:

@@ -63,6 +63,15 @@ CLIFFORD_OPS = frozenset(
      "barrier", "measure", "reset", "delay", "pauli"}
 )
 
+#: Instructions Aer's density-matrix method simulates (qiskit-aer 0.17/0.18): a noisy circuit
+#: using anything else runs as trajectories on the statevector method.
+DENSITY_MATRIX_OPS = frozenset(
+    {"barrier", "measure", "reset", "delay", "id", "x", "y", "z", "h", "s", "sdg", "sx", "sxdg", "t", "tdg",
+     "p", "u", "u1", "u2", "u3", "r", "rx", "ry", "rz", "rxx", "ryy", "rzz", "rzx", "cx", "cy", "cz", "cp",
+     "cu1", "swap", "ecr", "ccx", "pauli", "diagonal", "unitary", "kraus", "superop", "if_else",
+     "for_loop", "while_loop", "switch_case", "break_loop", "continue_loop"}
+)
+
 #: Oldest QPY version accepted from clients. Older payloads are read by Qiskit's legacy Python
 #: reader (symengine's native format among them); 13 and newer by its Rust reader.
 MIN_QPY_VERSION = 13
@@ -94,6 +103,8 @@ class CircuitInfo:
     """Names of the circuit's unbound parameters, in ``circuit.parameters`` order."""
     creg_clbits: tuple[tuple[int, ...], ...] = ()
     """For each classical register, the circuit clbit index of each of its bits."""
+    density_matrix_ok: bool = False
+    """Every instruction is one Aer's density-matrix method simulates."""
 
 
 def dump_qpy(circuit: QuantumCircuit) -> bytes:
@@ -505,6 +516,7 @@ def describe(circuit: QuantumCircuit, name: str = "") -> CircuitInfo:
         final_measurements_only=_final_measurements_only(circuit),
         parameters=tuple(p.name for p in circuit.parameters),
         creg_clbits=tuple(tuple(circuit.find_bit(b).index for b in reg) for reg in circuit.cregs),
+        density_matrix_ok=names <= DENSITY_MATRIX_OPS,
     )
 
 

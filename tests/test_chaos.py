@@ -32,15 +32,16 @@ JOBS = 14
 class CoordinatorProcess:
     """``qscale-coordinator serve`` as a real process on a fixed port and state directory."""
 
-    def __init__(self, address: str, state_dir: Path, log: Path) -> None:
-        self.address, self.state_dir, self.log = address, state_dir, log
+    def __init__(self, address: str, state_dir: Path, log: Path, *extra: str) -> None:
+        self.address, self.state_dir, self.log, self.extra = address, state_dir, log, extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "qscale.coordinator", "serve", "--listen", self.address,
-                 "--state-dir", str(self.state_dir), "--heartbeat-interval", "0.25", "--heartbeat-timeout", "1.5"],
+                 "--state-dir", str(self.state_dir), "--heartbeat-interval", "0.25", "--heartbeat-timeout", "1.5",
+                 "--shots-per-shard", "1000", *self.extra],  # as fast_config(): the reference plans the same
                 stdout=log, stderr=log, cwd=self.state_dir.parent)
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -201,14 +202,15 @@ def test_node_stops_its_shards_when_its_lease_runs_out(tmp_path: Path) -> None:
     coordinator resumes, the job still completes exactly."""
     address = f"127.0.0.1:{free_port()}"
     (tmp_path / "state").mkdir()
-    coordinator = CoordinatorProcess(address, tmp_path / "state", tmp_path / "coordinator.log")
+    # One shard (--target-shards 1) of ~5 s.
+    coordinator = CoordinatorProcess(address, tmp_path / "state", tmp_path / "coordinator.log", "--target-shards", "1")
     nodes = LocalCluster(0, cores_per_node=1, log_dir=tmp_path / "logs")
     client = Client(address, timeout=60)
     try:
         coordinator.start()
         node = nodes.add_node(coordinator=address)
         client.wait_for_nodes(1, timeout=60)
-        job = client.submit(slow_circuit(14, 6), shots=600, seed=3)  # one shard of ~5 s
+        job = client.submit(slow_circuit(14, 6), shots=600, seed=3)
         wait_until(lambda: any(n.running for n in client.nodes()), 30, "the shard to start")
         assert coordinator.proc is not None
         coordinator.proc.send_signal(signal.SIGSTOP)

@@ -777,7 +777,7 @@ class HostileNode:
     """A registered node with more free slots than the real one (so the scheduler picks it
     first) that answers its assignments as the test says."""
 
-    def __init__(self, nodes: node_pb2_grpc.NodeServiceStub) -> None:
+    def __init__(self, nodes: node_pb2_grpc.NodeServiceStub, memory: int = 1 << 30) -> None:
         import queue
 
         import qiskit
@@ -785,7 +785,7 @@ class HostileNode:
         from qscale.circuits import METHODS
 
         caps = node_pb2.NodeCapabilities(
-            name="hostile", hostname="hostile", cores=1, slots=4, memory_budget_bytes=1 << 30,
+            name="hostile", hostname="hostile", cores=1, slots=4, memory_budget_bytes=memory,
             methods=list(METHODS), max_statevector_qubits=26, qpy_version=qpy.QPY_VERSION, qscale_version="0",
             qiskit_version=qiskit.__version__, aer_version="0")
         self.node_id = nodes.Register(node_pb2.RegisterRequest(capabilities=caps), timeout=10).node_id
@@ -824,8 +824,10 @@ def test_a_hostile_node_answering_real_work_with_garbage(cluster: LocalCluster, 
     succeeds once the node is gone."""
     from conftest import slow_circuit
 
-    node = HostileNode(stubs[1])
-    job = cluster.client.submit(slow_circuit(2, 1), shots=4000, seed=3)
+    # A 16-qubit density matrix (64 GiB): only the hostile node (4 slots of 64 GiB) can hold it,
+    # so every retry goes to it.
+    node = HostileNode(stubs[1], memory=1 << 38)
+    job = cluster.client.submit(slow_circuit(16, 1), shots=4000, seed=3, method="density_matrix")
     answered = 0
     try:
         for shard in node.assignments():

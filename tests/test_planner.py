@@ -6,8 +6,8 @@ import numpy as np
 from qiskit import QuantumCircuit
 from qiskit.circuit.random import random_circuit
 
-from qscale.circuits import describe
-from qscale.coordinator.planner import PlanningPolicy, chunk_seed, plan_job, splits_shots
+from qscale.circuits import CircuitInfo, describe
+from qscale.coordinator.planner import PlanningPolicy, choose_method, chunk_seed, plan_job, splits_shots
 
 
 def _clifford(n: int) -> QuantumCircuit:
@@ -99,12 +99,70 @@ def test_parameter_sweeps_are_split_by_sets_and_batched() -> None:
     covered = sorted((e.circuit, s) for sh in plan for c in sh.chunks for e in c.entries
                      for s in range(e.set_start, e.set_start + e.set_count))
     assert covered == [(0, s) for s in range(1000)] + [(1, s) for s in range(10)]
-    assert len(plan) == -(-1010 // 64)
+    assert all(len(sh.circuit_indices) <= 2 and sum(c.experiments for c in sh.chunks) <= 64 for sh in plan)
     assert all(c.experiments <= 16 for sh in plan for c in sh.chunks)
-    # Chunks never mix shots: the shard holding both circuits calls Aer once per shot count.
+    # Chunks never mix shots: a shard holding both circuits calls Aer once per shot count.
     mixed = [sh for sh in plan if len(sh.circuit_indices) == 2]
     assert mixed and all(len({e.circuit for e in c.entries}) == 1 for c in mixed[0].chunks)
     assert mixed[0].set_range(1) == (0, 10)
-    # Noise makes shots cost a simulation each: 1000 sets of 100 shots -> 10 sets per shard.
-    noisy = plan_job([info], [100], [1000], seed=1, method="automatic", policy=PlanningPolicy(), noisy=True)
-    assert len(noisy) == 100 and all(sh.shots == 1000 for sh in noisy)
+
+
+def _noisy_info(n: int, dm_ok: bool) -> CircuitInfo:
+    qc = QuantumCircuit(n)
+    for layer in range(10):
+        qc.rx(0.1 * layer, range(n))
+        qc.cx(range(0, n - 1, 2), range(1, n, 2))
+    if not dm_ok:
+        qc.cswap(0, 1, 2)  # Aer's density-matrix method does not simulate cswap
+    qc.measure_all()
+    return describe(qc)
+
+
+def test_noise_picks_density_matrix_when_it_is_cheaper_and_valid() -> None:
+    small = _noisy_info(4, dm_ok=True)
+    assert choose_method(small, "automatic", 1000, noisy=True) == "density_matrix"
+    (shard,) = plan_job([small], [100_000], [1], seed=1, method="automatic", policy=PlanningPolicy(), noisy=True)
+    assert shard.method == "density_matrix" and shard.shots == 100_000  # one simulation for every shot
+    # Not when shots are few (trajectories are cheaper), nor when it cannot simulate the circuit.
+    assert choose_method(small, "automatic", 10, noisy=True) == "statevector"
+    assert choose_method(_noisy_info(4, dm_ok=False), "automatic", 1000, noisy=True) == "statevector"
+    # An explicit method is honoured.
+    assert choose_method(small, "statevector", 1000, noisy=True) == "statevector"
+
+
+def test_trajectories_are_split_by_cost() -> None:
+    info = _noisy_info(12, dm_ok=False)
+    policy = PlanningPolicy()
+    plan = plan_job([info], [20_000], [1], seed=1, method="automatic", policy=policy, noisy=True)
+    assert sum(s.shots for s in plan) == 20_000
+    assert len(plan) == policy.target_shards  # enough work for the full fan-out
+    assert {s.method for s in plan} == {"statevector"}
+    assert max(s.shots for s in plan) - min(s.shots for s in plan) <= 1
+
+
+def test_shard_cost_is_balanced_and_independent_of_the_cluster() -> None:
+    infos = [describe(random_circuit(12, 10, measure=True, seed=s)) for s in range(200)]
+    policy = PlanningPolicy()
+    plan = plan_job(infos, [1000] * 200, [1] * 200, seed=1, method="automatic", policy=policy)
+    assert [i for s in plan for i in s.circuit_indices] == list(range(200))
+    assert 8 <= len(plan) <= 2 * policy.target_shards
+    costs = sorted(s.cost for s in plan[:-1])  # the last one takes what is left
+    assert costs[-1] <= 2 * costs[0]
+    # Wide circuits get a shard each; one circuit sampled from one state keeps its shots together.
+    wide = [describe(random_circuit(22, 5, measure=True, seed=s)) for s in range(8)]
+    assert len(plan_job(wide, [1000] * 8, [1] * 8, seed=1, method="automatic", policy=policy)) == 8
+    (one,) = plan_job([wide[0]], [100_000], [1], seed=1, method="automatic", policy=policy)
+    assert one.shots == 100_000
+    # Tiny circuits are packed so per-shard overhead is amortised (>= min_shard_seconds each).
+    tiny = [describe(_clifford(1)) for _ in range(10_000)]
+    packed = plan_job(tiny, [10] * 10_000, [1] * 10_000, seed=1, method="automatic", policy=policy)
+    assert len(packed) <= policy.target_shards + 1
+    assert all(s.cost >= policy.min_shard_seconds for s in packed[:-1])
+
+
+def test_per_shot_memory_is_kept_under_the_chunk_cap() -> None:
+    info = describe(_random(16, 3))
+    policy = PlanningPolicy(max_memory_chunk_bytes=1 << 16)
+    plan = plan_job([info], [100_000], [1], seed=1, method="statevector", policy=policy, memory=True)
+    assert sum(s.shots for s in plan) == 100_000
+    assert all(c.shots * 2 <= 1 << 16 for s in plan for c in s.chunks)  # 16 clbits: 2 bytes a shot

@@ -42,7 +42,7 @@ def _ghz(n: int = 3) -> QuantumCircuit:
 @pytest.fixture
 def core(tmp_path):
     store = Store(tmp_path / "state")
-    config = CoordinatorConfig(heartbeat_interval_s=1.0, heartbeat_timeout_s=5.0,
+    config = CoordinatorConfig(heartbeat_interval_s=1.0, heartbeat_timeout_s=5.0, prefetch_per_slot=0,
                                policy=PlanningPolicy(shots_per_shard=100))
     yield Scheduler(config, store)
     store.close()
@@ -130,7 +130,7 @@ def test_cancel_tells_the_node(core: Scheduler) -> None:
     job = _submit(core, _ghz(), shots=50)
     core.cancel(job.job_id, 1.0)
     assert job.state == CANCELLED
-    assert a_sink[-1].WhichOneof("kind") == "cancel"
+    assert [m.WhichOneof("kind") for m in a_sink[-2:]] == ["cancel", "forget"]
     assert not core.nodes[a_id].running
 
 
@@ -142,7 +142,7 @@ def test_second_stream_for_a_node_is_refused(core: Scheduler) -> None:
 
 
 def test_restart_recovers_unfinished_jobs(tmp_path) -> None:
-    config = CoordinatorConfig(policy=PlanningPolicy(shots_per_shard=100))
+    config = CoordinatorConfig(prefetch_per_slot=0, policy=PlanningPolicy(shots_per_shard=100))
     store = Store(tmp_path / "s")
     core = Scheduler(config, store)
     a_id, a_sink = _node(core, "a", slots=2)
@@ -198,3 +198,76 @@ def test_shards_only_go_to_nodes_that_read_their_qpy_version(core: Scheduler) ->
     assert info.qpy_version > 12
     with pytest.raises(NoCapableNodeError, match="QPY version"):
         core.submit(PreparedJob([info], [payload], [10], [None], seed=1, method=""), 0.0)
+
+
+def _prefetching_core(tmp_path, **kw) -> Scheduler:
+    config = CoordinatorConfig(heartbeat_interval_s=1.0, heartbeat_timeout_s=5.0,
+                               policy=PlanningPolicy(shots_per_shard=100), **kw)
+    return Scheduler(config, Store(tmp_path / "p"))
+
+
+def test_a_node_has_its_next_shard_in_hand_and_circuits_travel_once(tmp_path) -> None:
+    core = _prefetching_core(tmp_path, prefetch_per_slot=1)
+    a_id, a_sink = _node(core, "a")
+    job = _submit(core, _ghz(), shots=400)  # Clifford: 4 shards of 100
+    first, second = a_sink.assignments()  # one running, one in hand
+    assert [p.cached for p in first.circuits] == [False] and first.circuits[0].qpy
+    assert [p.cached for p in second.circuits] == [True] and not second.circuits[0].qpy
+    b_id, b_sink = _node(core, "b", now=0.1)
+    (third, fourth) = b_sink.assignments()  # another node gets the circuit once as well
+    assert third.circuits[0].qpy and fourth.circuits[0].cached
+    for node_id, a in ((a_id, first), (a_id, second), (b_id, third), (b_id, fourth)):
+        _complete(core, node_id, a, 1.0)
+    assert job.state == DONE and job.shots_done == 400
+    # The job is over: both nodes are told to drop what they kept of it.
+    assert a_sink[-1].WhichOneof("kind") == "forget" and b_sink[-1].forget.job_id == job.job_id
+
+
+def test_slow_shard_gets_a_backup_copy_and_the_first_result_wins(tmp_path) -> None:
+    core = _prefetching_core(tmp_path, prefetch_per_slot=0, backup_after_s=1.0, backup_slowdown=2.0)
+    a_id, a_sink = _node(core, "a")
+    b_id, b_sink = _node(core, "b")
+    job = _submit(core, _ghz(), shots=200)  # 2 shards, one on each node
+    (on_a,) = a_sink.assignments()
+    (on_b,) = b_sink.assignments()
+    _complete(core, b_id, on_b, 0.2)  # b is quick; a's shard lingers
+    assert core.speculate(0.3) == 0  # not slow yet
+    core.heartbeat(a_id, 3.0)
+    core.heartbeat(b_id, 3.0)
+    assert core.speculate(3.0) == 1
+    backup = b_sink.assignments()[-1]
+    assert backup.shard_index == on_a.shard_index and backup.attempt_token != on_a.attempt_token
+    assert core.speculate(3.1) == 0  # one backup per shard
+    _complete(core, b_id, backup, 3.2)
+    assert job.state == DONE and job.shots_done == 200
+    cancels = [m.cancel.attempt_token for m in a_sink if m is not None and m.WhichOneof("kind") == "cancel"]
+    assert cancels == [on_a.attempt_token]
+    before = core.stale_dropped
+    _complete(core, a_id, on_a, 3.3)  # the loser's late result is dropped, never counted
+    assert job.shots_done == 200 and core.stale_dropped > before
+
+
+def test_losing_the_node_of_one_copy_keeps_the_other(tmp_path) -> None:
+    core = _prefetching_core(tmp_path, prefetch_per_slot=0, backup_after_s=1.0)
+    a_id, a_sink = _node(core, "a")
+    b_id, b_sink = _node(core, "b")
+    job = _submit(core, _ghz(), shots=200)
+    (on_a,) = a_sink.assignments()
+    _complete(core, b_id, b_sink.assignments()[0], 0.2)
+    core.heartbeat(b_id, 3.0)
+    assert core.speculate(3.0) == 1
+    backup = b_sink.assignments()[-1]
+    core.detach_stream(a_id, a_sink, 3.1, "work stream closed")  # a is lost: b's copy runs on
+    assert not core.queue or all(s.status != "queued" for s in job.shards)
+    _complete(core, b_id, backup, 3.2)
+    assert job.state == DONE and job.shots_done == 200
+    assert job.shards[on_a.shard_index].losses == 0
+
+
+def test_reaping_looks_only_at_silent_nodes(tmp_path) -> None:
+    core = _prefetching_core(tmp_path)
+    ids = [_node(core, f"n{i}", now=float(i))[0] for i in range(5)]
+    for node_id in ids[::2] + ids[1::2]:  # even ones at 10 s, odd ones at 11 s
+        core.heartbeat(node_id, 10.0 if node_id in ids[::2] else 11.0)
+    assert core.reap(15.5) == [ids[0], ids[2], ids[4]]
+    assert sorted(core.nodes) == sorted(ids[1::2])

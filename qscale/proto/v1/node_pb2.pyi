@@ -70,7 +70,7 @@ class HeartbeatReply(_message.Message):
     def __init__(self, known: _Optional[bool] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ...) -> None: ...
 
 class ShardAssignment(_message.Message):
-    __slots__ = ("job_id", "shard_index", "attempt_token", "chunks", "circuits", "method", "memory_bytes", "memory", "noise_model")
+    __slots__ = ("job_id", "shard_index", "attempt_token", "chunks", "circuits", "method", "memory_bytes", "memory", "noise_model", "noise_model_cached")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class ShardAssignment(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     NOISE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MODEL_CACHED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     attempt_token: str
@@ -89,19 +90,22 @@ class ShardAssignment(_message.Message):
     memory_bytes: int
     memory: bool
     noise_model: str
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., attempt_token: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.Chunk, _Mapping]]] = ..., circuits: _Optional[_Iterable[_Union[CircuitPayload, _Mapping]]] = ..., method: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ...) -> None: ...
+    noise_model_cached: bool
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., attempt_token: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.Chunk, _Mapping]]] = ..., circuits: _Optional[_Iterable[_Union[CircuitPayload, _Mapping]]] = ..., method: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ..., noise_model_cached: _Optional[bool] = ...) -> None: ...
 
 class CircuitPayload(_message.Message):
-    __slots__ = ("circuit_index", "qpy", "parameters", "first_set")
+    __slots__ = ("circuit_index", "qpy", "parameters", "first_set", "cached")
     CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     QPY_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     FIRST_SET_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     circuit_index: int
     qpy: bytes
     parameters: _common_pb2.ParameterValues
     first_set: int
-    def __init__(self, circuit_index: _Optional[int] = ..., qpy: _Optional[bytes] = ..., parameters: _Optional[_Union[_common_pb2.ParameterValues, _Mapping]] = ..., first_set: _Optional[int] = ...) -> None: ...
+    cached: bool
+    def __init__(self, circuit_index: _Optional[int] = ..., qpy: _Optional[bytes] = ..., parameters: _Optional[_Union[_common_pb2.ParameterValues, _Mapping]] = ..., first_set: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class CancelAttempt(_message.Message):
     __slots__ = ("attempt_token", "reason")
@@ -111,13 +115,21 @@ class CancelAttempt(_message.Message):
     reason: str
     def __init__(self, attempt_token: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class ForgetJob(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("assign", "cancel")
+    __slots__ = ("assign", "cancel", "forget")
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    FORGET_FIELD_NUMBER: _ClassVar[int]
     assign: ShardAssignment
     cancel: CancelAttempt
-    def __init__(self, assign: _Optional[_Union[ShardAssignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAttempt, _Mapping]] = ...) -> None: ...
+    forget: ForgetJob
+    def __init__(self, assign: _Optional[_Union[ShardAssignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAttempt, _Mapping]] = ..., forget: _Optional[_Union[ForgetJob, _Mapping]] = ...) -> None: ...
 
 class StreamHello(_message.Message):
     __slots__ = ("node_id",)
