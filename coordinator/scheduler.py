@@ -137,6 +137,7 @@ class JobRecord:
     qpy: list[bytes]
     memory: bool = False
     noise_model: str = ""
+    request_key: str = ""
     state: int = QUEUED
     error: str = ""
     started_at: float = 0.0
@@ -351,19 +352,35 @@ class Scheduler:
 
     def submit(self, prepared: PreparedJob, now: float, request_key: str = "") -> JobRecord:
         """Plan, persist and queue a job (already validated by intake). A request key that
-        already created a job returns that job instead."""
+        already created a job returns that job instead. (The servicer does the same in three
+        steps, writing the job from a thread: :meth:`plan_submission`, ``store.insert_job``,
+        :meth:`accept`.)"""
         existing = self.existing_job(request_key)
         if existing is not None:
-            log.info("job %s: duplicate submit (request key %s) answered with the existing job", existing.job_id,
-                     request_key[:40])
             return existing
-        stored = StoredJob(uuid.uuid4().hex[:16], now, QUEUED, prepared.seed, prepared.method, self.config.policy,
-                           prepared.infos, prepared.shots, prepared.params, prepared.qpy, prepared.memory,
-                           prepared.noise_model, request_key=request_key)
-        job = JobRecord.from_stored(stored)
+        job, plan = self.plan_submission(prepared, now, request_key)
+        if not self.store.insert_job(self.stored_form(job)):
+            return self.existing_job(request_key) or job
+        return self.accept(job, plan, now)
+
+    def plan_submission(self, prepared: PreparedJob, now: float, request_key: str = ""
+                        ) -> tuple[JobRecord, tuple[ShardPlan, ...]]:
+        """A new job record and its plan; raises if no node of the cluster can hold a shard."""
+        job = JobRecord(uuid.uuid4().hex[:16], now, prepared.seed, prepared.method, self.config.policy,
+                        prepared.infos, prepared.shots, prepared.params, prepared.qpy, prepared.memory,
+                        prepared.noise_model, request_key=request_key)
         plan = job.plan()
         self._check_capacity(job.infos, plan)
-        self.store.insert_job(stored)
+        return job, plan
+
+    @staticmethod
+    def stored_form(job: JobRecord) -> StoredJob:
+        """What :meth:`Store.insert_job` writes for a new job."""
+        return StoredJob(job.job_id, job.created_at, QUEUED, job.seed, job.method, job.policy, job.infos, job.shots,
+                         job.params, job.qpy, job.memory, job.noise_model, request_key=job.request_key)
+
+    def accept(self, job: JobRecord, plan: tuple[ShardPlan, ...], now: float) -> JobRecord:
+        """Queue a planned job once it is in the store, and dispatch."""
         self._activate(job, plan, {})
         log.info("job %s accepted: %d circuit(s), %d experiment(s), %d shots, %d shard(s), seed %d, method %s%s",
                  job.job_id, len(job.infos), sum(job.num_sets), job.shots_total, len(plan), job.seed,

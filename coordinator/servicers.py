@@ -229,11 +229,22 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                      ) -> jobs_pb2.SubmitReply:
         if self.draining:
             raise UnavailableError("the coordinator is shutting down; submit again when it is back")
-        existing = self.core.existing_job(request.request_key)
+        key = request.request_key
+        existing = self.core.existing_job(key)
         if existing is None:
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self.executor, prepare_job, request, self.config.limits)
-            existing = self.core.submit(prepared, self.clock(), request.request_key)
+            existing = self.core.existing_job(key)  # a retry of this request may have won meanwhile
+            if existing is None:
+                job, plan = self.core.plan_submission(prepared, self.clock(), key)
+                # The write (JSON, fsync) happens off the event loop: heartbeats are not held up.
+                stored = self.core.stored_form(job)
+                if await loop.run_in_executor(self.executor, self.core.store.insert_job, stored):
+                    existing = self.core.accept(job, plan, self.clock())
+                else:
+                    existing = self.core.existing_job(key)
+                    if existing is None:  # pragma: no cover - the key's job vanished
+                        raise UnavailableError("could not record the job; submit again")
         return jobs_pb2.SubmitReply(job_id=existing.job_id, seed=existing.seed)
 
     @_unary
