@@ -20,6 +20,7 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ from rich.table import Table
 
 from qscale import errors
 from qscale._version import __version__
+from qscale.logs import configure_logging
 
 __all__ = ["main"]
 
@@ -41,7 +43,7 @@ EXIT_OK, EXIT_JOB, EXIT_INPUT, EXIT_UNAVAILABLE, EXIT_OTHER = 0, 1, 2, 3, 4
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, os.environ.get("QSCALE_LOG_FORMAT") or "text")
 
 
 def _console(stderr: bool = False) -> Console:
@@ -67,6 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
         node_tokens_file=args.node_tokens_file, client_tokens_file=args.client_tokens_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure or None,
         prefetch_per_slot=args.prefetch_per_slot, backup_after_s=args.backup_after,
+        metrics_port=args.metrics_port, dashboard_port=args.dashboard_port, log_level=args.log_level,
+        log_format=args.log_format,
         policy_overrides={"shots_per_shard": args.shots_per_shard, "target_shards": args.target_shards},
     )
     if args.print_config:
@@ -75,7 +79,8 @@ def _serve(args: argparse.Namespace) -> int:
             shown[secret] = "<hidden>" if shown.get(secret) else None
         _print_json(shown)
         return EXIT_OK
-    _configure_logging(args.log_level)
+    configure_logging(config.log_level, config.log_format)
+    address_file = args.address_file or os.environ.get("QSCALE_ADDRESS_FILE")
 
     async def serve() -> None:
         server = CoordinatorServer(config)
@@ -89,8 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
         # Intake threads (decoding replies, writing jobs) share the GIL with the event loop: hand
         # it back sooner so that heartbeats are not held up behind them.
         sys.setswitchinterval(0.001)
-        if args.address_file:
-            Path(args.address_file).write_text(address + "\n")
+        if address_file:
+            Path(address_file).write_text(address + "\n")
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -283,7 +288,6 @@ def _count(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    import os
 
     from qscale.coordinator.config import DEFAULT_ADDRESS
     from qscale.security import refuse_secret_options
@@ -323,7 +327,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="directory for the SQLite state (default: a temporary one)")
     p.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 2)")
     p.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before a node is lost (default 10)")
-    p.add_argument("--address-file", help="write the bound HOST:PORT here once serving (useful with port 0)")
+    p.add_argument("--address-file", help="write the bound HOST:PORT here once serving (useful with port 0; "
+                                          "$QSCALE_ADDRESS_FILE)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics, HOST as in --listen "
+                        "(default 0: off; $QSCALE_METRICS_PORT)")
+    p.add_argument("--dashboard-port", type=int, metavar="PORT",
+                   help="serve the read-only status page on http://HOST:PORT/, HOST as in --listen; it asks for "
+                        "a client token when authentication is on (default 0: off; $QSCALE_DASHBOARD_PORT)")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="text, or json: one object per line for log shippers (default text; $QSCALE_LOG_FORMAT)")
     p.add_argument("--shots-per-shard", type=_count, metavar="N",
                    help="cap on the shots of one shard where shots cost a simulation each (default 0: shards "
                         "are sized by estimated cost only; $QSCALE_SHOTS_PER_SHARD)")
@@ -335,8 +348,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backup-after", type=float, metavar="SECONDS",
                    help="a straggling shard gets a backup copy on an idle node after this long "
                         "(default 2, 0: never; $QSCALE_BACKUP_AFTER)")
-    p.add_argument("--log-level", default=os.environ.get("QSCALE_LOG_LEVEL", "INFO"),
-                   help="DEBUG, INFO, WARNING or ERROR (default INFO; $QSCALE_LOG_LEVEL)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO; $QSCALE_LOG_LEVEL)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
     for name, text in _LIMIT_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=_count, metavar="N",
@@ -352,7 +364,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", metavar="PEM",
                    help="require client certificates signed by this CA: mutual TLS ($QSCALE_TLS_CA)")
     p.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback --listen address without tokens (anyone who reaches it can use it)")
+                   help="allow a non-loopback --listen address without tokens (anyone who reaches it can use "
+                        "it; $QSCALE_INSECURE=true)")
     refuse_secret_options(p, "--token", "--node-token", "--client-token",
                           hint="put tokens in --node-tokens-file / --client-tokens-file or in "
                                "$QSCALE_NODE_TOKEN / $QSCALE_CLIENT_TOKEN")

@@ -149,6 +149,15 @@ class CoordinatorConfig:
     """CA (PEM) that callers' certificates must be signed by: turns on mutual TLS."""
     insecure: bool = False
     """Serve on a non-loopback address without tokens (refused otherwise)."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics on ``http://HOST:PORT/metrics`` (HOST of ``listen``); 0: off."""
+    dashboard_port: int = 0
+    """Serve the read-only status page on ``http://HOST:PORT/`` (HOST of ``listen``); 0: off. It asks
+    for a client token (HTTP Basic password or Bearer) when authentication is on."""
+    log_level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR."""
+    log_format: str = "text"
+    """``text`` for people, ``json`` (one object per line) for log shippers."""
     limits: Limits = field(default_factory=Limits)
     policy: PlanningPolicy = field(default_factory=PlanningPolicy)
 
@@ -159,6 +168,11 @@ class CoordinatorConfig:
             raise InvalidArgumentError("heartbeat timeout must be longer than the heartbeat interval")
         if self.max_shard_failures < 1 or self.max_shard_losses < 1:
             raise InvalidArgumentError("max shard failures and losses must be >= 1")
+        for name in ("metrics_port", "dashboard_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise InvalidArgumentError(f"{name.replace('_', ' ')} must be between 0 and 65535")
+        if self.log_format not in ("text", "json"):
+            raise InvalidArgumentError(f"log format must be text or json, not {self.log_format!r}")
         if self.prefetch_per_slot < 0 or self.backup_after_s < 0 or self.backup_slowdown < 1:
             raise InvalidArgumentError("prefetch and backup settings: prefetch >= 0, backup after >= 0, "
                                        "slowdown >= 1")
@@ -206,6 +220,15 @@ class CoordinatorConfig:
         return replace(self, **changes)
 
 
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not a boolean (true/false, 1/0, yes/no, on/off)")
+
+
 _ENV: tuple[tuple[str, str, Any], ...] = (
     ("listen", "QSCALE_LISTEN", str),
     ("state_dir", "QSCALE_STATE_DIR", str),
@@ -221,4 +244,9 @@ _ENV: tuple[tuple[str, str, Any], ...] = (
     ("tls_cert", "QSCALE_TLS_CERT", str),
     ("tls_key", "QSCALE_TLS_KEY", str),
     ("tls_ca", "QSCALE_TLS_CA", str),
+    ("insecure", "QSCALE_INSECURE", _flag),
+    ("metrics_port", "QSCALE_METRICS_PORT", int),
+    ("dashboard_port", "QSCALE_DASHBOARD_PORT", int),
+    ("log_level", "QSCALE_LOG_LEVEL", str),
+    ("log_format", "QSCALE_LOG_FORMAT", str),
 )

@@ -17,16 +17,18 @@ Accounting rules:
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from qscale.circuits import CircuitInfo, memory_width, merge_counts
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.intake import PreparedJob
+from qscale.coordinator.metrics import CoordinatorMetrics
 from qscale.coordinator.planner import PlanningPolicy, ShardPlan, plan_job
 from qscale.coordinator.store import Store, StoredJob
 from qscale.errors import FailedPreconditionError, InvalidArgumentError, NoCapableNodeError, NotFoundError
@@ -223,10 +225,12 @@ class Scheduler:
         store: Store,
         *,
         on_job_change: Callable[[str], None] = lambda job_id: None,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.on_job_change = on_job_change
+        self.metrics = metrics or CoordinatorMetrics()
         self.nodes: dict[str, NodeRecord] = {}
         self.lost_nodes: deque[NodeRecord] = deque(maxlen=_LOST_NODES_KEPT)
         self.jobs: dict[str, JobRecord] = {}
@@ -235,10 +239,23 @@ class Scheduler:
         self.attempts: dict[str, Attempt] = {}
         self.stale_dropped = 0
         self.backups_started = 0
+        self.shots_counted = 0
+        """Shots of every shard counted since start (all jobs)."""
         # Indexes that keep the hot paths free of work proportional to the number of nodes:
         self._idle: dict[int, dict[str, NodeRecord]] = {}  # free slots -> nodes with that many, next first
         self._prefetch: dict[str, NodeRecord] = {}  # every slot busy, room for a shard in hand
         self._by_heartbeat: OrderedDict[str, NodeRecord] = OrderedDict()  # oldest heartbeat first
+        self.slots_total = 0
+        self.metrics.bind(
+            nodes_alive=lambda: sum(1 for n in list(self.nodes.values()) if n.state == "alive"),
+            nodes_draining=lambda: sum(1 for n in list(self.nodes.values()) if n.state == "draining"),
+            slots_busy=lambda: len(self.attempts),
+            slots_total=lambda: self.slots_total,
+            shards_queued=lambda: sum(j.shards_queued for j in list(self.jobs.values()) if not j.final),
+            shards_running=lambda: sum(j.shards_running for j in list(self.jobs.values()) if not j.final),
+            jobs_queued=lambda: sum(1 for j in list(self.jobs.values()) if j.state == QUEUED),
+            jobs_running=lambda: sum(1 for j in list(self.jobs.values()) if j.state == RUNNING),
+        )
 
     # ------------------------------------------------------------------ nodes
 
@@ -255,6 +272,7 @@ class Scheduler:
                           in_hand_limit=caps.slots * (1 + self.config.prefetch_per_slot))
         self.nodes[node.node_id] = node
         self._by_heartbeat[node.node_id] = node
+        self.slots_total += caps.slots
         log.info("node %s registered: %d slots, %d cores, %.1f GiB budget (%s)", node.node_id, caps.slots,
                  caps.cores, caps.memory_budget_bytes / 2**30, caps.hostname)
         return node
@@ -264,6 +282,7 @@ class Scheduler:
         node = self.nodes.get(node_id)
         if node is None:
             return False
+        self.metrics.heartbeat_lag.observe(max(0.0, now - node.last_heartbeat))
         node.last_heartbeat = now
         self._by_heartbeat.move_to_end(node_id)
         return True
@@ -317,6 +336,9 @@ class Scheduler:
     def _lose_node(self, node: NodeRecord, now: float, reason: str, *, close_stream: bool = True) -> None:
         node.state = "lost"
         del self.nodes[node.node_id]
+        self.slots_total -= node.caps.slots
+        kind = "drained" if reason == "left after draining" else "stream" if close_stream else "timeout"
+        self.metrics.nodes_lost.labels(kind).inc()
         self._by_heartbeat.pop(node.node_id, None)
         self._index(node)
         self.lost_nodes.append(node)
@@ -524,6 +546,9 @@ class Scheduler:
         for other in list(shard.live):  # a backup copy lost the race: stop it
             self._cancel_attempt(other, now, "another copy of the shard finished first")
         self._merge(job, shard, results.results)
+        self.shots_counted += shard.plan.shots
+        self.metrics.shots.inc(shard.plan.shots)
+        self.metrics.shard_duration.observe(max(0.0, now - attempt.started_at))
         node = self.nodes.get(node_id)
         if node is not None:
             node.shards_done += 1
@@ -578,6 +603,7 @@ class Scheduler:
         if attempt is not None and attempt.node_id == node_id and node_id in self.nodes:
             return attempt
         self.stale_dropped += 1
+        self.metrics.stale.inc()
         job = self.jobs.get(token.split(":", 1)[0])
         if job is not None:
             job.stale_dropped += 1
@@ -585,6 +611,7 @@ class Scheduler:
         return None
 
     def _end_attempt(self, attempt: Attempt, now: float, outcome: str, error: str) -> None:
+        self.metrics.attempts.labels(outcome).inc()
         attempt.ended_at = now
         attempt.outcome = outcome
         attempt.error = error
@@ -615,6 +642,7 @@ class Scheduler:
         if job.final or shard.status != "queued":
             return  # counted, or a copy of it still runs
         entry = (job.job_id, shard.plan.index)
+        self.metrics.reassigned.inc()
         if front:
             self.queue.appendleft(entry)
         else:
@@ -627,6 +655,8 @@ class Scheduler:
             self._finish(job, FAILED, message, now)
 
     def _finish(self, job: JobRecord, state: int, error: str, now: float) -> None:
+        self.metrics.jobs_finished.labels(common_pb2.JobState.Name(state).removeprefix("JOB_STATE_").lower()).inc()
+        self.metrics.job_latency.observe(max(0.0, now - job.created_at))
         job.state = state
         job.error = error
         job.finished_at = now
@@ -744,6 +774,7 @@ class Scheduler:
                 continue
             shard.backups += 1
             self.backups_started += 1
+            self.metrics.backups.inc()
             log.info("job %s shard %d: running %.1fs on node %s (expected %.1fs): backup copy on node %s",
                      job.job_id, shard.plan.index, elapsed, attempt.node_id, expected, node.node_id)
             self._start_attempt(job, shard, node, now, backup=True)
@@ -828,21 +859,34 @@ def _check_chunk(job: JobRecord, plan: ShardPlan, msg: node_pb2.ChunkResult) -> 
         if total != chunk.shots:
             return f"circuit {c.circuit_index} counts add up to {total}, expected {chunk.shots}"
         num_clbits = job.infos[c.circuit_index].num_clbits
-        for key in c.counts:
-            if not _valid_outcome(key, num_clbits):
-                return f"circuit {c.circuit_index} has an outcome that is not a {num_clbits}-bit hexadecimal value"
+        if not _valid_outcomes(c.counts, num_clbits):
+            return f"circuit {c.circuit_index} has an outcome that is not a {num_clbits}-bit hexadecimal value"
         width = memory_width(job.infos[c.circuit_index].num_clbits)
         if job.memory and len(c.memory) != chunk.shots * width:
             return f"circuit {c.circuit_index} sent {len(c.memory)} bytes of memory, expected {chunk.shots * width}"
     return ""
 
 
-def _valid_outcome(key: str, num_clbits: int) -> bool:
-    """Aer's outcome keys: ``0x`` and lowercase hex digits, below ``2**num_clbits``."""
-    digits = key[2:]
-    if not key.startswith("0x") or not 0 < len(digits) <= max(1, -(-num_clbits // 4)):
-        return False
-    return all(ch in "0123456789abcdef" for ch in digits) and int(digits, 16) < (1 << num_clbits)
+def _valid_outcomes(counts: Mapping[str, int], num_clbits: int) -> bool:
+    """Aer's outcome keys: ``0x`` and lowercase hex digits, below ``2**num_clbits``. One regular
+    expression over all keys (a result may hold 100,000 of them), then a numeric check only
+    where the top digit can overflow the width."""
+    if not counts:
+        return True
+    digits = max(1, -(-num_clbits // 4))
+    pattern = _OUTCOME_PATTERNS.get(digits)
+    if pattern is None:
+        pattern = _OUTCOME_PATTERNS[digits] = re.compile(rf"0x[0-9a-f]{{1,{digits}}}(?:,0x[0-9a-f]{{1,{digits}}})*")
+    joined = ",".join(counts)
+    if joined.count(",") != len(counts) - 1 or pattern.fullmatch(joined) is None:
+        return False  # (a key holding the separator would otherwise pass as two)
+    if num_clbits % 4 == 0 and num_clbits:
+        return True  # as many digits as the width allows can never overflow it
+    limit = 1 << num_clbits
+    return all(int(key, 16) < limit for key in counts if len(key) - 2 == digits)
+
+
+_OUTCOME_PATTERNS: dict[int, re.Pattern[str]] = {}
 
 
 def _gib(n: int) -> str:

@@ -19,6 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from qscale.coordinator import sandbox
 from qscale.coordinator.config import CoordinatorConfig
+from qscale.coordinator.metrics import CoordinatorMetrics, serve_metrics
 from qscale.coordinator.scheduler import Scheduler
 from qscale.coordinator.servicers import JobEvents, JobServicer, NodeServicer, add_services
 from qscale.coordinator.store import Store
@@ -93,6 +94,10 @@ class CoordinatorServer:
         self.health: health_aio.HealthServicer | None = None
         self._jobs: JobServicer | None = None
         self._sandbox: sandbox.SandboxPool | None = None
+        self.metrics = CoordinatorMetrics()
+        self.metrics_port = 0
+        """Bound port of the metrics endpoint (0: off)."""
+        self._http: list[Any] = []  # HTTP servers (metrics, dashboard) to shut down
 
     async def start(self) -> str:
         """Open the state, recover unfinished jobs, and serve. Returns the bound ``host:port``.
@@ -110,7 +115,7 @@ class CoordinatorServer:
         self.store = Store(state_dir)
         self.health = health_aio.HealthServicer()
         events = JobEvents()
-        self.core = Scheduler(self.config, self.store, on_job_change=events.notify)
+        self.core = Scheduler(self.config, self.store, on_job_change=events.notify, metrics=self.metrics)
         recovered = self.core.recover(self.clock())
         server = grpc.aio.server(options=grpc_options(self.config.limits.max_message_bytes),
                                  interceptors=[AuthInterceptor(tokens)] if tokens.enabled else None)
@@ -129,6 +134,15 @@ class CoordinatorServer:
             raise FailedPreconditionError(f"cannot listen on {self.config.listen}: {exc}") from exc
         host = self.config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
+        if self.config.metrics_port:
+            try:
+                metrics_server, self.metrics_port = serve_metrics(self.metrics, _http_host(host),
+                                                                  self.config.metrics_port)
+            except OSError as exc:
+                self.store.close()
+                raise FailedPreconditionError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}"
+                                              ) from exc
+            self._http.append(metrics_server)
         # Circuits are decoded in sandbox processes; they warm up in the background.
         self._sandbox = sandbox.open_pool(self.config.limits)
         await server.start()
@@ -174,6 +188,9 @@ class CoordinatorServer:
                     node.sink.put_nowait(None)
         await self._server.stop(grace)
         self._server = None
+        for http in self._http:
+            http.shutdown()
+        self._http.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._sandbox is not None:
             sandbox.release(self._sandbox)
@@ -183,6 +200,12 @@ class CoordinatorServer:
         if self._temp_state is not None:
             shutil.rmtree(self._temp_state, ignore_errors=True)
         log.info("coordinator on %s stopped", self.address)
+
+
+def _http_host(grpc_host: str) -> str:
+    """Where the HTTP endpoints listen: the gRPC listen host, brackets of IPv6 removed."""
+    host = grpc_host.strip("[]")
+    return host if host not in ("", "*") else "0.0.0.0"
 
 
 class EmbeddedCoordinator:

@@ -64,10 +64,11 @@ def job_result(job: JobRecord) -> jobs_pb2.JobResult:
             memory_width=memory_width(info.num_clbits),
             register_clbits=[bit for reg in info.creg_clbits for bit in reg],
         )
+        single = len(job.counts[index]) == 1  # its counts are the circuit's: not sent twice
         for set_index, counts in enumerate(job.counts[index]):
             circuit.sets.add(
                 set_index=set_index,
-                counts=format_counts(counts, info.num_clbits, info.creg_sizes),
+                counts={} if single else format_counts(counts, info.num_clbits, info.creg_sizes),
                 shots=job.set_shots[index][set_index],
                 memory=job.set_memory(index, set_index) if job.memory else b"",
             )

@@ -18,6 +18,7 @@ from types import FrameType
 
 from qscale._version import __version__
 from qscale.errors import FailedPreconditionError, InvalidArgumentError
+from qscale.logs import configure_logging
 from qscale.node.config import NodeConfig, parse_bytes
 
 __all__ = ["main", "build_parser"]
@@ -37,27 +38,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qscale-node",
         description="Run a qscale node: join a coordinator and simulate the shards it hands out.",
-        epilog="Environment: QSCALE_COORDINATOR, QSCALE_NODE_NAME, QSCALE_NODE_SLOTS, QSCALE_NODE_CORES, "
-        "QSCALE_NODE_MEMORY_BUDGET, QSCALE_NODE_DRAIN_GRACE, QSCALE_LOG_LEVEL, QSCALE_NODE_TOKEN, "
-        "QSCALE_NODE_TOKEN_FILE, QSCALE_TLS_CERT, QSCALE_TLS_KEY, QSCALE_TLS_CA (flags win).",
+        epilog="Every setting also comes from its QSCALE_* variable (named in each help); flags win. "
+        "Secrets never come from flags: $QSCALE_NODE_TOKEN, $QSCALE_NODE_TOKEN_FILE or --token-file.",
     )
-    p.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator address (default 127.0.0.1:50051)")
-    p.add_argument("--name", help="node name shown by the coordinator (default: the hostname)")
-    p.add_argument("--slots", type=int, metavar="N", help="shards run at once, one worker process each (default 1)")
-    p.add_argument("--cores", type=int, metavar="N", help="CPU cores to use, shared by the slots (default: all)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="coordinator address (default 127.0.0.1:50051; $QSCALE_COORDINATOR)")
+    p.add_argument("--name", help="node name shown by the coordinator (default: the hostname; $QSCALE_NODE_NAME)")
+    p.add_argument("--slots", type=int, metavar="N",
+                   help="shards run at once, one worker process each (default 1; $QSCALE_NODE_SLOTS)")
+    p.add_argument("--cores", type=int, metavar="N",
+                   help="CPU cores to use, shared by the slots (default: all; $QSCALE_NODE_CORES)")
     p.add_argument(
         "--memory-budget", type=_byte_count, metavar="BYTES",
-        help="memory for simulations, all slots together: bytes or 512M, 4G (default: half the machine's)",
+        help="memory for simulations, all slots together: bytes or 512M, 4G (default: half the machine's; "
+             "$QSCALE_NODE_MEMORY_BUDGET)",
     )
-    p.add_argument("--drain-grace", type=float, metavar="S", help="seconds running shards get on SIGTERM (default 30)")
-    p.add_argument("--parent-pid", type=int, metavar="PID", help="exit when this process is gone")
-    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--drain-grace", type=float, metavar="S",
+                   help="seconds running shards get on SIGTERM (default 30; $QSCALE_NODE_DRAIN_GRACE)")
+    p.add_argument("--parent-pid", type=int, metavar="PID",
+                   help="exit when this process is gone ($QSCALE_NODE_PARENT_PID)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default 0: off; "
+                        "$QSCALE_NODE_METRICS_PORT)")
+    p.add_argument("--health-port", type=int, metavar="PORT",
+                   help="serve the standard gRPC health service on this port (default 0: off; "
+                        "$QSCALE_NODE_HEALTH_PORT)")
+    p.add_argument("--log-level", metavar="LEVEL",
+                   help="DEBUG, INFO, WARNING or ERROR (default INFO; $QSCALE_LOG_LEVEL)")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="text, or json: one object per line for log shippers (default text; $QSCALE_LOG_FORMAT)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration as JSON and exit")
     p.add_argument("--token-file", metavar="FILE",
-                   help="file holding the join token (or the token itself in $QSCALE_NODE_TOKEN)")
-    p.add_argument("--tls-ca", metavar="PEM", help="CA that signed the coordinator's certificate; turns on TLS")
-    p.add_argument("--tls-cert", metavar="PEM", help="client certificate for a mutual-TLS coordinator")
-    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+                   help="file holding the join token ($QSCALE_NODE_TOKEN_FILE; or the token itself in "
+                        "$QSCALE_NODE_TOKEN)")
+    p.add_argument("--tls-ca", metavar="PEM",
+                   help="CA that signed the coordinator's certificate; turns on TLS ($QSCALE_TLS_CA)")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate for a mutual-TLS coordinator ($QSCALE_TLS_CERT)")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert ($QSCALE_TLS_KEY)")
     p.add_argument("--version", action="version", version=f"qscale-node {__version__}")
     from qscale.security import refuse_secret_options
 
@@ -80,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             drain_grace_s=args.drain_grace,
             parent_pid=args.parent_pid,
             log_level=args.log_level,
+            log_format=args.log_format,
+            metrics_port=args.metrics_port,
+            health_port=args.health_port,
             token_file=args.token_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
@@ -100,11 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qscale-node: error: {exc}", file=sys.stderr)
         return 2
 
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        configure_logging(config.log_level, config.log_format)
+    except ValueError as exc:
+        print(f"qscale-node: error: {exc}", file=sys.stderr)
+        return 2
     from qscale.node.daemon import NodeDaemon  # grpc is only needed from here on
 
     daemon = NodeDaemon(config)

@@ -119,6 +119,12 @@ class NodeConfig:
     """Exit when this process is gone (the local cluster sets it so nodes never outlive it)."""
     log_level: str = "INFO"
     """Logging level name for the CLI's handler (DEBUG, INFO, WARNING, ERROR)."""
+    log_format: str = "text"
+    """``text``, or ``json`` (one object per line) for log shippers."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics on ``http://0.0.0.0:PORT/metrics``; 0: off."""
+    health_port: int = 0
+    """Serve the standard gRPC health service on this port (all interfaces); 0: off."""
     token: str | None = field(default=None, repr=False)
     """Join token sent with every call (from ``$QSCALE_NODE_TOKEN``; never a CLI flag)."""
     token_file: str | None = None
@@ -138,6 +144,11 @@ class NodeConfig:
         if not isinstance(self.name, str) or not self.name.strip():
             raise InvalidArgumentError("node name must not be empty")
         _check_int("slots", self.slots, minimum=1)
+        for name in ("metrics_port", "health_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise InvalidArgumentError(f"{name.replace('_', ' ')} must be between 0 and 65535")
+        if self.log_format not in ("text", "json"):
+            raise InvalidArgumentError(f"log format must be text or json, not {self.log_format!r}")
         _check_int("cores", self.cores, minimum=1)
         _check_int("memory budget", self.memory_budget, minimum=1 << 20, unit=" bytes (1 MiB)")
         if not _is_number(self.drain_grace_s) or self.drain_grace_s < 0:
@@ -206,7 +217,8 @@ class NodeConfig:
 
         Variables: ``QSCALE_COORDINATOR``, ``QSCALE_NODE_NAME``, ``QSCALE_NODE_SLOTS``,
         ``QSCALE_NODE_CORES``, ``QSCALE_NODE_MEMORY_BUDGET`` (bytes or 4G/512M),
-        ``QSCALE_NODE_DRAIN_GRACE`` (seconds), ``QSCALE_LOG_LEVEL``, ``QSCALE_NODE_TOKEN``,
+        ``QSCALE_NODE_DRAIN_GRACE`` (seconds), ``QSCALE_LOG_LEVEL``, ``QSCALE_LOG_FORMAT``,
+        ``QSCALE_NODE_METRICS_PORT``, ``QSCALE_NODE_HEALTH_PORT``, ``QSCALE_NODE_PARENT_PID``, ``QSCALE_NODE_TOKEN``,
         ``QSCALE_NODE_TOKEN_FILE``, ``QSCALE_TLS_CERT``, ``QSCALE_TLS_KEY``, ``QSCALE_TLS_CA``.
         Empty values are ignored.
 
@@ -267,6 +279,10 @@ _ENV: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("memory_budget", "QSCALE_NODE_MEMORY_BUDGET", parse_bytes),
     ("drain_grace_s", "QSCALE_NODE_DRAIN_GRACE", _float),
     ("log_level", "QSCALE_LOG_LEVEL", str),
+    ("log_format", "QSCALE_LOG_FORMAT", str),
+    ("metrics_port", "QSCALE_NODE_METRICS_PORT", _int),
+    ("health_port", "QSCALE_NODE_HEALTH_PORT", _int),
+    ("parent_pid", "QSCALE_NODE_PARENT_PID", _int),
     ("token", "QSCALE_NODE_TOKEN", str),
     ("token_file", "QSCALE_NODE_TOKEN_FILE", str),
     ("tls_cert", "QSCALE_TLS_CERT", str),

@@ -33,6 +33,7 @@ import grpc
 
 from qscale.node.capabilities import build_capabilities
 from qscale.node.config import NodeConfig, format_bytes
+from qscale.node.metrics import NodeHealth, NodeMetrics
 from qscale.node.worker import ChunkOutcome, ShardOutcome, WorkerSlot, WorkerStartError
 from qscale.proto.v1 import node_pb2, node_pb2_grpc
 from qscale.security import make_channel
@@ -177,6 +178,12 @@ class NodeDaemon:
         self._flush_deadline = 0.0
         self._drain_aborted = False
         self._ran = False
+        self._health: NodeHealth | None = None
+        self._metrics: NodeMetrics | None = None
+        self.metrics_port = 0
+        """Bound port of the metrics endpoint (0: off)."""
+        self.health_port = 0
+        """Bound port of the gRPC health service (0: off)."""
         self._state = "created"
 
     # ---- public ---------------------------------------------------------------------------------
@@ -202,6 +209,16 @@ class NodeDaemon:
         closed stream). Safe from any thread and from a signal handler."""
         self._stop_requested = True
 
+    @property
+    def _state(self) -> str:
+        return self._state_value
+
+    @_state.setter
+    def _state(self, value: str) -> None:
+        self._state_value = value
+        if self._health is not None:
+            self._health.set(serving=value not in ("draining", "stopped"), connected=value == "connected")
+
     def run(self) -> int:
         """Run until drained or stopped. Returns the process exit code: 0 after a drain or stop,
         1 when no simulation worker could start. Every worker process is stopped on return."""
@@ -209,10 +226,27 @@ class NodeDaemon:
             raise RuntimeError("NodeDaemon.run() can be called only once")
         self._ran = True
         try:
+            self._start_endpoints()
             return self._run()
         finally:
             self._shutdown()
             self._state = "stopped"
+            if self._health is not None:
+                self._health.close()
+            if self._metrics is not None:
+                self._metrics.close()
+
+    def _start_endpoints(self) -> None:
+        """Metrics and gRPC health, when their ports are set."""
+        cfg = self.config
+        if cfg.metrics_port:
+            self._metrics = NodeMetrics(busy=lambda: len(self._running), total=lambda: len(self._slots),
+                                        connected=lambda: 1.0 if self._state == "connected" else 0.0)
+            self.metrics_port = self._metrics.serve(cfg.metrics_port)
+        if cfg.health_port:
+            self._health = NodeHealth(cfg.health_port)
+            self.health_port = self._health.start()
+            self._state = self._state  # publish the current status
 
     # ---- control loop ---------------------------------------------------------------------------
 
@@ -689,6 +723,13 @@ class NodeDaemon:
             self._running.pop(token, None)
             why = self._abort_reasons.pop(token, None)
             self._attempts.pop(token, None)
+        if self._metrics is not None:
+            self._metrics.simulation_seconds.inc(max(0.0, outcome.seconds))
+            kind = "done" if outcome.ok else "handed_back" if why == _DRAIN else \
+                "aborted" if why in (_CANCEL, _STOP) or outcome.aborted else "failed"
+            self._metrics.shards.labels(kind).inc()
+            if not outcome.ok and outcome.error.startswith("worker process died"):
+                self._metrics.worker_crashes.inc()
         if outcome.ok:
             done = node_pb2.ShardDone(attempt_token=token, seconds=outcome.seconds)
             self._outbox.put(node_pb2.NodeMessage(done=done))

@@ -175,7 +175,8 @@ class JobResult:
             job_id=msg.status.job_id,
             status=JobStatus.from_proto(msg.status),
             results=[CircuitResult(r.circuit_index, r.name, dict(r.counts), r.shots, r.num_qubits, r.num_clbits,
-                                   [SetResult(x.set_index, dict(x.counts), x.shots, x.memory) for x in r.sets],
+                                   [SetResult(x.set_index, dict(x.counts) if len(r.sets) > 1 else dict(r.counts),
+                                              x.shots, x.memory) for x in r.sets],
                                    [(g.name, g.size) for g in r.registers], list(r.register_clbits),
                                    r.memory_width or 1)
                      for r in msg.results],

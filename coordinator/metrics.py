@@ -1,0 +1,99 @@
+"""Prometheus metrics of the coordinator (prometheus-client), served on ``--metrics-port``.
+
+Each coordinator has its own :class:`~prometheus_client.CollectorRegistry`, so several
+embedded coordinators in one process (tests, notebooks) never clash. Counters and histograms
+are updated by the scheduler as things happen; gauges read plain integers the scheduler keeps
+(reads of an ``int`` or a ``len()`` are safe from the scrape thread).
+
+Names (all prefixed ``qscale_``):
+
+=====================================  ========  ===========================================
+``nodes{state}``                       gauge     nodes alive / draining
+``nodes_lost_total{reason}``           counter   nodes declared lost: timeout, stream, drained
+``slots{state}``                       gauge     slots busy (attempts in hand) / total
+``shards{state}``                      gauge     shards queued / running
+``shard_attempts_total{outcome}``      counter   attempts ended: done, failed, refused, lost,
+                                                 cancelled, stale
+``shards_reassigned_total``            counter   shards requeued after a loss, failure or refusal
+``shard_backups_total``                counter   backup copies started for stragglers
+``stale_results_dropped_total``        counter   messages from old attempts dropped, not counted
+``shots_completed_total``              counter   shots counted (first result of each shard)
+``jobs{state}``                        gauge     jobs queued / running
+``jobs_finished_total{state}``         counter   jobs done / failed / cancelled
+``job_latency_seconds``                histogram submit to final state
+``shard_duration_seconds``             histogram dispatch to counted result
+``heartbeat_lag_seconds``              histogram time between two heartbeats of a node
+=====================================  ========  ===========================================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["CoordinatorMetrics", "serve_metrics"]
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_HEARTBEAT_BUCKETS = (0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30)
+
+
+class CoordinatorMetrics:
+    """The coordinator's metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.nodes = Gauge("qscale_nodes", "Nodes registered, by state", ["state"], registry=r)
+        self.nodes_lost = Counter("qscale_nodes_lost", "Nodes declared lost, by reason", ["reason"], registry=r)
+        self.slots = Gauge("qscale_slots", "Node slots: busy (attempts in hand) and total", ["state"], registry=r)
+        self.shards = Gauge("qscale_shards", "Shards of unfinished jobs, by state", ["state"], registry=r)
+        self.attempts = Counter("qscale_shard_attempts", "Shard attempts ended, by outcome", ["outcome"],
+                                registry=r)
+        self.reassigned = Counter("qscale_shards_reassigned",
+                                  "Shards put back in the queue after a node loss, a failure or a refusal",
+                                  registry=r)
+        self.backups = Counter("qscale_shard_backups", "Backup copies started for slow shards", registry=r)
+        self.stale = Counter("qscale_stale_results_dropped",
+                             "Messages about attempts that are no longer current, dropped uncounted", registry=r)
+        self.shots = Counter("qscale_shots_completed", "Shots counted (the first result of each shard)", registry=r)
+        self.jobs = Gauge("qscale_jobs", "Unfinished jobs, by state", ["state"], registry=r)
+        self.jobs_finished = Counter("qscale_jobs_finished", "Jobs that reached a final state", ["state"],
+                                     registry=r)
+        self.job_latency = Histogram("qscale_job_latency_seconds", "Submit to final state",
+                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.shard_duration = Histogram("qscale_shard_duration_seconds", "Dispatch to counted result of a shard",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.heartbeat_lag = Histogram("qscale_heartbeat_lag_seconds", "Time between two heartbeats of a node",
+                                       buckets=_HEARTBEAT_BUCKETS, registry=r)
+        for outcome in ("done", "failed", "refused", "lost", "cancelled"):
+            self.attempts.labels(outcome)
+        for state in ("done", "failed", "cancelled"):
+            self.jobs_finished.labels(state)
+        for reason in ("timeout", "stream", "drained"):
+            self.nodes_lost.labels(reason)
+
+    def bind(self, **gauges: Callable[[], float]) -> None:
+        """Point gauges at the scheduler's live figures: ``nodes_alive``, ``nodes_draining``,
+        ``slots_busy``, ``slots_total``, ``shards_queued``, ``shards_running``, ``jobs_queued``,
+        ``jobs_running``."""
+        targets: dict[str, Any] = {
+            "nodes_alive": self.nodes.labels("alive"), "nodes_draining": self.nodes.labels("draining"),
+            "slots_busy": self.slots.labels("busy"), "slots_total": self.slots.labels("total"),
+            "shards_queued": self.shards.labels("queued"), "shards_running": self.shards.labels("running"),
+            "jobs_queued": self.jobs.labels("queued"), "jobs_running": self.jobs.labels("running"),
+        }
+        for name, read in gauges.items():
+            targets[name].set_function(read)
+
+
+def serve_metrics(metrics: CoordinatorMetrics, host: str, port: int) -> tuple[Any, int]:
+    """Serve ``/metrics`` over HTTP from a daemon thread; returns (server, bound port)."""
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    bound = server.server_address[1]
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return server, bound
