@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Probe a qscale coordinator through the standard gRPC health service (``grpc.health.v1``).
+
+    qscale-healthcheck [HOST:PORT] [--service NAME] [--timeout SECONDS]
+                       [--tls-ca PEM [--tls-cert PEM --tls-key PEM] [--server-name NAME]]
+
+Exit status 0 when the service answers SERVING, 1 otherwise (NOT_SERVING while it shuts down,
+unreachable, timed out, a TLS error). The health service needs no token: the coordinator leaves
+it open for probes. Used by the container image (installed as ``/usr/local/bin/qscale-healthcheck``)
+for the compose healthcheck, and usable as a Kubernetes ``exec`` probe where the native ``grpc``
+probe cannot be used (it speaks plaintext only, so not against a TLS coordinator).
+
+The coordinator reports ``""`` (the whole server), ``qscale.v1.JobService`` and
+``qscale.v1.NodeService``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qscale-healthcheck", description=__doc__.split("\n\n")[0])
+    parser.add_argument("address", nargs="?", default=DEFAULT_ADDRESS,
+                        help=f"coordinator HOST:PORT (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--service", default="",
+                        help='health service name: "" (default, the whole server), qscale.v1.JobService '
+                             "or qscale.v1.NodeService")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA of the coordinator's certificate: probe over TLS")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for a mutual-TLS coordinator")
+    parser.add_argument("--tls-key", metavar="PEM", help="key of --tls-cert")
+    parser.add_argument("--server-name", metavar="NAME",
+                        help="name to expect in the coordinator's certificate when it differs from the address "
+                             "(probing 127.0.0.1 with a certificate for coordinator.example)")
+    args = parser.parse_args(argv)
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    try:
+        if args.tls_ca or args.tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(args.tls_ca), private_key=_read(args.tls_key),
+                certificate_chain=_read(args.tls_cert))
+            channel = grpc.secure_channel(args.address, credentials, options=options)
+        else:
+            channel = grpc.insecure_channel(args.address, options=options)
+    except OSError as exc:
+        print(f"qscale-healthcheck: {exc}", file=sys.stderr)
+        return 1
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"qscale-healthcheck: {args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        print(f"qscale-healthcheck: {args.address} {args.service or '(server)'}: {status}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
