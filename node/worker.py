@@ -588,13 +588,14 @@ class _WorkerState:
 
 
 def _needs_transpile(circuit: Any, supported: frozenset[str]) -> bool:
+    # inst.name reads the native circuit; only control flow needs the Python operation.
     for inst in circuit.data:
-        op = inst.operation
-        if op.name not in supported:
+        if inst.name not in supported:
             return True
-        for block in getattr(op, "blocks", ()) or ():
-            if _needs_transpile(block, supported):
-                return True
+        if inst.is_control_flow():
+            for block in inst.operation.blocks:
+                if _needs_transpile(block, supported):
+                    return True
     return False
 
 
