@@ -19,13 +19,14 @@ from grpc_health.v1.health import aio as health_aio
 
 from qscale.coordinator import sandbox
 from qscale.coordinator.config import CoordinatorConfig
+from qscale.coordinator.dashboard import Dashboard
 from qscale.coordinator.metrics import CoordinatorMetrics, serve_metrics
 from qscale.coordinator.scheduler import Scheduler
 from qscale.coordinator.servicers import JobEvents, JobServicer, NodeServicer, add_services
 from qscale.coordinator.store import Store
 from qscale.errors import FailedPreconditionError, UnavailableError
 from qscale.proto.v1 import jobs_pb2_grpc, node_pb2_grpc
-from qscale.security import AuthInterceptor, TLSConfig, Tokens, is_loopback_address
+from qscale.security import CLIENT, AuthInterceptor, TLSConfig, Tokens, is_loopback_address
 
 __all__ = ["CoordinatorServer", "EmbeddedCoordinator"]
 
@@ -97,6 +98,9 @@ class CoordinatorServer:
         self.metrics = CoordinatorMetrics()
         self.metrics_port = 0
         """Bound port of the metrics endpoint (0: off)."""
+        self.dashboard_port = 0
+        """Bound port of the status page (0: off)."""
+        self._dashboard: Dashboard | None = None
         self._http: list[Any] = []  # HTTP servers (metrics, dashboard) to shut down
 
     async def start(self) -> str:
@@ -143,6 +147,19 @@ class CoordinatorServer:
                 raise FailedPreconditionError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}"
                                               ) from exc
             self._http.append(metrics_server)
+        if self.config.dashboard_port:
+            self._dashboard = Dashboard(
+                self.core, asyncio.get_running_loop(), host=_http_host(host), port=self.config.dashboard_port,
+                tokens=(lambda token: tokens.role_of(token) == CLIENT) if tokens.enabled else None, clock=self.clock)
+            try:
+                self.dashboard_port = self._dashboard.start()
+            except OSError as exc:
+                for http in self._http:
+                    http.shutdown()
+                self.store.close()
+                raise FailedPreconditionError(
+                    f"cannot serve the dashboard on port {self.config.dashboard_port}: {exc}") from exc
+            log.info("dashboard on http://%s:%d/", _http_host(host), self.dashboard_port)
         # Circuits are decoded in sandbox processes; they warm up in the background.
         self._sandbox = sandbox.open_pool(self.config.limits)
         await server.start()
@@ -191,6 +208,9 @@ class CoordinatorServer:
         for http in self._http:
             http.shutdown()
         self._http.clear()
+        if self._dashboard is not None:
+            self._dashboard.stop()
+            self._dashboard = None
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._sandbox is not None:
             sandbox.release(self._sandbox)

@@ -116,3 +116,27 @@ def test_serve_logs_json_lines(tmp_path) -> None:
     lines = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert lines and all({"ts", "level", "logger", "message"} <= set(x) for x in lines)
     assert any("listening on" in x["message"] for x in lines)
+
+
+def test_the_coordinator_serves_its_dashboard_behind_the_client_token(make_cluster) -> None:
+    import urllib.error
+
+    node_token, client_token = "n" * 32, "c" * 32
+    port = free_port()
+    cluster = make_cluster(1, config=fast_config(dashboard_port=port), node_token=node_token,
+                           client_token=client_token)
+    assert cluster.coordinator is not None and cluster.coordinator.server.dashboard_port == port
+    cluster.client.submit(slow_circuit(4, 1), shots=100, seed=1).result(timeout=60)
+
+    def get(token: str | None) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/status")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert get(None) == 401 and get(node_token) == 401  # a join token is not a client token
+    assert get(client_token) == 200

@@ -124,7 +124,7 @@ def test_noise_picks_density_matrix_when_it_is_cheaper_and_valid() -> None:
     (shard,) = plan_job([small], [100_000], [1], seed=1, method="automatic", policy=PlanningPolicy(), noisy=True)
     assert shard.method == "density_matrix" and shard.shots == 100_000  # one simulation for every shot
     # Not when shots are few (trajectories are cheaper), nor when it cannot simulate the circuit.
-    assert choose_method(small, "automatic", 10, noisy=True) == "statevector"
+    assert choose_method(small, "automatic", 1, noisy=True) == "statevector"
     assert choose_method(_noisy_info(4, dm_ok=False), "automatic", 1000, noisy=True) == "statevector"
     # An explicit method is honoured.
     assert choose_method(small, "statevector", 1000, noisy=True) == "statevector"
