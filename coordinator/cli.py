@@ -3,13 +3,19 @@
     qscale-coordinator serve [--listen HOST:PORT] [--state-dir DIR] ...
     qscale-coordinator run FILE... --shots N [--seed S] --local-nodes K
     qscale-coordinator submit FILE... --shots N [--seed S] [--wait]
+    qscale-coordinator watch JOB [--top N] [--interval S]
     qscale-coordinator status|result|cancel JOB
     qscale-coordinator nodes|jobs
 
 Every client command takes ``--coordinator ADDR`` (default ``$QSCALE_COORDINATOR``),
 ``--json``, ``--token-file`` (default ``$QSCALE_CLIENT_TOKEN`` / ``$QSCALE_CLIENT_TOKEN_FILE``)
 and ``--tls-ca/--tls-cert/--tls-key``; tokens are never taken as flags. Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input,
-3 coordinator unavailable, 4 other errors.
+3 coordinator unavailable, 4 other errors, 130 interrupted (Ctrl-C; the job goes on).
+
+``watch``, and ``submit --wait`` / ``run`` while they wait, draw a live progress bar
+(:mod:`qscale.progress`) when stdout is a terminal and ``--json`` is not given. ``watch --json``
+prints JSON Lines: one object per update, the last one with the final state; ``watch`` into a
+pipe or file prints a plain line now and then and one at the end.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qscale import errors
@@ -40,6 +47,8 @@ __all__ = ["main"]
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_JOB, EXIT_INPUT, EXIT_UNAVAILABLE, EXIT_OTHER = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+_BAR_TOP = 5  # outcomes per circuit under the bar of ``submit --wait`` and ``run``
 
 
 def _configure_logging(level: str) -> None:
@@ -121,7 +130,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _render_result(result: Any, console: Console, top: int) -> None:
     for r in result.results:
-        console.print(f"circuit {r.index} {r.name!r}: {r.shots} shots, {len(r.counts)} distinct outcomes")
+        console.print(f"circuit {r.index} {escape(repr(r.name))}: {r.shots} shots, {len(r.counts)} distinct outcomes")
         table = Table()
         table.add_column("outcome", style="cyan")
         table.add_column("count", justify="right")
@@ -135,6 +144,9 @@ def _render_result(result: Any, console: Console, top: int) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    """``submit``: print the job id, or with ``--wait`` the result (see :func:`_wait_for_result`)."""
+    if args.wait:
+        _check_plot(args)
     client = _client(args)
     job = client.submit_files(args.files, shots=args.shots, seed=args.seed, method=args.method)
     if not args.wait:
@@ -143,7 +155,76 @@ def _submit(args: argparse.Namespace) -> int:
         else:
             print(job.job_id)
         return EXIT_OK
-    return _show_result(job.result(timeout=args.timeout), args)
+    try:
+        result = _wait_for_result(job, args)
+    except KeyboardInterrupt:
+        return _interrupted(job.job_id)
+    return _show_result(result, args)
+
+
+def _show_bar(args: argparse.Namespace) -> bool:
+    """Whether to draw the live bar: stdout is a terminal and ``--json`` was not given."""
+    return not args.json and sys.stdout.isatty()
+
+
+def _interrupted(job_id: str) -> int:
+    print(f"\ninterrupted; job {job_id} goes on (stop it with: qscale-coordinator cancel {job_id})",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _wait_for_result(job: Any, args: argparse.Namespace) -> Any:
+    """The job's result; with the live bar (see :func:`_show_bar`) while it runs."""
+    if not _show_bar(args):
+        return job.result(timeout=args.timeout)
+    from qscale.progress import BarView, follow
+
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    with BarView(_console(), top=_BAR_TOP, keep_outcomes=False) as view:
+        final = follow(job, view, top=_BAR_TOP, timeout=args.timeout)
+        try:
+            result = job.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except errors.QScaleError:
+            view.finish(final)
+            raise
+        view.finish(final, result.nodes_used)
+    return result
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """``watch JOB``: follow a job until it is final; exit 0 if done, 1 if failed or cancelled."""
+    from qscale.progress import BarView, JsonLinesView, PlainView, ProgressView, follow
+    from qscale.results import JobState
+
+    if args.top < 0:
+        raise errors.InvalidArgumentError("--top must be 0 or more")
+    client = _client(args)
+    job = client.job(args.job)  # fails at once on a wrong address or job id
+    view: ProgressView
+    if args.json:
+        view = JsonLinesView(sys.stdout, top=args.top, interval=args.interval or 0.0)
+    elif sys.stdout.isatty():
+        view = BarView(_console(), top=args.top)
+    else:
+        view = PlainView(sys.stdout, interval=10.0 if args.interval is None else args.interval)
+    try:
+        with view:
+            final = follow(job, view, top=args.top, timeout=args.timeout)
+            nodes_used = None
+            if final.status.state == JobState.DONE:
+                try:
+                    nodes_used = job.result(timeout=client.timeout).nodes_used
+                except errors.QScaleError as exc:  # the summary is still worth printing without them
+                    log.debug("no result for job %s: %s", job.job_id, exc)
+            view.finish(final, nodes_used)
+    except KeyboardInterrupt:
+        return _interrupted(job.job_id)
+    status = final.status
+    if status.state == JobState.FAILED:
+        raise errors.JobFailedError(f"job {status.job_id} failed: {status.error}", status.job_id)
+    if status.state == JobState.CANCELLED:
+        raise errors.JobCancelledError(f"job {status.job_id} was cancelled", status.job_id)
+    return EXIT_OK
 
 
 def _show_result(result: Any, args: argparse.Namespace) -> int:
@@ -158,6 +239,22 @@ def _show_result(result: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_NO_MATPLOTLIB = "--plot needs matplotlib; install it with: pip install 'qscale[plot]'"
+
+
+def _check_plot(args: argparse.Namespace) -> None:
+    """Fail before submitting or waiting when ``--plot`` is given and matplotlib is missing."""
+    import importlib.util
+
+    if getattr(args, "plot", None):
+        try:
+            found = importlib.util.find_spec("matplotlib") is not None
+        except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+            found = False
+        if not found:
+            raise errors.FailedPreconditionError(_NO_MATPLOTLIB)
+
+
 def _plot(result: Any, path: Path, top: int) -> None:
     """A histogram of the most frequent outcomes of every circuit (matplotlib, the ``plot`` extra)."""
     try:
@@ -166,8 +263,7 @@ def _plot(result: Any, path: Path, top: int) -> None:
         matplotlib.use("Agg")
         from qiskit.visualization import plot_histogram
     except ImportError:
-        raise errors.FailedPreconditionError(
-            "--plot needs matplotlib; install it with: pip install 'qscale[plot]'") from None
+        raise errors.FailedPreconditionError(_NO_MATPLOTLIB) from None
     counts = [r.counts for r in result.results]
     legend = [f"{r.index}: {r.name}" for r in result.results] if len(counts) > 1 else None
     figure = plot_histogram(counts, legend=legend, number_to_keep=top, bar_labels=len(counts) == 1,
@@ -187,6 +283,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _result(args: argparse.Namespace) -> int:
+    """``result``: a finished job's result (``--wait`` for an unfinished one)."""
+    _check_plot(args)
     job = _client(args).job(args.job)
     if not args.wait:
         status = job.status()
@@ -205,46 +303,124 @@ def _cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@dataclasses.dataclass(frozen=True)
+class _Col:
+    """A column of a listing: ``kind`` is ``text`` (left, never wraps), ``num`` (right, never
+    wraps) or ``fold`` (left, wraps when narrow); ``drop`` orders the columns left out, first
+    to last, when the terminal is too narrow for all (None: always shown)."""
+
+    header: str
+    kind: str = "num"
+    drop: int | None = None
+
+
+def _print_listing(title: str, columns: Sequence[_Col], rows: Sequence[Sequence[str]]) -> None:
+    """Print an aligned table (a rule under the header, no vertical lines); on a terminal too
+    narrow for every column, the optional ones are left out rather than squeezed."""
+    from rich import box
+
+    console = _console()
+    shown = list(columns)
+    while True:
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                      collapse_padding=True)
+        for col in shown:
+            fold = col.kind == "fold"
+            table.add_column(col.header, justify="right" if col.kind == "num" else "left", no_wrap=not fold,
+                             overflow="fold" if fold else "ellipsis", min_width=12 if fold else None,
+                             max_width=60 if fold else None)
+        index = [columns.index(col) for col in shown]
+        for row in rows:
+            table.add_row(*(row[i] for i in index))
+        optional = [col for col in shown if col.drop is not None]
+        # Unwrapped width, a folding column counted at its least (12) only.
+        natural = console.measure(table, options=console.options.update_width(100_000)).maximum
+        folded = sum(max(0, min(60, max((len(row[columns.index(col)]) for row in rows), default=0)) - 12)
+                     for col in shown if col.kind == "fold")
+        if not optional or natural - folded <= console.width:
+            break
+        shown.remove(min(optional, key=lambda col: col.drop or 0))
+    console.print(table)
+
+
+def _age(seconds: float) -> str:
+    """A short duration: ``0.4 s``, ``12.3 s``, ``4m 05s``, ``3h 02m``."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    return f"{whole // 3600}h {whole // 60 % 60:02d}m"
+
+
+def _when(timestamp: float, now: float) -> str:
+    """A local time: ``09:14:51`` today, ``2026-11-23 09:14`` before."""
+    local = time.localtime(timestamp)
+    if time.strftime("%Y-%m-%d", local) == time.strftime("%Y-%m-%d", time.localtime(now)):
+        return time.strftime("%H:%M:%S", local)
+    return time.strftime("%Y-%m-%d %H:%M", local)
+
+
+_STATE_STYLES = {"alive": "green", "draining": "yellow", "lost": "red", "done": "green", "failed": "red",
+                 "cancelled": "yellow", "running": "cyan", "queued": "dim"}
+
+
+def _state_cell(state: str) -> str:
+    style = _STATE_STYLES.get(state)
+    return f"[{style}]{state}[/{style}]" if style else escape(state)
+
+
 def _nodes(args: argparse.Namespace) -> int:
+    """``nodes``: every node the coordinator knows, as a table (or JSON with ``--json``)."""
     nodes = _client(args).nodes()
     if args.json:
         _print_json([n.to_dict() for n in nodes])
         return EXIT_OK
-    table = Table(title=f"{sum(n.state == 'alive' for n in nodes)} node(s) alive")
-    for col in ("node", "host", "state", "slots", "running", "cores", "memory", "max sv qubits", "heartbeat", "done"):
-        table.add_column(col, justify="right" if col not in ("node", "host", "state") else "left")
-    for n in nodes:
-        table.add_row(n.node_id, n.hostname, n.state, str(n.slots), str(n.running), str(n.cores),
-                      f"{n.memory_budget_bytes / 2**30:.1f} GiB", str(n.max_statevector_qubits),
-                      f"{n.last_heartbeat_age_s:.1f}s ago", str(n.shards_done))
-    _console().print(table)
+    columns = [_Col("node", "text"), _Col("host", "fold", drop=4), _Col("state", "text"), _Col("slots", drop=3),
+               _Col("running"), _Col("cores", drop=2), _Col("memory", drop=5), _Col("max sv\nqubits", drop=1),
+               _Col("last\nheartbeat"), _Col("shards\ndone")]
+    rows = [[escape(n.node_id), escape(n.hostname), _state_cell(n.state), str(n.slots), str(n.running),
+             str(n.cores),
+             f"{n.memory_budget_bytes / 2**30:.1f} GiB", str(n.max_statevector_qubits),
+             f"{_age(n.last_heartbeat_age_s)} ago", f"{n.shards_done:,}"] for n in nodes]
+    _print_listing(f"{sum(n.state == 'alive' for n in nodes)} node(s) alive", columns, rows)
     return EXIT_OK
 
 
 def _jobs(args: argparse.Namespace) -> int:
+    """``jobs``: the newest jobs, newest first, as a table (or JSON with ``--json``)."""
+    from qscale.progress import percent_done
+
     jobs = _client(args).jobs(limit=args.limit)
     if args.json:
         _print_json([j.to_dict() for j in jobs])
         return EXIT_OK
-    table = Table(title=f"{len(jobs)} job(s)")
-    for col in ("job", "state", "circuits", "shots", "shards", "created", "error"):
-        table.add_column(col)
+    now = time.time()
+    columns = [_Col("job", "text"), _Col("state", "text"), _Col("progress"), _Col("shots"),
+               _Col("shards", drop=2), _Col("created", "text", drop=1), _Col("wall time", drop=3),
+               _Col("error", "fold")]
+    rows = []
     for j in jobs:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.created_at))
-        table.add_row(j.job_id, j.state.value, str(j.num_circuits), f"{j.shots_done}/{j.shots_total}",
-                      f"{j.shards_done}/{j.shards_total}", created, j.error[:60])
-    _console().print(table)
+        wall = (j.finished_at if j.finished_at else now) - j.created_at  # so far, for a job not yet final
+        rows.append([escape(j.job_id), _state_cell(j.state.value), f"{percent_done(j):.0f}%",
+                     f"{j.shots_done:,}/{j.shots_total:,}",
+                     f"{j.shards_done}/{j.shards_total}" if j.shards_total else "-", _when(j.created_at, now),
+                     _age(wall), escape(j.error[:120])])
+    _print_listing(f"{len(jobs)} job(s)", columns, rows)
     return EXIT_OK
 
 
 # -------------------------------------------------------------------- run
 
 def _run(args: argparse.Namespace) -> int:
+    """``run``: start a local cluster, run the files on it (live bar on a terminal), print the result."""
     from qscale.coordinator.config import CoordinatorConfig
     from qscale.local import LocalCluster
 
     if args.local_nodes < 1:
         raise errors.InvalidArgumentError("--local-nodes must be at least 1")
+    _check_plot(args)
     _configure_logging(args.log_level)
     console = _console(stderr=True)
     started = time.perf_counter()
@@ -255,7 +431,7 @@ def _run(args: argparse.Namespace) -> int:
             console.print(f"local cluster: coordinator {cluster.address}, {args.local_nodes} node(s) "
                           f"up in {ready - started:.1f} s")
         job = cluster.client.submit_files(args.files, shots=args.shots, seed=args.seed, method=args.method)
-        result = job.result(timeout=args.timeout)
+        result = _wait_for_result(job, args)
     code = _show_result(result, args)
     if not args.json:
         console.print(f"total wall time {time.perf_counter() - started:.1f} s (cluster start, job, shutdown)")
@@ -380,13 +556,31 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run)
 
     p = sub.add_parser("submit", parents=[client_opts, job_opts], help="submit files as a job")
-    p.add_argument("--wait", action="store_true", help="wait and print the result")
+    p.add_argument("--wait", action="store_true",
+                   help="wait and print the result (with a live progress bar on a terminal, unless --json)")
     p.set_defaults(func=_submit)
 
     for name, func, text in (("status", _status, "a job's status"), ("cancel", _cancel, "cancel a job")):
         p = sub.add_parser(name, parents=[client_opts], help=text)
         p.add_argument("job")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("watch", parents=[client_opts], help="follow a job's progress until it ends",
+                       description="Follow a job until it is done, failed or cancelled. On a terminal: a live bar "
+                                   "(shots, shards, nodes, rate, ETA) and the most frequent outcomes so far. With "
+                                   "--json: JSON Lines, one status object per update, the last one final. Into a "
+                                   "pipe or file: a plain line now and then and one at the end. Survives "
+                                   "coordinator restarts. Exit 0 if the job is done, 1 if it failed or was "
+                                   "cancelled, 130 on Ctrl-C (the job goes on).")
+    p.add_argument("job", help="job id (as submit prints it)")
+    p.add_argument("--top", type=int, default=5, metavar="N",
+                   help="most frequent outcomes shown per circuit, also in --json's 'top' (default 5; 0: none)")
+    p.add_argument("--interval", type=float, metavar="SECONDS",
+                   help="least seconds between two printed updates with --json or into a pipe or file "
+                        "(default: every update with --json, 10 otherwise); the final state always prints")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="give up after this many seconds, exit 4 (the job goes on; default: no limit)")
+    p.set_defaults(func=_watch)
 
     p = sub.add_parser("result", parents=[client_opts], help="a finished job's result")
     p.add_argument("job")
@@ -423,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_OTHER
     except KeyboardInterrupt:
-        return 130
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -256,6 +256,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                     ) -> AsyncIterator[jobs_pb2.JobProgress]:
         job = self.core.get_job(request.job_id)
         stopping = asyncio.ensure_future(self._stopping.wait())
+        waiter: asyncio.Future[Any] | None = None
         try:
             while True:
                 changed = self.events.event(job.job_id)
@@ -265,11 +266,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 waiter = asyncio.ensure_future(changed.wait())
                 await asyncio.wait({waiter, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
+                waiter = None
                 if stopping.done():
                     raise UnavailableError("the coordinator is shutting down; watch again when it is back")
                 await self._throttle(job)
-        finally:
+        finally:  # also when the client hangs up: no task is left pending
             stopping.cancel()
+            if waiter is not None:
+                waiter.cancel()
 
     async def _throttle(self, job: JobRecord) -> None:
         """Let at least ``watch_min_interval_s`` pass between two updates of a running job, but
