@@ -109,10 +109,6 @@ class NodeRecord:
     """Where the scheduler files it: free slots (> 0), 0 for prefetch, None for neither."""
 
     @property
-    def free_slots(self) -> int:
-        return max(0, self.caps.slots - len(self.running))
-
-    @property
     def slot_memory(self) -> int:
         """Memory one slot may use: what the node itself checks before running a shard."""
         return self.caps.memory_budget_bytes // max(1, self.caps.slots)
@@ -238,7 +234,6 @@ class Scheduler:
         self.queue: deque[tuple[str, int]] = deque()
         self.attempts: dict[str, Attempt] = {}
         self.stale_dropped = 0
-        self.backups_started = 0
         self.shots_counted = 0
         """Shots of every shard counted since start (all jobs)."""
         # Indexes that keep the hot paths free of work proportional to the number of nodes:
@@ -773,7 +768,6 @@ class Scheduler:
             if node is None:
                 continue
             shard.backups += 1
-            self.backups_started += 1
             self.metrics.backups.inc()
             log.info("job %s shard %d: running %.1fs on node %s (expected %.1fs): backup copy on node %s",
                      job.job_id, shard.plan.index, elapsed, attempt.node_id, expected, node.node_id)
