@@ -748,6 +748,7 @@ class Scheduler:
         if not after or not self._idle:
             return 0
         started = 0
+        medians: dict[str, float] = {}  # per job, computed once per call
         for attempt in sorted(self.attempts.values(), key=lambda a: a.started_at):
             if not self._idle:
                 break
@@ -760,8 +761,10 @@ class Scheduler:
             shard = job.shards[attempt.shard_index]
             if len(shard.live) != 1 or shard.backups or shard.status != "running":
                 continue
-            rates = sorted(job.seconds_per_cost)
-            expected = rates[len(rates) // 2] * shard.plan.cost
+            if job.job_id not in medians:
+                rates = sorted(job.seconds_per_cost)
+                medians[job.job_id] = rates[len(rates) // 2]
+            expected = medians[job.job_id] * shard.plan.cost
             if elapsed < self.config.backup_slowdown * expected:
                 continue
             node = self._pick(shard, idle_only=True)

@@ -221,12 +221,17 @@ class NodeDaemon:
 
     def run(self) -> int:
         """Run until drained or stopped. Returns the process exit code: 0 after a drain or stop,
-        1 when no simulation worker could start. Every worker process is stopped on return."""
+        1 when no simulation worker could start, 2 when its metrics or health port cannot be
+        bound. Every worker process is stopped on return."""
         if self._ran:
             raise RuntimeError("NodeDaemon.run() can be called only once")
         self._ran = True
         try:
-            self._start_endpoints()
+            try:
+                self._start_endpoints()
+            except OSError as exc:  # a port in use: a setting error, not a crash
+                logger.error("node %r: cannot serve its metrics or health port: %s", self.config.name, exc)
+                return 2
             return self._run()
         finally:
             self._shutdown()

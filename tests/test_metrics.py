@@ -97,10 +97,10 @@ def test_json_logs_carry_ids() -> None:
     assert line["job_id"] == "1f2e3d4c5b6a7980" and line["shard"] == 3 and line["node_id"] == "local-0-ab12cd34"
     assert line["level"] == "info" and line["logger"] == "qscale.coordinator.scheduler"
     assert line["message"].startswith("job 1f2e3d4c5b6a7980 shard 3")
-    # The real coordinator emits it: one JSON object per line on stderr.
 
 
 def test_serve_logs_json_lines(tmp_path) -> None:
+    """The real coordinator writes one JSON object per line on stderr."""
     address_file = tmp_path / "address"
     proc = subprocess.Popen([sys.executable, "-m", "qscale.coordinator", "serve", "--listen", "127.0.0.1:0",
                              "--state-dir", str(tmp_path / "state"), "--address-file", str(address_file),
