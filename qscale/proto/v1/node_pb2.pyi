@@ -34,20 +34,26 @@ class NodeCapabilities(_message.Message):
     def __init__(self, name: _Optional[str] = ..., hostname: _Optional[str] = ..., cores: _Optional[int] = ..., slots: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., max_statevector_qubits: _Optional[int] = ..., qpy_version: _Optional[int] = ..., qscale_version: _Optional[str] = ..., qiskit_version: _Optional[str] = ..., aer_version: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("capabilities",)
+    __slots__ = ("capabilities", "previous_node_id", "attempts_in_hand")
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_IN_HAND_FIELD_NUMBER: _ClassVar[int]
     capabilities: NodeCapabilities
-    def __init__(self, capabilities: _Optional[_Union[NodeCapabilities, _Mapping]] = ...) -> None: ...
+    previous_node_id: str
+    attempts_in_hand: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, capabilities: _Optional[_Union[NodeCapabilities, _Mapping]] = ..., previous_node_id: _Optional[str] = ..., attempts_in_hand: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("node_id", "heartbeat_interval_s", "heartbeat_timeout_s")
+    __slots__ = ("node_id", "heartbeat_interval_s", "heartbeat_timeout_s", "adopted_attempts")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
-    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ...) -> None: ...
+    adopted_attempts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., adopted_attempts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "running_attempts", "free_slots")
