@@ -12,9 +12,13 @@ Threads of a running :class:`NodeDaemon` (all in the parent process, which never
 * one thread per slot: takes queued assignments, runs them on its :class:`WorkerSlot` and puts
   the results in the outbox.
 
-Everything the node sends after the ``hello`` goes through one outbox that outlives sessions: a
-shard started under an earlier session still reports on the new stream (the coordinator decides
-whether it is stale).
+Everything the node sends after the ``hello`` goes through one outbox that outlives sessions.
+When a session ends (the stream broke, the coordinator forgot the node, heartbeats went
+unanswered) the node keeps its attempts for as long as its lease lasts (the heartbeat timeout since
+the coordinator was last heard from) and registers again, presenting its previous node id and the
+attempts in hand; the coordinator's reply names those it adopts. The node keeps those (and sends
+their chunk results again, in case the old stream lost some in flight) and drops the others. When
+the lease runs out first, it abandons them all.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -52,33 +56,89 @@ _FLUSH_S = 5.0
 _STREAM_CLOSE_WAIT_S = 3.0
 _HEALTHY_SESSION_S = 10.0
 _JOB_CACHE_BYTES = 512 << 20  # circuits and noise models kept for the coordinator's jobs
+_SENT_CHUNKS_BYTES = 256 << 20  # chunk results kept after sending, to send again after a resume
 
-# Why the daemon aborted a running attempt; decides what it reports.
-_CANCEL, _DRAIN, _STOP = "cancel", "drain", "stop"
+# Why the daemon aborted a running attempt; decides what it reports. _GIVEN_AWAY: not adopted when
+# the node registered again; nothing more about it is sent.
+_CANCEL, _DRAIN, _STOP, _GIVEN_AWAY = "cancel", "drain", "stop", "given away"
+# Running attempts with these abort reasons are on their way out: not presented, not heartbeated.
+_LETTING_GO = (_CANCEL, _STOP, _GIVEN_AWAY)
 
 
 class _Outbox:
-    """FIFO of NodeMessages waiting for a stream; outlives sessions."""
+    """FIFO of NodeMessages waiting for a stream; outlives sessions.
 
-    def __init__(self) -> None:
+    It also keeps, per attempt in hand (tracked from its assignment), the chunk results already
+    handed to a stream, until the attempt's final message (done or failed) is handed to one: a
+    stream that breaks may have lost them in flight. :meth:`resume` puts them back in front.
+    They are bounded by ``sent_budget`` bytes: an attempt whose kept chunks would pass it keeps
+    none (it is *overflowed*, and the node does not present it for adoption).
+    """
+
+    def __init__(self, sent_budget: int = _SENT_CHUNKS_BYTES) -> None:
         self._items: collections.deque[node_pb2.NodeMessage] = collections.deque()
         self._cond = threading.Condition()
+        self._sent: dict[str, list[node_pb2.NodeMessage]] = {}  # tracked token -> chunks sent
+        self._sent_size: dict[str, int] = {}  # their bytes, per tracked token
+        self._sent_bytes = 0
+        self._sent_budget = sent_budget
+        self._overflowed: set[str] = set()
 
     def put(self, msg: node_pb2.NodeMessage) -> None:
         with self._cond:
             self._items.append(msg)
             self._cond.notify()
 
-    def unget(self, msg: node_pb2.NodeMessage) -> None:
+    def get(self, timeout: float, closed: Callable[[], bool]) -> node_pb2.NodeMessage | None:
+        """The next message for a stream, noted as sent; None when there is none within
+        ``timeout`` or the stream is ``closed()`` (the messages then stay queued)."""
         with self._cond:
-            self._items.appendleft(msg)
-            self._cond.notify()
-
-    def get(self, timeout: float) -> node_pb2.NodeMessage | None:
-        with self._cond:
-            if not self._items:
+            if not self._items and not closed():
                 self._cond.wait(timeout)
-            return self._items.popleft() if self._items else None
+            if not self._items or closed():
+                return None
+            msg = self._items.popleft()
+            self._note_sent(msg)
+            return msg
+
+    def track(self, token: str) -> None:
+        """Keep the chunk results of attempt ``token`` once sent, until its final message is."""
+        with self._cond:
+            if token not in self._sent:
+                self._sent[token], self._sent_size[token] = [], 0
+
+    def forget(self, token: str) -> None:
+        """Attempt ``token`` ended without a final message (cancelled, abandoned)."""
+        with self._cond:
+            self._untrack(token)
+
+    def final_tokens(self) -> list[str]:
+        """Attempts whose final message (done or failed) is still queued."""
+        with self._cond:
+            return [_token_of(m) for m in self._items if m.WhichOneof("kind") in ("done", "failed")]
+
+    def overflowed(self) -> set[str]:
+        """Tracked attempts whose chunk results already sent are not all kept."""
+        with self._cond:
+            return set(self._overflowed)
+
+    def resume(self, keep: set[str]) -> None:
+        """After registering again: drop the queued messages of attempts not in ``keep`` and put
+        the chunk results already sent of those in ``keep`` back in front (they are kept again
+        when sent). Stops tracking the others."""
+        with self._cond:
+            resend = [m for t, sent in self._sent.items() if t in keep for m in sent]
+            self._items = collections.deque(
+                resend + [m for m in self._items if not _token_of(m) or _token_of(m) in keep]
+            )
+            for token in list(self._sent):
+                if token in keep:
+                    self._sent[token], self._sent_size[token] = [], 0
+                else:
+                    self._untrack(token)
+            self._sent_bytes = 0
+            self._overflowed &= keep
+            self._cond.notify()
 
     def pending_results(self) -> int:
         """Messages other than ``draining`` still to send."""
@@ -88,6 +148,35 @@ class _Outbox:
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
+
+    def _note_sent(self, msg: node_pb2.NodeMessage) -> None:
+        kind, token = msg.WhichOneof("kind"), _token_of(msg)
+        if kind in ("done", "failed"):
+            self._untrack(token)
+            return
+        kept = self._sent.get(token) if kind == "chunk" else None
+        if kept is None or token in self._overflowed:
+            return
+        size = msg.ByteSize()
+        if self._sent_bytes + size > self._sent_budget:
+            self._sent_bytes -= self._sent_size[token]
+            self._sent[token], self._sent_size[token] = [], 0
+            self._overflowed.add(token)
+            return
+        kept.append(msg)
+        self._sent_size[token] += size
+        self._sent_bytes += size
+
+    def _untrack(self, token: str) -> None:
+        self._sent.pop(token, None)
+        self._sent_bytes -= self._sent_size.pop(token, 0)
+        self._overflowed.discard(token)
+
+
+def _token_of(msg: node_pb2.NodeMessage) -> str:
+    """The attempt token a message is about; empty for ``hello`` and ``draining``."""
+    kind = msg.WhichOneof("kind")
+    return getattr(msg, kind).attempt_token if kind in ("chunk", "done", "failed") else ""
 
 
 @dataclasses.dataclass
@@ -109,12 +198,25 @@ class _Session:
         self.timeout = timeout
         self.started = now
         self.last_heartbeat_ok = now
+        self.last_heard = now  # a reply or a stream message from the coordinator: the lease starts
         self.next_heartbeat = now
         self.call: Any = None
         self.reader: threading.Thread | None = None
         self.ended = threading.Event()
         self.end_reason = ""
         self.graceful = False  # the request stream ends once the outbox is empty
+
+    @property
+    def lease_end(self) -> float:
+        """When the coordinator may give this session's attempts away (monotonic clock)."""
+        return self.last_heard + self.timeout
+
+    def closed(self) -> bool:
+        """The session ended, or its call did (before the stream reader noticed)."""
+        if self.ended.is_set():
+            return True
+        call = self.call
+        return call is not None and call.done()
 
     def end(self, reason: str) -> bool:
         """Mark the session over; True for the first caller."""
@@ -168,6 +270,8 @@ class NodeDaemon:
         self._job_cache_bytes = 0
         self._session: _Session | None = None
         self._last_node_id: str | None = None
+        # While no session: when the last one's lease runs out and the attempts in hand go.
+        self._lease_until: float | None = None
         self._stopped = threading.Event()
         # Plain flags: request_drain() and stop() may run in a signal handler.
         self._drain_requested = False
@@ -349,6 +453,9 @@ class NodeDaemon:
                     backoff = min(backoff * 2, cfg.reconnect_max_s)
                 if not self._draining:
                     self._state = "connecting"
+            if self._session is None and self._lease_until is not None and now >= self._lease_until:
+                self._lease_until = None
+                self._abandon_in_hand()
             if self._session is None and now >= next_attempt:
                 try:
                     self._open_session()
@@ -398,20 +505,33 @@ class NodeDaemon:
     # ---- sessions -------------------------------------------------------------------------------
 
     def _open_session(self) -> None:
+        """Register (presenting the previous node id and the attempts in hand, if any), settle
+        the attempts in hand from the reply, and open the Work stream."""
         assert self._stub is not None and self._capabilities is not None
+        previous = self._last_node_id or ""
+        presented = self._in_hand() if previous else []
         reply = self._stub.Register(
-            node_pb2.RegisterRequest(capabilities=self._capabilities), timeout=_REGISTER_TIMEOUT_S
+            node_pb2.RegisterRequest(
+                capabilities=self._capabilities, previous_node_id=previous, attempts_in_hand=presented
+            ),
+            timeout=_REGISTER_TIMEOUT_S,
         )
         interval = reply.heartbeat_interval_s if reply.heartbeat_interval_s > 0 else _DEFAULT_HEARTBEAT_S
         timeout = reply.heartbeat_timeout_s if reply.heartbeat_timeout_s > 0 else 5 * interval
         session = _Session(reply.node_id, interval, timeout)
+        self._lease_until = None
+        adopted, dropped = self._settle_in_hand(presented, reply.adopted_attempts)
+        if reply.node_id != previous:  # a new node id: the coordinator sends every job's circuits again
+            with self._cond:
+                self._job_cache.clear()
+                self._job_cache_bytes = 0
+        if previous:
+            how = "resumed" if reply.node_id == previous else f"registered again as a new node (was {previous})"
+            logger.info("node %s: %s: %d attempt(s) adopted, %d dropped", reply.node_id, how, adopted, dropped)
         session.call = self._stub.Work(self._requests(session))
         session.reader = threading.Thread(
             target=self._read_stream, args=(session,), name=f"qscale-stream-{reply.node_id}", daemon=True
         )
-        with self._cond:  # a new node id: the coordinator sends every job's circuits again
-            self._job_cache.clear()
-            self._job_cache_bytes = 0
         self._session = session
         self._last_node_id = reply.node_id
         session.reader.start()
@@ -425,32 +545,74 @@ class NodeDaemon:
             self._who(), self.config.coordinator, interval, timeout, in_hand, len(self._outbox),
         )
 
+    def _in_hand(self) -> list[str]:
+        """Attempt tokens to present when registering again: queued, running (unless on their way
+        out) and finished with their final message still unsent. Not those whose chunk results
+        already sent were not all kept: they could not be completed on a new stream."""
+        with self._cond:  # _run_on_slot queues the final message as it leaves _running
+            tokens = [a.attempt_token for a in self._queue]
+            tokens += [t for t in self._running if self._abort_reasons.get(t) not in _LETTING_GO]
+            tokens += self._outbox.final_tokens()
+            overflowed = self._outbox.overflowed()
+        return [t for t in dict.fromkeys(tokens) if t not in overflowed]
+
+    def _settle_in_hand(self, presented: list[str], adopted_attempts: Iterable[str]) -> tuple[int, int]:
+        """Keep the presented attempts the coordinator adopted; drop the other queued ones, abort
+        the other running ones and drop the other messages in the outbox (the coordinator gave
+        those attempts away). Returns how many were kept and dropped."""
+        keep = set(adopted_attempts) & set(presented)
+        with self._cond:
+            dropped = {a.attempt_token for a in self._queue if a.attempt_token not in keep}
+            kept = [a for a in self._queue if a.attempt_token in keep]
+            self._queue.clear()
+            self._queue.extend(kept)
+            for token in dropped:
+                self._attempts.pop(token, None)
+            given_away: list[tuple[str, WorkerSlot]] = []
+            for token, slot in self._running.items():
+                if token in keep:
+                    continue
+                if self._abort_reasons.get(token) not in _LETTING_GO:
+                    given_away.append((token, slot))
+                self._abort_reasons[token] = _GIVEN_AWAY  # whatever it ends with, nothing is sent
+            dropped |= {token for token, _ in given_away}
+            self._outbox.resume(keep)
+        dropped |= set(presented) - keep
+        for token, slot in given_away:
+            logger.debug("node %s: aborting %s: not adopted", self._who(), self._describe(token))
+            slot.abort(token, "given away: the coordinator did not adopt it when the node registered again")
+        return len(keep), len(dropped)
+
     def _teardown_session(self, session: _Session) -> None:
+        """The session ended: close its stream and start the lease (the attempts in hand are
+        kept until a new session settles them, or until the lease runs out)."""
         session.cancel_call()
         if session.reader is not None:
             session.reader.join(_STREAM_CLOSE_WAIT_S)
         if self._session is session:
             self._session = None
+        self._lease_until = session.lease_end
         logger.warning(
-            "node %s: session ended: %s; registering again", session.node_id, session.end_reason
+            "node %s: session ended: %s; registering again (keeping %d attempt(s) in hand for up to %.1f s)",
+            session.node_id, session.end_reason, len(self._in_hand()), max(0.0, self._lease_until - time.monotonic()),
         )
-        self._abandon_in_hand(session)
 
-    def _abandon_in_hand(self, session: _Session) -> None:
-        """The lease of an ended session is over: the coordinator has (or will have) given its
-        shards to other nodes, so stop working on them. Results already produced still go out
-        and are dropped by the coordinator as stale."""
+    def _abandon_in_hand(self) -> None:
+        """The lease of the ended session is over: the coordinator has (or will have) given its
+        shards to other nodes, so stop working on them. Results already produced stay in the
+        outbox: registering again presents them, and the coordinator may still adopt them."""
         with self._cond:
             queued = list(self._queue)
             self._queue.clear()
-            running = list(self._running.items())
+            running = [(t, s) for t, s in self._running.items() if self._abort_reasons.get(t) not in _LETTING_GO]
             for token, _ in running:
-                self._abort_reasons.setdefault(token, _STOP)
+                self._abort_reasons[token] = _STOP
             for a in queued:
                 self._attempts.pop(a.attempt_token, None)
+                self._outbox.forget(a.attempt_token)
         if queued or running:
             logger.info("node %s: lease over: dropped %d queued and stopped %d running shard(s)",
-                        session.node_id, len(queued), len(running))
+                        self._who(), len(queued), len(running))
         for token, slot in running:
             slot.abort(token, "lease over: the coordinator lost contact with this node")
 
@@ -472,22 +634,18 @@ class NodeDaemon:
         if self._draining:
             yield node_pb2.NodeMessage(draining=node_pb2.Draining())
         while True:
-            if session.ended.is_set():
-                return
-            msg = self._outbox.get(timeout=_TICK_S)
+            msg = self._outbox.get(_TICK_S, session.closed)  # stays queued once the session is over
             if msg is None:
-                if session.graceful:
-                    return  # half-close: the coordinator sees the end of our stream
+                if session.closed() or session.graceful:
+                    return  # graceful: half-close, the coordinator sees the end of our stream
                 continue
-            if session.ended.is_set():
-                self._outbox.unget(msg)  # keep it for the next session
-                return
             yield msg
 
     def _read_stream(self, session: _Session) -> None:
         reason = "coordinator closed the work stream"
         try:
             for msg in session.call:
+                session.last_heard = time.monotonic()
                 kind = msg.WhichOneof("kind")
                 if kind == "assign":
                     self._on_assign(session, msg.assign)
@@ -534,7 +692,7 @@ class NodeDaemon:
                     logger.debug("node %s: heartbeat failed: %s", session.node_id, _rpc_error_text(err))
                 session.next_heartbeat = time.monotonic() + min(session.interval, 1.0)
                 continue
-            session.last_heartbeat_ok = time.monotonic()
+            session.last_heartbeat_ok = session.last_heard = time.monotonic()
             if reply.heartbeat_interval_s > 0:
                 session.interval = reply.heartbeat_interval_s
             if reply.heartbeat_timeout_s > 0:
@@ -551,7 +709,8 @@ class NodeDaemon:
     def _load(self) -> tuple[list[str], int]:
         """Attempt tokens in hand (queued and running) and slots free for more work."""
         with self._cond:
-            tokens = [a.attempt_token for a in self._queue] + list(self._running)
+            tokens = [a.attempt_token for a in self._queue]
+            tokens += [t for t in self._running if self._abort_reasons.get(t) not in _LETTING_GO]
             busy = len(self._queue) + len(self._running)
         if self._draining:
             return tokens, 0
@@ -627,6 +786,7 @@ class NodeDaemon:
                 self._attempts[token] = (a.job_id, a.shard_index)
                 if refusal is None:
                     self._queue.append(a)
+                    self._outbox.track(token)
                     self._cond.notify()
         if duplicate:
             logger.warning("node %s: attempt %s assigned twice; ignoring the second", session.node_id, token)
@@ -651,6 +811,7 @@ class NodeDaemon:
                 if queued.attempt_token == token:
                     self._queue.remove(queued)
                     self._attempts.pop(token, None)
+                    self._outbox.forget(token)
                     logger.info("node %s: dropped queued %s: cancelled (%s)", session.node_id, what, c.reason)
                     return
             slot = self._running.get(token)
@@ -702,8 +863,10 @@ class NodeDaemon:
                 )
                 with self._cond:
                     self._running.pop(assignment.attempt_token, None)
-                    self._abort_reasons.pop(assignment.attempt_token, None)
-                self._send_failed(assignment.attempt_token, "internal error in the node; see its log", refused=False)
+                    if self._abort_reasons.pop(assignment.attempt_token, None) != _GIVEN_AWAY:
+                        self._send_failed(
+                            assignment.attempt_token, "internal error in the node; see its log", refused=False
+                        )
 
     def _run_on_slot(self, slot: WorkerSlot, a: node_pb2.ShardAssignment) -> None:
         token = a.attempt_token
@@ -711,48 +874,73 @@ class NodeDaemon:
         logger.info("node %s: slot %d running %s", self._who(), slot.index, what)
 
         def on_chunk(chunk: ChunkOutcome) -> None:
-            self._outbox.put(
-                node_pb2.NodeMessage(
-                    chunk=node_pb2.ChunkResult(
-                        attempt_token=token,
-                        chunk_index=chunk.chunk_index,
-                        counts=chunk.counts,
-                        seconds=chunk.seconds,
-                    )
+            msg = node_pb2.NodeMessage(
+                chunk=node_pb2.ChunkResult(
+                    attempt_token=token,
+                    chunk_index=chunk.chunk_index,
+                    counts=chunk.counts,
+                    seconds=chunk.seconds,
                 )
             )
+            with self._cond:  # once given away, nothing more about the attempt is sent
+                if self._abort_reasons.get(token) != _GIVEN_AWAY:
+                    self._outbox.put(msg)
             logger.debug("node %s: %s chunk %d done in %.3f s", self._who(), what, chunk.chunk_index, chunk.seconds)
 
         outcome: ShardOutcome = slot.run(a, on_chunk)
-        with self._cond:
+        with self._cond:  # the final message is queued as the attempt leaves _running: a resume sees one
             self._running.pop(token, None)
             why = self._abort_reasons.pop(token, None)
             self._attempts.pop(token, None)
-        if self._metrics is not None:
-            self._metrics.simulation_seconds.inc(max(0.0, outcome.seconds))
-            kind = "done" if outcome.ok else "handed_back" if why == _DRAIN else \
-                "aborted" if why in (_CANCEL, _STOP) or outcome.aborted else "failed"
-            self._metrics.shards.labels(kind).inc()
-            if not outcome.ok and outcome.error.startswith("worker process died"):
-                self._metrics.worker_crashes.inc()
+            report = self._final_message(token, outcome, why)
+            if report is None:
+                self._outbox.forget(token)
+            else:
+                self._outbox.put(report)
+        self._count_outcome(outcome, why)
+        self._log_outcome(what, outcome, why, report)
+
+    def _final_message(self, token: str, outcome: ShardOutcome, why: str | None) -> node_pb2.NodeMessage | None:
+        """What the node reports when an attempt stops running (None: nothing)."""
+        if why == _GIVEN_AWAY:
+            return None
         if outcome.ok:
-            done = node_pb2.ShardDone(attempt_token=token, seconds=outcome.seconds)
-            self._outbox.put(node_pb2.NodeMessage(done=done))
+            return node_pb2.NodeMessage(done=node_pb2.ShardDone(attempt_token=token, seconds=outcome.seconds))
+        if why in (_CANCEL, _STOP) or (why is None and outcome.aborted):
+            return None
+        if why == _DRAIN:
+            error = f"node draining: still running after the {self.config.drain_grace_s:g} s grace"
+            if self._drain_reason.startswith("parent"):
+                error = f"node draining: {self._drain_reason}"
+            return node_pb2.NodeMessage(failed=node_pb2.ShardFailed(attempt_token=token, error=error, refused=True))
+        return node_pb2.NodeMessage(failed=node_pb2.ShardFailed(attempt_token=token, error=outcome.error))
+
+    def _count_outcome(self, outcome: ShardOutcome, why: str | None) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.simulation_seconds.inc(max(0.0, outcome.seconds))
+        kind = "aborted" if why == _GIVEN_AWAY else "done" if outcome.ok else "handed_back" if why == _DRAIN else \
+            "aborted" if why in (_CANCEL, _STOP) or outcome.aborted else "failed"
+        self._metrics.shards.labels(kind).inc()
+        if not outcome.ok and outcome.error.startswith("worker process died"):
+            self._metrics.worker_crashes.inc()
+
+    def _log_outcome(
+        self, what: str, outcome: ShardOutcome, why: str | None, report: node_pb2.NodeMessage | None
+    ) -> None:
+        if why == _GIVEN_AWAY:
+            logger.info("node %s: %s dropped: not adopted when the node registered again", self._who(), what)
+        elif outcome.ok:
             logger.info(
                 "node %s: %s done in %.2f s (%d chunk(s))", self._who(), what, outcome.seconds, outcome.chunks_done
             )
         elif why == _CANCEL:
             logger.info("node %s: %s aborted: %s", self._who(), what, outcome.error)
-        elif why == _DRAIN:
-            error = f"node draining: still running after the {self.config.drain_grace_s:g} s grace"
-            if self._drain_reason.startswith("parent"):
-                error = f"node draining: {self._drain_reason}"
-            self._send_failed(token, error, refused=True)
-            logger.info("node %s: handed back %s: %s", self._who(), what, error)
+        elif why == _DRAIN and report is not None:
+            logger.info("node %s: handed back %s: %s", self._who(), what, report.failed.error)
         elif why == _STOP or outcome.aborted:
             logger.info("node %s: %s abandoned: %s", self._who(), what, outcome.error)
         else:
-            self._send_failed(token, outcome.error, refused=False)
             logger.warning("node %s: %s failed: %s", self._who(), what, outcome.error)
 
     # ---- draining -------------------------------------------------------------------------------
