@@ -21,7 +21,7 @@ from qiskit.transpiler import Target
 
 from qscale._version import __version__
 from qscale.circuits import METHODS
-from qscale.client import Client, Job
+from qscale.client import Client, Job, check_shots
 from qscale.errors import InvalidArgumentError
 from qscale.results import CircuitResult, JobResult, JobState
 
@@ -77,6 +77,12 @@ class QScaleBackend(BackendV2):
         options.set_validator("method", list(METHODS))
         return options
 
+    def set_options(self, **fields: Any) -> None:
+        """Change default run options; ``shots`` must be an integer (:func:`qscale.client.check_shots`)."""
+        if "shots" in fields:
+            fields["shots"] = check_shots(fields["shots"])
+        super().set_options(**fields)
+
     @property
     def target(self) -> Target:
         return self._target
@@ -93,7 +99,8 @@ class QScaleBackend(BackendV2):
     def run(self, run_input: QuantumCircuit | Sequence[QuantumCircuit], **options: Any) -> QScaleBackendJob:
         """Submit circuits as one cluster job; returns at once.
 
-        Options: ``shots``, ``seed_simulator``, ``memory`` (per-shot outcomes in the result),
+        Options: ``shots`` (an integer, :func:`qscale.client.check_shots`), ``seed_simulator``,
+        ``memory`` (per-shot outcomes in the result),
         ``method`` (Aer method) and ``noise_model`` (a qiskit-aer ``NoiseModel``).
         """
         unknown = set(options) - set(self.options.__dict__)
@@ -101,8 +108,9 @@ class QScaleBackend(BackendV2):
             raise InvalidArgumentError(f"unknown run options {sorted(unknown)}; "
                                        f"valid: {sorted(self.options.__dict__)}")
         opts = {**self.options.__dict__, **options}
+        shots = check_shots(opts["shots"])
         circuits = [run_input] if isinstance(run_input, QuantumCircuit) else list(run_input)
-        job = self._client.submit(circuits, shots=int(opts["shots"]), seed=opts["seed_simulator"],
+        job = self._client.submit(circuits, shots=shots, seed=opts["seed_simulator"],
                                   method=opts["method"], memory=bool(opts["memory"]),
                                   noise_model=opts["noise_model"])
         return QScaleBackendJob(self, job, circuits)

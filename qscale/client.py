@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import random
 import struct
@@ -32,9 +33,13 @@ from qscale.security import TLSConfig, make_channel, token_from_env
 if TYPE_CHECKING:
     from qiskit_aer.noise import NoiseModel
 
-__all__ = ["Client", "Job", "DEFAULT_COORDINATOR", "circuit_sources_from_file", "noise_model_json"]
+__all__ = ["Client", "Job", "DEFAULT_COORDINATOR", "MAX_SHOTS", "check_shots", "circuit_sources_from_file",
+           "noise_model_json"]
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
+#: The most shots the wire format carries (a signed 64-bit field); each coordinator sets its
+#: own, lower limit (``--max-shots``) and refuses more.
+MAX_SHOTS = (1 << 63) - 1
 _MAX_MESSAGE = 256 << 20
 _QPY_SUFFIXES = (".qpy",)
 _QASM_SUFFIXES = (".qasm", ".qasm2", ".qasm3", ".inc")
@@ -68,6 +73,25 @@ def circuit_sources_from_file(path: str | os.PathLike[str]) -> list[jobs_pb2.Cir
     except Exception as exc:
         raise InvalidArgumentError(f"{p}: not a readable QPY file ({type(exc).__name__})") from exc
     raise InvalidArgumentError(f"{p}: unknown circuit file type {suffix!r}; use .qpy or .qasm")
+
+
+def check_shots(value: object, what: str = "shots") -> int:
+    """``value`` as a number of shots, or a clear :class:`~qscale.errors.InvalidArgumentError`.
+
+    The one rule for every place users give shots (:meth:`Client.submit`, ``SamplerV2``,
+    ``QScaleBackend``): a Python ``int`` or any integral type (``numpy.int64``, ``numpy.uint32``,
+    ...) from 1 to :data:`MAX_SHOTS`; never a ``bool``, a float (even ``5.0``), a string or
+    anything else. ``what`` names the value in the message (``"pub 2 shots"``).
+
+    Returns:
+        The shots as a Python ``int``.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentError(f"{what} must be a positive integer, got {type(value).__name__} {value!r:.40}")
+    shots = int(value)
+    if not 1 <= shots <= MAX_SHOTS:
+        raise InvalidArgumentError(f"{what} must be a positive integer below 2**63, got {shots}")
+    return shots
 
 
 def _parameter_values(circuit: QuantumCircuit, values: ArrayLike) -> common_pb2.ParameterValues:
@@ -141,7 +165,8 @@ class Client:
 
         Args:
             circuits: circuits with measurements.
-            shots: shots per circuit (per parameter set), or one value per circuit.
+            shots: shots per circuit (per parameter set), or one value per circuit: integers
+                (``numpy`` integers too) of at least 1 (:func:`check_shots`).
             seed: makes the results reproducible, whatever the number of nodes.
             method: an Aer simulation method; ``automatic`` (the default) lets Aer choose.
             parameter_values: per circuit, ``None`` or an array of shape (sets, parameters) with
@@ -157,7 +182,12 @@ class Client:
         if isinstance(circuits, QuantumCircuit):
             circuits = [circuits]
         circuits = list(circuits)
-        per_circuit_shots = [shots] * len(circuits) if isinstance(shots, int) else list(shots)
+        if isinstance(shots, np.ndarray):
+            shots = shots.tolist()  # a 0-d array gives a scalar, a 1-d one a list
+        if isinstance(shots, Sequence) and not isinstance(shots, (str, bytes)):
+            per_circuit_shots = [check_shots(value, f"shots[{i}]") for i, value in enumerate(shots)]
+        else:
+            per_circuit_shots = [check_shots(shots)] * len(circuits)
         values = list(parameter_values) if parameter_values is not None else [None] * len(circuits)
         if len(per_circuit_shots) != len(circuits) or len(values) != len(circuits):
             raise InvalidArgumentError("give one shots value and one parameter array per circuit")
@@ -180,14 +210,14 @@ class Client:
         method: str | None = None,
     ) -> Job:
         """Submit the circuits of ``.qpy`` and OpenQASM 2/3 ``.qasm`` files."""
+        shots = check_shots(shots)
         sources = [s for path in paths for s in circuit_sources_from_file(path)]
         return self._submit(sources, shots, seed, method)
 
     def _submit(self, sources: list[jobs_pb2.CircuitSource], shots: int, seed: int | None,
                 method: str | None, *, memory: bool = False, noise_model: NoiseModel | None = None) -> Job:
-        for value in [shots, *(s.shots for s in sources)]:
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not -(2**63) <= value < 2**63:
-                raise InvalidArgumentError(f"shots must be an int, got {value!r}")
+        """Send a submission whose shots were checked (:func:`check_shots`; ``shots`` 0: every
+        source carries its own)."""
         if seed is not None and not 0 <= seed < 2**63:
             raise InvalidArgumentError("seed must be between 0 and 2**63 - 1")
         request = jobs_pb2.SubmitRequest(circuits=sources, shots=shots, method=method or "", memory=memory)

@@ -30,7 +30,7 @@ from qiskit.primitives.primitive_job import PrimitiveJob
 from qiskit.providers import JobStatus
 
 from qscale.backend import _STATUS, QScaleBackend
-from qscale.client import Client, Job
+from qscale.client import Client, Job, check_shots
 from qscale.errors import InvalidArgumentError
 from qscale.results import JobResult
 
@@ -48,13 +48,17 @@ class SamplerOptions:
     """Options of :class:`SamplerV2`."""
 
     default_shots: int = 1024
-    """Shots per pub when neither the pub nor ``run`` gives any."""
+    """Shots per pub when neither the pub nor ``run`` gives any (an integer, checked by
+    :func:`qscale.client.check_shots`)."""
     seed: int | None = None
     """Job seed: the same seed gives the same BitArrays on any number of nodes."""
     method: str = "automatic"
     """qiskit-aer simulation method."""
     noise_model: NoiseModel | None = None
     """A qiskit-aer noise model (sent as JSON), or None for noiseless sampling."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "default_shots", check_shots(self.default_shots, "default_shots"))
 
 
 @dataclass(frozen=True)
@@ -134,9 +138,17 @@ class SamplerV2(BaseSamplerV2):
 
     def run(self, pubs: Iterable[SamplerPubLike], *, shots: int | None = None
             ) -> QScalePrimitiveJob[PrimitiveResult[SamplerPubResult]]:
-        if shots is None:
-            shots = self._options.default_shots
-        coerced = [SamplerPub.coerce(pub, shots) for pub in pubs]
+        """Sample the pubs as one cluster job; returns at once.
+
+        Shots come from the pub, else ``shots``, else ``default_shots``; each must be an
+        integer (:func:`qscale.client.check_shots`).
+
+        Raises:
+            InvalidArgumentError: bad shots, or no pub.
+            ValueError: a pub Qiskit's ``SamplerPub`` refuses (e.g. values that do not fit).
+        """
+        shots = self._options.default_shots if shots is None else check_shots(shots)
+        coerced = [_coerce_pub(pub, shots, i) for i, pub in enumerate(pubs)]
         if not coerced:
             raise InvalidArgumentError("run needs at least one pub")
         for i, pub in enumerate(coerced):
@@ -147,6 +159,19 @@ class SamplerV2(BaseSamplerV2):
                                   seed=self._options.seed, method=self._options.method,
                                   parameter_values=values, memory=True, noise_model=self._options.noise_model)
         return QScalePrimitiveJob(job, lambda result: _sampler_result(coerced, result))
+
+
+def _coerce_pub(pub: SamplerPubLike, shots: int, index: int) -> SamplerPub:
+    """Qiskit's ``SamplerPub.coerce``, with the pub's own shots checked by :func:`check_shots`
+    (an :class:`InvalidArgumentError`, not Qiskit's ``TypeError``) and made a Python ``int``."""
+    own = pub.shots if isinstance(pub, SamplerPub) else \
+        pub[2] if isinstance(pub, (tuple, list)) and len(pub) == 3 else None
+    if own is not None:
+        check_shots(own, f"pub {index} shots")
+    coerced = SamplerPub.coerce(pub, shots)
+    if type(coerced.shots) is not int:
+        coerced = SamplerPub(coerced.circuit, coerced.parameter_values, check_shots(coerced.shots), validate=False)
+    return coerced
 
 
 def _flat_values(pub: SamplerPub) -> np.ndarray:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import grpc
+import numpy as np
 import pytest
 from qiskit import QuantumCircuit
 
+import qscale.client
 from conftest import bell
+from qscale import Client, QScaleBackend, SamplerOptions, SamplerV2
 from qscale.circuits import dump_qpy
 from qscale.errors import InvalidArgumentError, NoCapableNodeError, NotFoundError
 from qscale.local import LocalCluster
@@ -131,3 +137,69 @@ def test_undecodable_request_bytes_get_invalid_argument_without_internals(cluste
     finally:
         channel.close()
     assert cluster.client.submit(bell(), shots=10, seed=1).result(timeout=60).shots == 10
+
+
+BAD_SHOTS = [True, False, np.True_, 5.0, np.float64(5), 2.5, "5", b"5", 1 + 0j, [5.0], 0, -3, np.int64(0), 2**63,
+             object()]
+
+
+def test_bad_shots_are_refused_before_anything_is_built_or_sent(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    """Every way users give shots refuses the same bad values with InvalidArgumentError, before a
+    circuit is serialised or a call is made (the client points at no coordinator at all)."""
+
+    def no_qpy(*args: Any, **kwargs: Any) -> bytes:
+        raise AssertionError("a circuit was serialised before the shots were checked")
+
+    monkeypatch.setattr(qscale.client, "dump_qpy", no_qpy)
+    qasm = tmp_path / "bell.qasm"
+    qasm.write_text('OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nmeasure q -> c;\n')
+    with Client("127.0.0.1:1", timeout=1.0) as client:
+        backend = QScaleBackend(client)
+        sampler = SamplerV2(client)
+        for value in BAD_SHOTS:
+            attempts = {
+                "submit": lambda: client.submit(bell(), shots=value),
+                "submit per circuit": lambda: client.submit([bell(), bell()], shots=[7, value]),
+                "submit_files": lambda: client.submit_files([qasm], shots=value),
+                "backend run": lambda: backend.run(bell(), shots=value),
+                "backend option": lambda: backend.set_options(shots=value),
+                "backend init": lambda: QScaleBackend(client, shots=value),
+                "sampler run": lambda: sampler.run([bell()], shots=value),
+                "sampler pub": lambda: sampler.run([(bell(), None, value)]),
+                "sampler default": lambda: SamplerV2(client, default_shots=value),
+                "sampler options": lambda: SamplerV2(client, options={"default_shots": value}),
+                "sampler options object": lambda: SamplerOptions(default_shots=value),
+            }
+            for where, attempt in attempts.items():
+                with pytest.raises(InvalidArgumentError, match="shots") as info:
+                    attempt()
+                assert "positive integer" in str(info.value), (where, value, info.value)
+        # None means "the default" to a sampler's run and pubs only.
+        for attempt in (lambda: client.submit(bell(), shots=None), lambda: backend.run(bell(), shots=None),
+                        lambda: SamplerV2(client, default_shots=None)):
+            with pytest.raises(InvalidArgumentError, match="shots must be a positive integer, got NoneType"):
+                attempt()
+        with pytest.raises(InvalidArgumentError, match=r"shots\[1\] must be a positive integer, got bool"):
+            client.submit([bell(), bell()], shots=[np.int64(3), True])
+        with pytest.raises(InvalidArgumentError, match="pub 1 shots must be a positive integer, got float"):
+            sampler.run([bell(), (bell(), None, 3.0)])
+        assert backend.options.shots == 1024  # refused options change nothing
+
+
+def test_integral_numpy_shots_are_accepted_everywhere(cluster: LocalCluster) -> None:
+    client = cluster.client
+    assert client.submit(bell(), shots=np.int64(5), seed=1).result(timeout=60).shots == 5
+    per_circuit = client.submit([bell(), bell()], shots=np.array([3, 4], dtype=np.uint32), seed=1).result(timeout=60)
+    assert [r.shots for r in per_circuit.results] == [3, 4]
+    counts = QScaleBackend(client, shots=np.int16(6)).run(bell(), seed_simulator=1).result().get_counts()
+    assert sum(counts.values()) == 6
+    counts = QScaleBackend(client).run(bell(), shots=np.int64(7), seed_simulator=1).result().get_counts()
+    assert sum(counts.values()) == 7
+    sampler = SamplerV2(client, default_shots=np.int32(8), seed=1)
+    assert sampler.options.default_shots == 8 and type(sampler.options.default_shots) is int
+    result = sampler.run([bell(), (bell(), None, np.uint8(9))]).result()
+    assert [r.data.meas.num_shots for r in result] == [8, 9]
+    assert [type(r.metadata["shots"]) for r in result] == [int, int]
+    assert sampler.run([bell()], shots=np.int64(10)).result()[0].data.meas.num_shots == 10
+
