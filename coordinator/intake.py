@@ -132,9 +132,12 @@ def _check(info: CircuitInfo, limits: Limits) -> None:
         raise InvalidArgumentError(f"{info.num_qubits} qubits; the limit is {limits.max_qubits}")
     if info.num_qubits == 0:
         raise InvalidArgumentError("the circuit has no qubits")
-    if not info.measures or info.num_clbits == 0:
-        raise InvalidArgumentError("the circuit measures nothing, so there are no counts to return; "
-                                   "add measurements (e.g. circuit.measure_all())")
+    # Classical bits that nothing measures read 0, as in Qiskit's samplers and BasicSimulator
+    # (the nodes fill in the all-zero outcome Aer leaves out); a circuit without classical bits
+    # has no outcome at all.
+    if info.num_clbits == 0:
+        raise InvalidArgumentError("the circuit has no classical bits: it measures nothing, so there are no "
+                                   "counts to return; add measurements (e.g. circuit.measure_all())")
 
 
 def _parameters(source: jobs_pb2.CircuitSource, info: CircuitInfo) -> common_pb2.ParameterValues | None:

@@ -668,6 +668,25 @@ def _worker_noise_model(state: _WorkerState, text: str) -> Any:
     return state.noise
 
 
+def _worker_check_unwritten_clbits(circuit: Any, circuit_index: int) -> None:
+    """Raise unless ``circuit`` has classical bits and nothing writes them (no ``measure`` and no
+    ``store``, in control-flow blocks too): only then may the missing counts read all zeros."""
+    if circuit.num_clbits == 0:
+        raise ValueError(f"circuit {circuit_index} gave no counts: it measures no classical bit")
+
+    def writes(block: Any) -> bool:
+        for inst in block.data:
+            if inst.name in ("measure", "store"):
+                return True
+            if inst.is_control_flow() and any(writes(b) for b in inst.operation.blocks):
+                return True
+        return False
+
+    if writes(circuit):
+        raise ValueError(f"circuit {circuit_index} gave no counts although it writes classical bits "
+                         "(Aer reports none for bits set only by store)")
+
+
 def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> None:
     """Run every chunk of a shard and report each one; then done, or failed with a short error."""
     from qscale.circuits import memory_width, pack_memory, unpack_parameter_values
@@ -729,7 +748,15 @@ def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> Non
             for pos, (circuit_index, set_index, width) in enumerate(experiments):
                 data_i = result.data(pos)
                 if "counts" not in data_i:
-                    raise ValueError(f"circuit {circuit_index} gave no counts: it measures no classical bit")
+                    # Aer reports counts only for circuits that measure: classical bits that
+                    # nothing writes read all zeros (as in Qiskit's samplers and BasicSimulator).
+                    circuit = state.circuit(assignment.job_id, circuit_index, payloads)
+                    _worker_check_unwritten_clbits(circuit, circuit_index)
+                    item = out.results.add(circuit_index=circuit_index, set_index=set_index,
+                                           counts={"0x0": chunk.shots})
+                    if assignment.memory:
+                        item.memory = bytes(width * chunk.shots)
+                    continue
                 c = data_i["counts"]  # Aer's own {hex: count} dict, no copy
                 total = sum(c.values())
                 if total != chunk.shots:

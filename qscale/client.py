@@ -164,7 +164,8 @@ class Client:
         """Submit one circuit or several; returns at once with a :class:`Job`.
 
         Args:
-            circuits: circuits with measurements.
+            circuits: circuits with classical bits; bits that nothing measures read 0 (as in
+                Qiskit's samplers). A circuit without classical bits is refused.
             shots: shots per circuit (per parameter set), or one value per circuit: integers
                 (``numpy`` integers too) of at least 1 (:func:`check_shots`).
             seed: makes the results reproducible, whatever the number of nodes.

@@ -9,6 +9,8 @@ from samples through Qiskit's own ``BackendEstimatorV2`` on a :class:`~qscale.QS
 from __future__ import annotations
 
 import math
+import uuid
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -76,10 +78,15 @@ class EstimatorOptions:
 
 
 class QScalePrimitiveJob(BasePrimitiveJob[_R, JobStatus], Generic[_R]):
-    """A primitive job backed by one cluster job; ``job_id()`` is the cluster's job id."""
+    """A primitive job backed by one cluster job; ``job_id()`` is the cluster's job id.
 
-    def __init__(self, job: Job, build: Callable[[JobResult], _R]) -> None:
-        super().__init__(job.job_id)
+    ``job`` None: nothing had to go to the cluster (every pub's result is known without
+    simulating, e.g. circuits without classical registers); the job is done at once and its id
+    is ``job_id``.
+    """
+
+    def __init__(self, job: Job | None, build: Callable[[JobResult | None], _R], *, job_id: str = "") -> None:
+        super().__init__(job.job_id if job is not None else job_id)
         self.qscale_job = job
         self._build = build
         self._result: _R | None = None
@@ -87,10 +94,12 @@ class QScalePrimitiveJob(BasePrimitiveJob[_R, JobStatus], Generic[_R]):
     def result(self, timeout: float | None = None) -> _R:
         """Block until the cluster job is done; raises ``qscale.JobFailedError`` if it failed."""
         if self._result is None:
-            self._result = self._build(self.qscale_job.result(timeout))
+            self._result = self._build(None if self.qscale_job is None else self.qscale_job.result(timeout))
         return self._result
 
     def status(self) -> JobStatus:
+        if self.qscale_job is None:
+            return JobStatus.DONE
         return _STATUS[self.qscale_job.status().state]
 
     def done(self) -> bool:
@@ -106,11 +115,16 @@ class QScalePrimitiveJob(BasePrimitiveJob[_R, JobStatus], Generic[_R]):
         return self.status() in (JobStatus.DONE, JobStatus.ERROR, JobStatus.CANCELLED)
 
     def cancel(self) -> None:
-        self.qscale_job.cancel()
+        if self.qscale_job is not None:
+            self.qscale_job.cancel()
 
 
 class SamplerV2(BaseSamplerV2):
     """``BaseSamplerV2`` on a qscale cluster.
+
+    As Qiskit's samplers do, a classical register that nothing measures reads all zeros, and a
+    pub whose circuit has no classical register gives an empty ``DataBin`` (with a
+    ``UserWarning``) without going to the cluster.
 
     Args:
         client: a connected :class:`qscale.Client`.
@@ -136,11 +150,21 @@ class SamplerV2(BaseSamplerV2):
     def options(self) -> SamplerOptions:
         return self._options
 
+    @property
+    def default_shots(self) -> int:
+        """Shots per pub when neither the pub nor ``run`` gives any (as Qiskit's samplers)."""
+        return self._options.default_shots
+
+    @property
+    def seed(self) -> int | None:
+        """The job seed, or None for a fresh one per job (as Qiskit's samplers)."""
+        return self._options.seed
+
     def run(self, pubs: Iterable[SamplerPubLike], *, shots: int | None = None
             ) -> QScalePrimitiveJob[PrimitiveResult[SamplerPubResult]]:
         """Sample the pubs as one cluster job; returns at once.
 
-        Shots come from the pub, else ``shots``, else ``default_shots``; each must be an
+        Shots come from the pub, else ``shots``, else :attr:`default_shots`; each must be an
         integer (:func:`qscale.client.check_shots`).
 
         Raises:
@@ -153,12 +177,20 @@ class SamplerV2(BaseSamplerV2):
             raise InvalidArgumentError("run needs at least one pub")
         for i, pub in enumerate(coerced):
             if not pub.circuit.cregs:
-                raise InvalidArgumentError(f"pub {i}: the circuit has no classical register to sample into")
-        values = [_flat_values(pub) for pub in coerced]
-        job = self._client.submit([pub.circuit for pub in coerced], shots=[pub.shots for pub in coerced],
-                                  seed=self._options.seed, method=self._options.method,
-                                  parameter_values=values, memory=True, noise_model=self._options.noise_model)
-        return QScalePrimitiveJob(job, lambda result: _sampler_result(coerced, result))
+                warnings.warn(f"pub {i}: the circuit has no classical register, so its result is empty; "
+                              "did you mean to add measurements?", UserWarning, stacklevel=2)
+        # Only pubs with classical bits to read need simulating; the others' results are empty.
+        sampled = [i for i, pub in enumerate(coerced) if any(creg.size for creg in pub.circuit.cregs)]
+        seed = self._options.seed
+        if not sampled:
+            local_id = f"local-{uuid.uuid4().hex}"
+            return QScalePrimitiveJob(None, lambda _: _sampler_result(coerced, sampled, None, local_id, seed),
+                                      job_id=local_id)
+        job = self._client.submit([coerced[i].circuit for i in sampled], shots=[coerced[i].shots for i in sampled],
+                                  seed=seed, method=self._options.method,
+                                  parameter_values=[_flat_values(coerced[i]) for i in sampled], memory=True,
+                                  noise_model=self._options.noise_model)
+        return QScalePrimitiveJob(job, lambda result: _sampler_result(coerced, sampled, result, job.job_id, seed))
 
 
 def _coerce_pub(pub: SamplerPubLike, shots: int, index: int) -> SamplerPub:
@@ -183,17 +215,29 @@ def _flat_values(pub: SamplerPub) -> np.ndarray:
     return np.asarray(array, dtype=float).reshape(num_sets, pub.circuit.num_parameters)
 
 
-def _sampler_result(pubs: list[SamplerPub], result: JobResult) -> PrimitiveResult[SamplerPubResult]:
+def _sampler_result(pubs: list[SamplerPub], sampled: list[int], result: JobResult | None, job_id: str,
+                    seed: int | None) -> PrimitiveResult[SamplerPubResult]:
+    """The primitive result: ``result`` holds the circuits of the pubs ``sampled``, in order
+    (None when no pub went to the cluster); the other pubs have only registers of no bits."""
+    by_pub = dict(zip(sampled, result.results)) if result is not None else {}
     pub_results = []
-    for pub, circuit_result in zip(pubs, result.results):
-        bits = np.stack([circuit_result.memory_bits(k) for k in range(len(circuit_result.sets))])
+    for index, pub in enumerate(pubs):
+        circuit_result = by_pub.get(index)
         data = {}
-        for creg in pub.circuit.cregs:
-            positions = [pub.circuit.find_bit(bit).index for bit in creg]
-            array = BitArray.from_bool_array(bits[..., positions], order="little")
-            data[creg.name] = array.reshape(pub.shape)
+        if circuit_result is None:
+            for creg in pub.circuit.cregs:  # none, or only registers of no bits
+                data[creg.name] = BitArray(np.zeros((*pub.shape, pub.shots, 0), dtype=np.uint8), 0)
+        else:
+            bits = np.stack([circuit_result.memory_bits(k) for k in range(len(circuit_result.sets))])
+            for creg in pub.circuit.cregs:
+                positions = [pub.circuit.find_bit(bit).index for bit in creg]
+                array = BitArray.from_bool_array(bits[..., positions], order="little")
+                data[creg.name] = array.reshape(pub.shape)
         pub_results.append(SamplerPubResult(DataBin(**data, shape=pub.shape),
                                             metadata={"shots": pub.shots, "circuit_metadata": pub.circuit.metadata}))
+    if result is None:
+        return PrimitiveResult(pub_results, metadata={"version": 2, "job_id": job_id, "seed": seed, "shards": 0,
+                                                      "nodes_used": []})
     return PrimitiveResult(pub_results, metadata={"version": 2, "job_id": result.job_id, "seed": result.seed,
                                                   "shards": result.status.shards_total,
                                                   "nodes_used": result.nodes_used})

@@ -9,6 +9,8 @@ import grpc
 import numpy as np
 import pytest
 from qiskit import QuantumCircuit
+from qiskit.primitives import StatevectorSampler
+from qiskit.providers.basic_provider import BasicSimulator
 
 import qscale.client
 from conftest import bell
@@ -53,9 +55,9 @@ CASES = {
     "unknown method": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qpy=GOOD_QPY)], shots=10,
                                               method="quantum-magic"),
                        grpc.StatusCode.INVALID_ARGUMENT, "unknown simulation method"),
-    "no measurements": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qpy=dump_qpy(QuantumCircuit(2)))],
-                                               shots=10),
-                        grpc.StatusCode.INVALID_ARGUMENT, "measures nothing"),
+    "no classical bits": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qpy=dump_qpy(QuantumCircuit(2)))],
+                                                 shots=10),
+                          grpc.StatusCode.INVALID_ARGUMENT, "no classical bits: it measures nothing"),
     "wider than any node": (jobs_pb2.SubmitRequest(circuits=[jobs_pb2.CircuitSource(qpy=dump_qpy(wide(40)))],
                                                    shots=10, method="statevector"),
                             grpc.StatusCode.FAILED_PRECONDITION, "40 qubits"),
@@ -197,9 +199,24 @@ def test_integral_numpy_shots_are_accepted_everywhere(cluster: LocalCluster) -> 
     counts = QScaleBackend(client).run(bell(), shots=np.int64(7), seed_simulator=1).result().get_counts()
     assert sum(counts.values()) == 7
     sampler = SamplerV2(client, default_shots=np.int32(8), seed=1)
-    assert sampler.options.default_shots == 8 and type(sampler.options.default_shots) is int
+    assert sampler.default_shots == 8 and type(sampler.default_shots) is int
     result = sampler.run([bell(), (bell(), None, np.uint8(9))]).result()
     assert [r.data.meas.num_shots for r in result] == [8, 9]
     assert [type(r.metadata["shots"]) for r in result] == [int, int]
     assert sampler.run([bell()], shots=np.int64(10)).result()[0].data.meas.num_shots == 10
 
+
+def test_unmeasured_classical_bits_read_zero_through_submit(cluster: LocalCluster) -> None:
+    """Intake accepts classical bits that nothing measures; they read 0, as in BasicSimulator."""
+    qc = QuantumCircuit(2, 2, name="unmeasured")
+    qc.h(0)
+    result = cluster.client.submit(qc, shots=50, memory=True, seed=1).result(timeout=60)
+    reference = BasicSimulator().run(qc, shots=50).result().get_counts()
+    assert result.counts == [reference] == [{"00": 50}]
+    assert result.results[0].memory() == ["00"] * 50
+    counts = QScaleBackend(cluster.client).run(qc, shots=20, memory=True).result()
+    assert counts.get_counts() == {"00": 20} and counts.get_memory() == ["00"] * 20
+    with pytest.raises(InvalidArgumentError, match="no classical bits"):
+        cluster.client.submit(QuantumCircuit(2), shots=10)
+    ref = StatevectorSampler().run([qc], shots=5).result()[0].data.c.get_counts()
+    assert ref == {"00": 5}

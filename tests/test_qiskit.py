@@ -18,10 +18,11 @@ from qiskit.providers import JobStatus
 from qiskit.quantum_info import SparsePauliOp
 from qiskit_aer import AerSimulator
 from qiskit_aer.noise import NoiseModel, depolarizing_error
+from qiskit_aer.primitives import SamplerV2 as AerSamplerV2
 from scipy import stats
 
 from conftest import bell, ghz
-from qscale import EstimatorV2, QScaleBackend, SamplerV2
+from qscale import Client, EstimatorV2, QScaleBackend, SamplerV2
 from qscale.errors import InvalidArgumentError
 from qscale.local import LocalCluster
 
@@ -153,12 +154,76 @@ def test_sampler_rejects_bad_pubs(cluster: LocalCluster) -> None:
     sampler = SamplerV2(cluster.client)
     with pytest.raises(ValueError):
         sampler.run([(rotations(), [1.0, 2.0, 3.0])])  # three values for two parameters
-    no_registers = QuantumCircuit(1)
-    no_registers.h(0)
-    with pytest.raises(InvalidArgumentError, match="classical register"):
-        sampler.run([no_registers])
+    with pytest.raises(InvalidArgumentError, match="at least one pub"):
+        sampler.run([])
     with pytest.raises(ValueError):
         sampler.run([(bell(), None, -5)])
+
+
+def test_unmeasured_registers_read_zero_as_in_qiskit_samplers(cluster: LocalCluster) -> None:
+    """Classical bits that nothing measures read 0 in StatevectorSampler and qiskit-aer's
+    SamplerV2; here too, with the same registers, shapes and metadata."""
+    idle = QuantumCircuit(2, 2, name="idle")
+    idle.h(0)
+    swept = QuantumCircuit(1, 1, name="swept")
+    swept.rx(THETA, 0)
+    q, a, b = QuantumRegister(2), ClassicalRegister(1, "a"), ClassicalRegister(2, "b")
+    half = QuantumCircuit(q, a, b, name="half-measured")
+    half.x(q[0])
+    half.measure(q[0], a[0])
+    pubs = [(idle,), (swept, [[0.1], [0.2], [0.3]]), (half, None, 25)]
+    ours = SamplerV2(cluster.client, seed=3).run(pubs, shots=40).result()
+    statevector = StatevectorSampler(seed=3).run(pubs, shots=40).result()
+    aer = AerSamplerV2(seed=3).run(pubs, shots=40).result()
+    for mine, sv, ae in zip(ours, statevector, aer):
+        assert list(mine.data.keys()) == list(sv.data.keys()) == list(ae.data.keys())
+        assert mine.data.shape == sv.data.shape == ae.data.shape
+        assert mine.metadata == sv.metadata
+        for name in mine.data.keys():
+            assert mine.data[name] == sv.data[name] == ae.data[name], name  # every outcome is certain
+    assert ours[0].data.c.get_counts() == {"00": 40}
+    assert [ours[1].data.c.get_counts(i) for i in range(3)] == [{"0": 40}] * 3
+    assert ours[2].data.a.get_counts() == {"1": 25} and ours[2].data.b.get_counts() == {"00": 25}
+
+
+def test_pubs_without_classical_registers_give_empty_results_without_the_cluster(cluster: LocalCluster) -> None:
+    """As StatevectorSampler: an empty DataBin of the pub's shape, the same metadata and a
+    UserWarning; nothing is sent (the sampler below has no coordinator behind it)."""
+    bare = QuantumCircuit(2)
+    bare.h(0)
+    swept = QuantumCircuit(1)
+    swept.rx(THETA, 0)
+    pubs = [(bare,), (swept, [[0.1], [0.2], [0.3]], 7)]
+    with pytest.warns(UserWarning, match="no output classical registers"):
+        reference = StatevectorSampler().run(pubs, shots=5).result()
+    with Client("127.0.0.1:1", timeout=1.0) as nowhere:
+        with pytest.warns(UserWarning, match="no classical register"):
+            job = SamplerV2(nowhere, seed=4).run(pubs, shots=5)
+        assert job.job_id().startswith("local-") and job.status() == JobStatus.DONE and job.done()
+        result = job.result()
+        job.cancel()  # nothing to cancel
+    for mine, theirs in zip(result, reference, strict=True):
+        assert len(mine.data) == len(theirs.data) == 0
+        assert mine.data.shape == theirs.data.shape
+        assert mine.metadata == theirs.metadata
+    assert result.metadata == {"version": 2, "job_id": job.job_id(), "seed": 4, "shards": 0, "nodes_used": []}
+    # Next to pubs that sample, only those go to the cluster.
+    with pytest.warns(UserWarning, match="pub 0"):
+        mixed = SamplerV2(cluster.client, seed=4).run([bare, bell()], shots=30).result()
+    assert len(mixed[0].data) == 0 and mixed[0].data.shape == () and mixed[0].metadata["shots"] == 30
+    assert mixed[1].data.meas.num_shots == 30 and set(mixed[1].data.meas.get_counts()) <= {"00", "11"}
+    assert mixed.metadata["shards"] >= 1
+
+
+def test_default_shots_as_in_qiskit_samplers(cluster: LocalCluster) -> None:
+    assert SamplerV2(cluster.client).default_shots == StatevectorSampler().default_shots \
+        == AerSamplerV2().default_shots == 1024
+    sampler = SamplerV2(cluster.client, default_shots=64, seed=1)
+    assert sampler.default_shots == sampler.options.default_shots == 64 and sampler.seed == 1
+    assert SamplerV2(cluster.client, default_shots=64, options={"default_shots": 32}).default_shots == 32
+    assert sampler.run([bell()]).result()[0].data.meas.num_shots == 64
+    with pytest.raises(AttributeError):
+        sampler.default_shots = 5  # type: ignore[misc]  # read-only, as in Qiskit
 
 
 def test_sweep_of_1000_bindings_is_spread_and_reproducible(cluster: LocalCluster, make_cluster) -> None:
