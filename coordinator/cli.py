@@ -74,7 +74,8 @@ def _serve(args: argparse.Namespace) -> int:
     limits = Limits.from_env(**{name: getattr(args, name) for name in _LIMIT_FLAGS})
     config = CoordinatorConfig.from_env(
         listen=args.listen, state_dir=args.state_dir, heartbeat_interval_s=args.heartbeat_interval,
-        heartbeat_timeout_s=args.heartbeat_timeout, limits=limits,
+        heartbeat_timeout_s=args.heartbeat_timeout, suspect_after_s=args.suspect_after,
+        lost_node_ttl_s=args.lost_node_ttl, limits=limits,
         node_tokens_file=args.node_tokens_file, client_tokens_file=args.client_tokens_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure or None,
         prefetch_per_slot=args.prefetch_per_slot, backup_after_s=args.backup_after,
@@ -501,8 +502,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run a coordinator")
     p.add_argument("--listen", help=f"HOST:PORT (default {DEFAULT_ADDRESS}; $QSCALE_LISTEN)")
     p.add_argument("--state-dir", help="directory for the SQLite state (default: a temporary one)")
-    p.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 2)")
-    p.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before a node is lost (default 10)")
+    p.add_argument("--heartbeat-interval", type=float,
+                   help="seconds between node heartbeats (default 1; $QSCALE_HEARTBEAT_INTERVAL)")
+    p.add_argument("--heartbeat-timeout", type=float,
+                   help="seconds of silence before a node is declared lost (default 10; $QSCALE_HEARTBEAT_TIMEOUT)")
+    p.add_argument("--suspect-after", type=float, metavar="SECONDS",
+                   help="seconds of silence (or a broken stream) before a node is suspected and its shards get "
+                        "backup copies (default: two heartbeat intervals; $QSCALE_SUSPECT_AFTER)")
+    p.add_argument("--lost-node-ttl", type=float, metavar="SECONDS",
+                   help="how long a lost node stays listed by `nodes` (default 600; $QSCALE_LOST_NODE_TTL)")
     p.add_argument("--address-file", help="write the bound HOST:PORT here once serving (useful with port 0; "
                                           "$QSCALE_ADDRESS_FILE)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",

@@ -112,10 +112,18 @@ class CoordinatorConfig:
     """HOST:PORT to serve on; port 0 lets the OS choose."""
     state_dir: str | None = None
     """Directory of the SQLite state; a temporary directory (lost on exit) when None."""
-    heartbeat_interval_s: float = 2.0
+    heartbeat_interval_s: float = 1.0
     """How often nodes heartbeat; sent to them in every reply."""
     heartbeat_timeout_s: float = 10.0
-    """A node silent this long is declared lost and its shards are requeued."""
+    """A node silent this long (and suspected since ``suspect_after_s``) is declared lost: its
+    shards are requeued, and what it sends later is dropped as stale."""
+    suspect_after_s: float = 0.0
+    """A node silent this long, or whose work stream broke, is suspected: every shard it holds
+    gets a backup copy on free capacity at once (the first result counts); the node keeps its
+    work and is simply alive again when it speaks. 0: two heartbeat intervals."""
+    lost_node_ttl_s: float = 600.0
+    """How long a lost node stays listed by ``nodes`` (a node that registers again replaces its
+    entry at once)."""
     max_shard_failures: int = 3
     """A shard that failed this many times (on different nodes when there are any) fails its job."""
     max_shard_losses: int = 3
@@ -166,6 +174,10 @@ class CoordinatorConfig:
             raise InvalidArgumentError("heartbeat interval must be > 0")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise InvalidArgumentError("heartbeat timeout must be longer than the heartbeat interval")
+        if not 0 <= self.suspect_after_s < self.heartbeat_timeout_s:
+            raise InvalidArgumentError("suspect-after must be between 0 and the heartbeat timeout")
+        if self.lost_node_ttl_s < 0:
+            raise InvalidArgumentError("lost node TTL must be >= 0")
         if self.max_shard_failures < 1 or self.max_shard_losses < 1:
             raise InvalidArgumentError("max shard failures and losses must be >= 1")
         for name in ("metrics_port", "dashboard_port"):
@@ -215,6 +227,11 @@ class CoordinatorConfig:
             raise TypeError(f"unknown coordinator settings: {sorted(unknown)}")
         return cls(**values)
 
+    @property
+    def suspect_after(self) -> float:
+        """``suspect_after_s``, or two heartbeat intervals (at most half the timeout) when 0."""
+        return self.suspect_after_s or min(2 * self.heartbeat_interval_s, self.heartbeat_timeout_s / 2)
+
     def with_(self, **changes: Any) -> CoordinatorConfig:
         """A copy with some fields changed."""
         return replace(self, **changes)
@@ -234,6 +251,8 @@ _ENV: tuple[tuple[str, str, Any], ...] = (
     ("state_dir", "QSCALE_STATE_DIR", str),
     ("heartbeat_interval_s", "QSCALE_HEARTBEAT_INTERVAL", float),
     ("heartbeat_timeout_s", "QSCALE_HEARTBEAT_TIMEOUT", float),
+    ("suspect_after_s", "QSCALE_SUSPECT_AFTER", float),
+    ("lost_node_ttl_s", "QSCALE_LOST_NODE_TTL", float),
     ("max_shard_failures", "QSCALE_MAX_SHARD_FAILURES", int),
     ("prefetch_per_slot", "QSCALE_PREFETCH_PER_SLOT", int),
     ("backup_after_s", "QSCALE_BACKUP_AFTER", float),

@@ -50,7 +50,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from qscale._version import __version__
-from qscale.coordinator.scheduler import FINAL_STATES, JobRecord, NodeRecord, Scheduler
+from qscale.coordinator.jobs import FINAL_STATES, Job
+from qscale.coordinator.nodes import Node
+from qscale.coordinator.runtime import Runtime
 from qscale.proto.v1 import common_pb2
 
 __all__ = ["Dashboard", "rate_series"]
@@ -104,14 +106,14 @@ def _progress(done: int, total: int) -> float:
     return min(100.0, math.floor(1000 * done / total) / 10)
 
 
-def _node_view(node: NodeRecord, now: float, stale_after: float) -> dict[str, Any]:
+def _node_view(node: Node, now: float, stale_after: float) -> dict[str, Any]:
     caps = node.caps
-    age = max(0.0, now - node.last_heartbeat)
+    age = max(0.0, now - node.last_heard)
     return {
         "node_id": node.node_id,
         "name": caps.name,
         "hostname": caps.hostname,
-        "state": node.state,
+        "state": node.status,
         "slots": caps.slots,
         "running": len(node.running),
         "cores": caps.cores,
@@ -128,7 +130,7 @@ def _node_view(node: NodeRecord, now: float, stale_after: float) -> dict[str, An
     }
 
 
-def _job_view(job: JobRecord, now: float) -> dict[str, Any]:
+def _job_view(job: Job, now: float) -> dict[str, Any]:
     end = job.finished_at if job.final and job.finished_at else now
     names = [info.name for info in job.infos]
     return {
@@ -322,13 +324,14 @@ class Dashboard:
     """The read-only status page of a coordinator, over HTTP from a daemon thread.
 
     Args:
-        core: the coordinator's scheduler; read only on ``loop``.
-        loop: the event loop ``core`` lives on.
+        runtime: the coordinator's runtime (its scheduler and store); read only on ``loop``.
+        loop: the event loop ``runtime`` lives on.
         host: address to listen on (an IPv6 address works too).
         port: port to listen on; 0 lets the OS choose (see the return value of :meth:`start`).
         tokens: when given, every route but ``/healthz`` requires a client token for which this
             predicate returns True (it should compare in constant time); None: no authentication.
-        clock: unix time, for heartbeat ages, wall times and the shots/s samples.
+        clock: unix time, for wall times and the shots/s samples.
+        monotonic: the scheduler's clock, for heartbeat ages.
         history_s: how much shots/s history to keep.
         sample_s: how often ``core.shots_counted`` is sampled.
         snapshot_timeout_s: how long a request waits for the loop before answering 503.
@@ -336,7 +339,7 @@ class Dashboard:
     Example (in ``CoordinatorServer.start``, on the coordinator's loop; ``tokens`` is the
     :class:`~qscale.security.Tokens` of the gRPC server)::
 
-        dashboard = Dashboard(self.core, asyncio.get_running_loop(), host=host, port=port,
+        dashboard = Dashboard(self.runtime, asyncio.get_running_loop(), host=host, port=port,
                               tokens=(lambda t: tokens.role_of(t) == CLIENT) if tokens.enabled else None)
         port = dashboard.start()
         ...
@@ -345,25 +348,28 @@ class Dashboard:
 
     def __init__(
         self,
-        core: Scheduler,
+        runtime: Runtime,
         loop: asyncio.AbstractEventLoop,
         *,
         host: str = "0.0.0.0",
         port: int = 0,
         tokens: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         history_s: float = 600.0,
         sample_s: float = 2.0,
         snapshot_timeout_s: float = 5.0,
     ) -> None:
         if sample_s <= 0 or history_s < sample_s:
             raise ValueError("need sample_s > 0 and history_s >= sample_s")
-        self.core = core
+        self.core = runtime.core
+        self.store = runtime.store
         self.loop = loop
         self.host = host.strip("[]")
         self.port = port
         self.tokens = tokens
         self.clock = clock
+        self.monotonic = monotonic
         self.history_s = history_s
         self.sample_s = sample_s
         self.snapshot_timeout_s = snapshot_timeout_s
@@ -504,12 +510,13 @@ class Dashboard:
         config = core.config
         stale_after = min(config.heartbeat_timeout_s, max(3.0, 2.0 * config.heartbeat_interval_s))
         live = list(core.nodes.values())
-        lost = list(core.lost_nodes)[-LOST_NODES_SHOWN:][::-1]
-        nodes = [_node_view(n, now, stale_after) for n in live] + [_node_view(n, now, stale_after) for n in lost]
+        lost = list(core.registry.lost.values())[-LOST_NODES_SHOWN:][::-1]
+        age_now = self.monotonic()
+        nodes = [_node_view(n, age_now, stale_after) for n in live + lost]
         alive = [n for n in live if n.state == "alive"]
 
-        active: list[JobRecord] = []
-        finished: list[JobRecord] = []
+        active: list[Job] = []
+        finished: list[Job] = []
         for job in core.jobs.values():
             (finished if job.final else active).append(job)
         active.sort(key=lambda j: j.created_at)
@@ -519,7 +526,7 @@ class Dashboard:
         if len(recent) < FINISHED_JOBS_SHOWN:  # after a restart: older jobs are only in the store
             known = {j.job_id for j in core.jobs.values()}
             limit = min(1000, FINISHED_JOBS_SHOWN + len(active))
-            for row in core.store.recent_jobs(limit):
+            for row in self.store.recent_jobs(limit):
                 if row[0] not in known and row[2] in FINAL_STATES:
                     recent.append(_row_view(row))
             recent.sort(key=lambda j: j["finished_at"] or j["created_at"], reverse=True)
@@ -540,7 +547,7 @@ class Dashboard:
             "totals": {
                 "nodes_alive": len(alive),
                 "nodes_draining": sum(1 for n in live if n.state == "draining"),
-                "nodes_lost": len(core.lost_nodes),
+                "nodes_lost": len(core.registry.lost),
                 "slots_busy": sum(min(len(n.running), n.caps.slots) for n in alive),
                 "slots_total": sum(n.caps.slots for n in alive),
                 "jobs_running": sum(1 for j in active if j.state == _RUNNING),

@@ -11,40 +11,27 @@ The servicer runs it in a worker thread so heartbeats are never held up by a big
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+import time
+import uuid
 
 import numpy as np
 
 from qscale.circuits import METHODS, CircuitInfo, pack_parameter_values, unpack_parameter_values
 from qscale.coordinator import sandbox
 from qscale.coordinator.config import Limits
+from qscale.coordinator.jobs import Job
+from qscale.coordinator.planner import PlanningPolicy
 from qscale.errors import InvalidArgumentError
 from qscale.proto.v1 import common_pb2, jobs_pb2
 
-__all__ = ["PreparedJob", "prepare_job", "check_noise_model", "MAX_SEED"]
+__all__ = ["prepare_job", "check_noise_model", "MAX_SEED"]
 
 MAX_SEED = (1 << 63) - 1
 
 
-@dataclass(frozen=True)
-class PreparedJob:
-    """A submission that passed validation, ready for the scheduler."""
-
-    infos: list[CircuitInfo]
-    qpy: list[bytes]
-    shots: list[int]
-    """Shots per parameter set, per circuit."""
-    params: list[common_pb2.ParameterValues | None]
-    """Parameter values per circuit, columns in ``CircuitInfo.parameters`` order."""
-    seed: int
-    method: str
-    memory: bool = False
-    noise_model: str = ""
-
-
 def prepare_job(request: jobs_pb2.SubmitRequest, limits: Limits,
-                decoder: sandbox.Decoder | None = None) -> PreparedJob:
-    """Validate a submission and decode its circuits.
+                decoder: sandbox.Decoder | None = None) -> Job:
+    """Validate a submission and decode its circuits; returns the new job (not yet planned).
 
     ``decoder`` decodes and checks the circuits and the noise model; by default the sandbox pool
     for ``limits`` (:func:`qscale.coordinator.sandbox.pool_for`).
@@ -99,7 +86,8 @@ def prepare_job(request: jobs_pb2.SubmitRequest, limits: Limits,
         infos.append(result.info)
         payloads.append(source.qpy if result.qpy is None else result.qpy)
         params.append(values)
-    return PreparedJob(infos, payloads, shots, params, seed, method, request.memory, request.noise_model)
+    return Job(uuid.uuid4().hex[:16], time.time(), seed, method, PlanningPolicy(), infos, shots, params, payloads,
+               memory=request.memory, noise_model=request.noise_model)
 
 
 def check_noise_model(text: str, limits: Limits, decoder: sandbox.Decoder | None = None) -> str:

@@ -57,7 +57,10 @@ class CoordinatorMetrics:
         self.reassigned = Counter("qscale_shards_reassigned",
                                   "Shards put back in the queue after a node loss, a failure or a refusal",
                                   registry=r)
-        self.backups = Counter("qscale_shard_backups", "Backup copies started for slow shards", registry=r)
+        self.suspected = Counter("qscale_nodes_suspected",
+                                 "Nodes suspected (silent, or their stream broke); their shards get backup copies",
+                                 registry=r)
+        self.backups = Counter("qscale_shard_backups", "Backup copies started (shards of suspected nodes, slow shards)", registry=r)
         self.stale = Counter("qscale_stale_results_dropped",
                              "Messages about attempts that are no longer current, dropped uncounted", registry=r)
         self.shots = Counter("qscale_shots_completed", "Shots counted (the first result of each shard)", registry=r)

@@ -1,5 +1,6 @@
-"""The coordinator's gRPC server: wiring of store, scheduler and servicers, the liveness
-reaper, the health service; and :class:`EmbeddedCoordinator` to run one in a background thread."""
+"""The coordinator's gRPC server: wiring of store, scheduler, runtime and servicers, the
+periodic tick (liveness, backup copies), the health service; and :class:`EmbeddedCoordinator`
+to run one in a background thread."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from qscale.coordinator import sandbox
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.dashboard import Dashboard
 from qscale.coordinator.metrics import CoordinatorMetrics, serve_metrics
+from qscale.coordinator.runtime import Runtime
 from qscale.coordinator.scheduler import Scheduler
-from qscale.coordinator.servicers import JobEvents, JobServicer, NodeServicer, add_services
+from qscale.coordinator.servicers import JobServicer, NodeServicer, add_services
 from qscale.coordinator.store import Store
 from qscale.errors import FailedPreconditionError, UnavailableError
 from qscale.proto.v1 import jobs_pb2_grpc, node_pb2_grpc
@@ -80,18 +82,23 @@ def load_security(config: CoordinatorConfig) -> tuple[Tokens, grpc.ServerCredent
 
 
 class CoordinatorServer:
-    """A coordinator on the current asyncio loop: ``await start()``, ``await stop()``."""
+    """A coordinator on the current asyncio loop: ``await start()``, ``await stop()``.
 
-    def __init__(self, config: CoordinatorConfig, *, clock: Callable[[], float] = time.time) -> None:
+    ``clock`` is monotonic (liveness, timeouts); ``wall`` stamps what is displayed."""
+
+    def __init__(self, config: CoordinatorConfig, *, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
+        self.wall = wall
         self.address = ""
         self._temp_state: str | None = None
         self._server: grpc.aio.Server | None = None
-        self._reaper: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qscale-intake")
         self.store: Store | None = None
         self.core: Scheduler | None = None
+        self.runtime: Runtime | None = None
         self.health: health_aio.HealthServicer | None = None
         self._jobs: JobServicer | None = None
         self._sandbox: sandbox.SandboxPool | None = None
@@ -118,14 +125,14 @@ class CoordinatorServer:
             state_dir = self._temp_state = tempfile.mkdtemp(prefix="qscale-state-")
         self.store = Store(state_dir)
         self.health = health_aio.HealthServicer()
-        events = JobEvents()
-        self.core = Scheduler(self.config, self.store, on_job_change=events.notify, metrics=self.metrics)
-        recovered = self.core.recover(self.clock())
+        self.core = Scheduler(self.config, metrics=self.metrics, wall=self.wall)
+        self.runtime = runtime = Runtime(self.core, self.store, asyncio.get_running_loop())
+        recovered = runtime.recover(self.clock())
         server = grpc.aio.server(options=grpc_options(self.config.limits.max_message_bytes),
                                  interceptors=[AuthInterceptor(tokens)] if tokens.enabled else None)
-        self._jobs = JobServicer(self.core, self.config, events, self.clock, self._executor)
+        self._jobs = JobServicer(runtime, self.config, self.clock, self._executor)
         add_services(server, (node_pb2_grpc.add_NodeServiceServicer_to_server,
-                              NodeServicer(self.core, self.config, self.clock)),
+                              NodeServicer(runtime, self.config, self.clock)),
                      (jobs_pb2_grpc.add_JobServiceServicer_to_server, self._jobs))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
@@ -134,6 +141,7 @@ class CoordinatorServer:
             else:
                 port = server.add_insecure_port(self.config.listen)
         except RuntimeError as exc:
+            runtime.close()
             self.store.close()
             raise FailedPreconditionError(f"cannot listen on {self.config.listen}: {exc}") from exc
         host = self.config.listen.rsplit(":", 1)[0]
@@ -143,19 +151,22 @@ class CoordinatorServer:
                 metrics_server, self.metrics_port = serve_metrics(self.metrics, _http_host(host),
                                                                   self.config.metrics_port)
             except OSError as exc:
+                runtime.close()
                 self.store.close()
                 raise FailedPreconditionError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}"
                                               ) from exc
             self._http.append(metrics_server)
         if self.config.dashboard_port:
             self._dashboard = Dashboard(
-                self.core, asyncio.get_running_loop(), host=_http_host(host), port=self.config.dashboard_port,
-                tokens=(lambda token: tokens.role_of(token) == CLIENT) if tokens.enabled else None, clock=self.clock)
+                runtime, asyncio.get_running_loop(), host=_http_host(host), port=self.config.dashboard_port,
+                tokens=(lambda token: tokens.role_of(token) == CLIENT) if tokens.enabled else None, clock=self.wall,
+                monotonic=self.clock)
             try:
                 self.dashboard_port = self._dashboard.start()
             except OSError as exc:
                 for http in self._http:
                     http.shutdown()
+                runtime.close()
                 self.store.close()
                 raise FailedPreconditionError(
                     f"cannot serve the dashboard on port {self.config.dashboard_port}: {exc}") from exc
@@ -166,21 +177,21 @@ class CoordinatorServer:
         self._server = server
         for service in ("", *SERVICES):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._reaper = asyncio.create_task(self._reap_forever())
+        self._ticker = asyncio.create_task(self._tick_forever())
         log.info("coordinator listening on %s (state in %s, %d job(s) recovered)", self.address, state_dir, recovered)
         return self.address
 
-    async def _reap_forever(self) -> None:
-        assert self.core is not None
-        period = min(self.config.heartbeat_interval_s, self.config.heartbeat_timeout_s / 4)
+    async def _tick_forever(self) -> None:
+        """Liveness and backup copies, a few times per heartbeat interval: a silent node is
+        suspected within a fraction of an interval of the moment it qualifies."""
+        assert self.core is not None and self.runtime is not None
+        period = min(self.config.heartbeat_interval_s / 4, self.config.suspect_after / 4, 0.25)
         while True:
             await asyncio.sleep(period)
             try:
-                now = self.clock()
-                self.core.reap(now)
-                self.core.speculate(now)
+                self.runtime.apply(self.core.tick(self.clock()))
             except Exception:
-                log.exception("reaper failed")
+                log.exception("tick failed")
 
     async def wait(self) -> None:
         """Until the server stops."""
@@ -197,12 +208,12 @@ class CoordinatorServer:
             self._jobs.begin_shutdown()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
-        if self._reaper is not None:
-            self._reaper.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self.core is not None:
             for node in list(self.core.nodes.values()):
-                if node.sink is not None:
-                    node.sink.put_nowait(None)
+                if node.stream is not None:
+                    node.stream.put_nowait(None)  # type: ignore[attr-defined]
         await self._server.stop(grace)
         self._server = None
         for http in self._http:
@@ -212,6 +223,8 @@ class CoordinatorServer:
             self._dashboard.stop()
             self._dashboard = None
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.runtime is not None:
+            self.runtime.close()
         if self._sandbox is not None:
             sandbox.release(self._sandbox)
             self._sandbox = None
@@ -237,8 +250,9 @@ class EmbeddedCoordinator:
             client = qscale.Client(coord.address)
     """
 
-    def __init__(self, config: CoordinatorConfig, *, clock: Callable[[], float] = time.time) -> None:
-        self.server = CoordinatorServer(config, clock=clock)
+    def __init__(self, config: CoordinatorConfig, *, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.server = CoordinatorServer(config, clock=clock, wall=wall)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qscale-coordinator", daemon=True)
         self._started = False

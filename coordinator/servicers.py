@@ -1,6 +1,7 @@
-"""The gRPC servicers. Thin by design: decode the request, call the
-:class:`~qscale.coordinator.scheduler.Scheduler`, encode the reply. Errors become gRPC
-statuses through :mod:`qscale.rpc_status`."""
+"""The gRPC servicers. Thin by design: decode the request, hand the event to the
+:class:`~qscale.coordinator.scheduler.Scheduler`, have the
+:class:`~qscale.coordinator.runtime.Runtime` carry out its decisions, encode the reply. Errors
+become gRPC statuses through :mod:`qscale.rpc_status`."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import grpc
 from qscale.coordinator import views
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.intake import prepare_job
-from qscale.coordinator.scheduler import JobRecord, Scheduler
+from qscale.coordinator.jobs import Job, state_name
+from qscale.coordinator.runtime import Runtime
 from qscale.errors import FailedPreconditionError, InvalidArgumentError, QScaleError, UnavailableError
 from qscale.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
 from qscale.rpc_status import status_for
 
-__all__ = ["NodeServicer", "JobServicer", "JobEvents", "add_services", "MALFORMED"]
+__all__ = ["NodeServicer", "JobServicer", "add_services", "MALFORMED"]
 
 log = logging.getLogger(__name__)
 
@@ -115,40 +117,29 @@ def _streaming(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-class JobEvents:
-    """Wakes Watch streams when their job changes."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-
-    def event(self, job_id: str) -> asyncio.Event:
-        return self._events.setdefault(job_id, asyncio.Event())
-
-    def notify(self, job_id: str) -> None:
-        event = self._events.pop(job_id, None)
-        if event is not None:
-            event.set()
-
-
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     """Register, Heartbeat and the node-initiated Work stream."""
 
-    def __init__(self, core: Scheduler, config: CoordinatorConfig, clock: Callable[[], float]) -> None:
-        self.core = core
+    def __init__(self, runtime: Runtime, config: CoordinatorConfig, clock: Callable[[], float]) -> None:
+        self.runtime = runtime
+        self.core = runtime.core
         self.config = config
         self.clock = clock
 
     @_unary
     async def Register(self, request: node_pb2.RegisterRequest, context: grpc.aio.ServicerContext
                        ) -> node_pb2.RegisterReply:
-        node = self.core.register_node(request.capabilities, self.clock())
+        node, adopted, decisions = self.core.register(request.capabilities, self.clock(), request.previous_node_id,
+                                                      request.attempts_in_hand)
+        self.runtime.apply(decisions)
         return node_pb2.RegisterReply(node_id=node.node_id, heartbeat_interval_s=self.config.heartbeat_interval_s,
-                                      heartbeat_timeout_s=self.config.heartbeat_timeout_s)
+                                      heartbeat_timeout_s=self.config.heartbeat_timeout_s, adopted_attempts=adopted)
 
     @_unary
     async def Heartbeat(self, request: node_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
                         ) -> node_pb2.HeartbeatReply:
-        known = self.core.heartbeat(request.node_id, self.clock())
+        known, decisions = self.core.heartbeat(request.node_id, self.clock(), request.running_attempts)
+        self.runtime.apply(decisions)
         return node_pb2.HeartbeatReply(known=known, heartbeat_interval_s=self.config.heartbeat_interval_s,
                                        heartbeat_timeout_s=self.config.heartbeat_timeout_s)
 
@@ -163,18 +154,18 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             raise InvalidArgumentError("a work stream must start with a hello message")
         node_id = first.hello.node_id
         outbox: asyncio.Queue[node_pb2.CoordinatorMessage | None] = asyncio.Queue()
-        self.core.attach_stream(node_id, outbox, self.clock())
+        self.runtime.apply(self.core.attach_stream(node_id, outbox, self.clock()))
         reader = asyncio.ensure_future(self._read(node_id, request_iterator, outbox))
         try:
             while (message := await outbox.get()) is not None:
                 yield message
         finally:
             reader.cancel()
-            self.core.detach_stream(node_id, outbox, self.clock(), "work stream closed")
+            self.runtime.apply(self.core.detach_stream(node_id, outbox, self.clock(), "work stream closed"))
 
     async def _read(self, node_id: str, requests: AsyncIterator[node_pb2.NodeMessage],
                     outbox: asyncio.Queue[node_pb2.CoordinatorMessage | None]) -> None:
-        core = self.core
+        core, apply = self.core, self.runtime.apply
         try:
             async for msg in requests:
                 if msg is MALFORMED:
@@ -183,13 +174,14 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 kind = msg.WhichOneof("kind")
                 now = self.clock()
                 if kind == "chunk":
-                    core.chunk_result(node_id, msg.chunk, now)
+                    apply(core.chunk_result(node_id, msg.chunk, now))
                 elif kind == "done":
-                    core.shard_done(node_id, msg.done.attempt_token, now)
+                    apply(core.shard_done(node_id, msg.done.attempt_token, now))
                 elif kind == "failed":
-                    core.shard_failed(node_id, msg.failed.attempt_token, msg.failed.error, msg.failed.refused, now)
+                    apply(core.shard_failed(node_id, msg.failed.attempt_token, msg.failed.error, msg.failed.refused,
+                                            now))
                 elif kind == "draining":
-                    core.node_draining(node_id, now)
+                    apply(core.node_draining(node_id, now))
                 else:
                     log.warning("node %s sent an unexpected %s message; closing its stream", node_id, kind)
                     break
@@ -206,11 +198,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     """Submit, inspect, watch and cancel jobs; list nodes."""
 
-    def __init__(self, core: Scheduler, config: CoordinatorConfig, events: JobEvents,
-                 clock: Callable[[], float], executor: Executor) -> None:
-        self.core = core
+    def __init__(self, runtime: Runtime, config: CoordinatorConfig, clock: Callable[[], float],
+                 executor: Executor) -> None:
+        self.runtime = runtime
+        self.core = runtime.core
         self.config = config
-        self.events = events
         self.clock = clock
         self.executor = executor
         self._stopping = asyncio.Event()
@@ -230,52 +222,55 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if self.draining:
             raise UnavailableError("the coordinator is shutting down; submit again when it is back")
         key = request.request_key
-        existing = self.core.existing_job(key)
+        existing = self.runtime.existing_job(key)
         if existing is None:
             loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(self.executor, prepare_job, request, self.config.limits)
-            existing = self.core.existing_job(key)  # a retry of this request may have won meanwhile
+            job = await loop.run_in_executor(self.executor, prepare_job, request, self.config.limits)
+            existing = self.runtime.existing_job(key)  # a retry of this request may have won meanwhile
             if existing is None:
-                job, plan = self.core.plan_submission(prepared, self.clock(), key)
+                job.request_key = key
+                job.policy = self.config.policy
+                plan = self.core.plan(job)
                 # The write (JSON, fsync) happens off the event loop: heartbeats are not held up.
-                stored = self.core.stored_form(job)
-                if await loop.run_in_executor(self.executor, self.core.store.insert_job, stored):
-                    existing = self.core.accept(job, plan, self.clock())
+                if await loop.run_in_executor(self.executor, self.runtime.store.insert_job, job):
+                    self.runtime.apply(self.core.accept(job, plan, self.clock()))
+                    existing = job
                 else:
-                    existing = self.core.existing_job(key)
+                    existing = self.runtime.existing_job(key)
                     if existing is None:  # pragma: no cover - the key's job vanished
                         raise UnavailableError("could not record the job; submit again")
         return jobs_pb2.SubmitReply(job_id=existing.job_id, seed=existing.seed)
 
     @_unary
     async def GetJob(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobStatus:
-        return views.job_status(self.core.get_job(request.job_id))
+        return views.job_status(self.runtime.get_job(request.job_id))
 
     @_streaming
     async def Watch(self, request: jobs_pb2.WatchRequest, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[jobs_pb2.JobProgress]:
-        job = self.core.get_job(request.job_id)
+        job = self.runtime.get_job(request.job_id)
         stopping = asyncio.ensure_future(self._stopping.wait())
         waiter: asyncio.Future[Any] | None = None
         try:
-            while True:
-                changed = self.events.event(job.job_id)
-                yield views.job_progress(job, request.include_counts, request.max_outcomes)
-                if job.final:
-                    return
-                waiter = asyncio.ensure_future(changed.wait())
-                await asyncio.wait({waiter, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                waiter = None
-                if stopping.done():
-                    raise UnavailableError("the coordinator is shutting down; watch again when it is back")
-                await self._throttle(job)
+            with self.runtime.events.subscribe(job.job_id) as changed:
+                while True:
+                    changed.clear()
+                    yield views.job_progress(job, request.include_counts, request.max_outcomes)
+                    if job.final:
+                        return
+                    waiter = asyncio.ensure_future(changed.wait())
+                    await asyncio.wait({waiter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    waiter = None
+                    if stopping.done():
+                        raise UnavailableError("the coordinator is shutting down; watch again when it is back")
+                    await self._throttle(job, changed)
         finally:  # also when the client hangs up: no task is left pending
             stopping.cancel()
             if waiter is not None:
                 waiter.cancel()
 
-    async def _throttle(self, job: JobRecord) -> None:
+    async def _throttle(self, job: Job, changed: asyncio.Event) -> None:
         """Let at least ``watch_min_interval_s`` pass between two updates of a running job, but
         report a job that finishes meanwhile at once."""
         loop = asyncio.get_running_loop()
@@ -284,29 +279,32 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
+            changed.clear()
             try:
-                await asyncio.wait_for(self.events.event(job.job_id).wait(), remaining)
+                await asyncio.wait_for(changed.wait(), remaining)
             except asyncio.TimeoutError:
                 return
 
     @_unary
     async def GetResult(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobResult:
-        job = self.core.get_job(request.job_id)
+        job = self.runtime.get_job(request.job_id)
         if not job.final:
-            state = common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
-            raise FailedPreconditionError(f"job {job.job_id} is {state}; its result is not ready yet")
+            raise FailedPreconditionError(f"job {job.job_id} is {state_name(job.state)}; its result is not ready yet")
+        await self.runtime.writer.settled()  # reported final only once its results are on disk
         return views.job_result(job)
 
     @_unary
     async def Cancel(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobStatus:
-        return views.job_status(self.core.cancel(request.job_id, self.clock()))
+        job = self.runtime.get_job(request.job_id)
+        self.runtime.apply(self.core.cancel(job, self.clock()))
+        return views.job_status(job)
 
     @_unary
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
                        ) -> jobs_pb2.ListJobsReply:
         limit = min(request.limit if request.limit > 0 else 100, _MAX_LIST)
         reply = jobs_pb2.ListJobsReply()
-        for job_id, created, state, shots, n, error, finished in self.core.store.recent_jobs(limit):
+        for job_id, created, state, shots, n, error, finished in self.runtime.store.recent_jobs(limit):
             job = self.core.jobs.get(job_id)
             if job is not None:
                 reply.jobs.append(views.job_status(job))
@@ -320,6 +318,5 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def ListNodes(self, request: jobs_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
                         ) -> jobs_pb2.ListNodesReply:
         now = self.clock()
-        nodes = [*self.core.nodes.values(), *reversed(self.core.lost_nodes)]
-        return jobs_pb2.ListNodesReply(nodes=[views.node_info(n, now) for n in nodes],
+        return jobs_pb2.ListNodesReply(nodes=[views.node_info(n, now) for n in self.core.registry.listed()],
                                        stale_results_dropped=self.core.stale_dropped)

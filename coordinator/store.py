@@ -1,9 +1,10 @@
 """Durable coordinator state in SQLite (WAL, ``synchronous=FULL``).
 
 What is written here survives a coordinator restart: accepted jobs with their circuits and
-parameter values, every counted shard result, and final job states. Each write is committed
-before the caller acknowledges anything to a client or node. A lock file keeps a second
-coordinator off the same state directory.
+parameter values, every counted shard result, and final job states. A new job is committed
+before its submitter hears of it; shard results and final states are committed in groups by
+the runtime's writer thread (:meth:`Store.apply`), in the order they were decided, before a
+job is reported final. A lock file keeps a second coordinator off the same state directory.
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 from qscale.circuits import CircuitInfo
+from qscale.coordinator.decisions import FinishJob, RecordShard
+from qscale.coordinator.jobs import QUEUED, Job
 from qscale.coordinator.planner import PlanningPolicy
 from qscale.errors import FailedPreconditionError
 from qscale.proto.v1 import common_pb2
 
-__all__ = ["Store", "StoredJob", "SCHEMA_VERSION"]
+__all__ = ["Store", "SCHEMA_VERSION"]
+
+Results = dict[int, list[common_pb2.CircuitCounts]]
+"""Counted results of a job's shards: shard index -> one result per experiment."""
 
 log = logging.getLogger(__name__)
 
@@ -69,32 +75,6 @@ CREATE TABLE IF NOT EXISTS shard_results (
 """
 
 
-@dataclass
-class StoredJob:
-    """A job as it was accepted, with the shard results counted so far."""
-
-    job_id: str
-    created_at: float
-    state: int
-    seed: int
-    method: str
-    policy: PlanningPolicy
-    infos: list[CircuitInfo]
-    shots: list[int]
-    params: list[common_pb2.ParameterValues | None]
-    qpy: list[bytes]
-    memory: bool = False
-    noise_model: str = ""
-    error: str = ""
-    finished_at: float = 0.0
-    request_key: str = ""
-    shard_results: dict[int, list[common_pb2.CircuitCounts]] = field(default_factory=dict)
-
-    @property
-    def shots_total(self) -> int:
-        return sum(n * (p.num_sets if p is not None else 1) for n, p in zip(self.shots, self.params))
-
-
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(CircuitInfo))
 
 
@@ -137,25 +117,31 @@ class Store:
                     "finish its jobs with the qscale that wrote it, or start from an empty --state-dir")
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            # New jobs are written from intake threads, off the event loop, on their own connection.
-            self._intake_db = sqlite3.connect(self.path / "state.sqlite3", isolation_level=None,
-                                              check_same_thread=False, timeout=30.0)
-            self._intake_db.execute("PRAGMA synchronous=FULL")
+            # Writes happen off the event loop, each thread on its connection: new jobs from
+            # intake threads, results and final states from the writer thread.
+            self._intake_db = self._connect()
             self._intake_lock = threading.Lock()
+            self._write_db = self._connect()
         except BaseException:
             self.close()
             raise
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path / "state.sqlite3", isolation_level=None, check_same_thread=False, timeout=30.0)
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
     def close(self) -> None:
         """Close the database and release the directory lock."""
         self._db.close()
-        intake = getattr(self, "_intake_db", None)
-        if intake is not None:
-            intake.close()
+        for name in ("_intake_db", "_write_db"):
+            db = getattr(self, name, None)
+            if db is not None:
+                db.close()
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._lock_file.close()
 
-    def insert_job(self, job: StoredJob) -> bool:
+    def insert_job(self, job: Job) -> bool:
         """Persist a newly accepted job with its circuits, in one transaction. Safe to call from
         another thread than the other methods. Returns False (and writes nothing) when its
         request key already names a job."""
@@ -168,12 +154,12 @@ class Store:
                 raise
         return True
 
-    def _insert_job(self, job: StoredJob) -> None:
+    def _insert_job(self, job: Job) -> None:
         with _Transaction(self._intake_db) as db:
             db.execute(
                 "INSERT INTO jobs (job_id, created_at, state, seed, method, policy, num_circuits, shots_total,"
                 " memory, noise_model, request_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.job_id, job.created_at, job.state, job.seed, job.method,
+                (job.job_id, job.created_at, QUEUED, job.seed, job.method,
                  json.dumps(dataclasses.asdict(job.policy)), len(job.infos), job.shots_total, int(job.memory),
                  job.noise_model, job.request_key or None),
             )
@@ -188,29 +174,26 @@ class Store:
         row = (self._intake_db if intake else self._db).execute("SELECT job_id FROM jobs WHERE request_key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def record_shard(self, job_id: str, shard_index: int, result: common_pb2.ShardResult, node_id: str,
-                     attempt: str, at: float) -> bool:
-        """Persist a shard's results; False if that shard already had a result (nothing written)."""
-        with self._transaction() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO shard_results (job_id, shard_index, result, node_id, attempt, finished_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, shard_index, result.SerializeToString(), node_id, attempt, at),
-            )
-            return cur.rowcount == 1
+    def apply(self, writes: Sequence[RecordShard | FinishJob]) -> None:
+        """Commit shard results and final job states in one transaction (one fsync), in order.
+        A shard that already has a stored result keeps it. Call from one thread at a time."""
+        with _Transaction(self._write_db) as db:
+            for w in writes:
+                if isinstance(w, RecordShard):
+                    db.execute(
+                        "INSERT OR IGNORE INTO shard_results (job_id, shard_index, result, node_id, attempt,"
+                        " finished_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (w.job_id, w.shard_index, w.result.SerializeToString(), w.node_id, w.attempt, w.at))
+                else:
+                    db.execute("UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE job_id = ?",
+                               (w.state, w.error, w.at, w.job_id))
 
-    def finish_job(self, job_id: str, state: int, error: str, at: float) -> None:
-        """Persist a job's final state."""
-        with self._transaction() as db:
-            db.execute("UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE job_id = ?",
-                       (state, error, at, job_id))
-
-    def load_job(self, job_id: str, *, with_payloads: bool = True) -> StoredJob | None:
+    def load_job(self, job_id: str, *, with_payloads: bool = True) -> tuple[Job, Results] | None:
         """One job with its shard results, or None."""
         row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return self._job_from_row(row, with_payloads) if row else None
 
-    def unfinished_jobs(self, final_states: tuple[int, ...]) -> Iterator[StoredJob]:
+    def unfinished_jobs(self, final_states: tuple[int, ...]) -> Iterator[tuple[Job, Results]]:
         """Every job not in one of ``final_states``, oldest first."""
         marks = ",".join("?" * len(final_states))
         rows = self._db.execute(
@@ -226,7 +209,7 @@ class Store:
             " FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)
         ).fetchall()
 
-    def _job_from_row(self, row: tuple, with_payloads: bool) -> StoredJob:
+    def _job_from_row(self, row: tuple, with_payloads: bool) -> tuple[Job, Results]:
         job_id, created_at, state, seed, method, policy, memory, noise_model, error, finished_at = row
         circuits = self._db.execute(
             f"SELECT info, shots, params{', qpy' if with_payloads else ''} FROM circuits WHERE job_id = ?"
@@ -235,7 +218,7 @@ class Store:
         results = self._db.execute(
             "SELECT shard_index, result FROM shard_results WHERE job_id = ?", (job_id,)
         ).fetchall()
-        return StoredJob(
+        job = Job(
             job_id=job_id, created_at=created_at, state=state, seed=seed, method=method,
             policy=PlanningPolicy.from_dict(json.loads(policy)),
             infos=[_info_from_json(c[0]) for c in circuits],
@@ -243,12 +226,8 @@ class Store:
             params=[common_pb2.ParameterValues.FromString(c[2]) if c[2] is not None else None for c in circuits],
             qpy=[c[3] for c in circuits] if with_payloads else [],
             memory=bool(memory), noise_model=noise_model, error=error, finished_at=finished_at,
-            shard_results={idx: list(common_pb2.ShardResult.FromString(blob).results) for idx, blob in results},
         )
-
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
-
+        return job, {idx: list(common_pb2.ShardResult.FromString(blob).results) for idx, blob in results}
 
 _JOB_COLUMNS = "job_id, created_at, state, seed, method, policy, memory, noise_model, error, finished_at"
 

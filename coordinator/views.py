@@ -1,16 +1,18 @@
 """Domain records -> protobuf replies. Counts are turned from Aer's hexadecimal keys into
-Qiskit bitstrings here, once per reply."""
+Qiskit bitstrings here, once per reply, and a progress update formats only the outcomes it
+shows: its cost does not grow with the number of distinct outcomes."""
 
 from __future__ import annotations
 
 from qscale.circuits import format_counts, memory_width
-from qscale.coordinator.scheduler import JobRecord, NodeRecord
+from qscale.coordinator.jobs import Job
+from qscale.coordinator.nodes import Node
 from qscale.proto.v1 import jobs_pb2
 
 __all__ = ["job_status", "job_progress", "job_result", "node_info"]
 
 
-def job_status(job: JobRecord) -> jobs_pb2.JobStatus:
+def job_status(job: Job) -> jobs_pb2.JobStatus:
     return jobs_pb2.JobStatus(
         job_id=job.job_id,
         state=job.state,
@@ -26,24 +28,18 @@ def job_status(job: JobRecord) -> jobs_pb2.JobStatus:
     )
 
 
-def _top(counts: dict[str, int], max_outcomes: int) -> dict[str, int]:
-    if max_outcomes <= 0 or len(counts) <= max_outcomes:
-        return counts
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:max_outcomes])
-
-
-def job_progress(job: JobRecord, include_counts: bool, max_outcomes: int) -> jobs_pb2.JobProgress:
+def job_progress(job: Job, include_counts: bool, max_outcomes: int) -> jobs_pb2.JobProgress:
     progress = jobs_pb2.JobProgress(status=job_status(job))
     if include_counts:
-        for index, hex_counts in enumerate(job.partial_counts()):
+        for index, totals in enumerate(job.totals):
             info = job.infos[index]
-            counts = format_counts(hex_counts, info.num_clbits, info.creg_sizes)
-            progress.counts.add(circuit_index=index, counts=_top(counts, max_outcomes),
-                                shots=sum(counts.values()))
+            progress.counts.add(circuit_index=index, counts=format_counts(totals.top(max_outcomes), info.num_clbits,
+                                                                          info.creg_sizes),
+                                shots=totals.progress_shots)
     return progress
 
 
-def job_result(job: JobRecord) -> jobs_pb2.JobResult:
+def job_result(job: Job) -> jobs_pb2.JobResult:
     result = jobs_pb2.JobResult(
         status=job_status(job),
         seed=job.seed,
@@ -78,13 +74,13 @@ def job_result(job: JobRecord) -> jobs_pb2.JobResult:
     return result
 
 
-def node_info(node: NodeRecord, now: float) -> jobs_pb2.NodeInfo:
+def node_info(node: Node, now: float) -> jobs_pb2.NodeInfo:
     return jobs_pb2.NodeInfo(
         node_id=node.node_id,
         capabilities=node.caps,
-        state=node.state,
+        state=node.status,
         running=len(node.running),
-        last_heartbeat_age_s=max(0.0, now - node.last_heartbeat),
+        last_heartbeat_age_s=max(0.0, now - node.last_heard),
         registered_at=node.registered_at,
         shards_done=node.shards_done,
     )

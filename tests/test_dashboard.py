@@ -44,9 +44,9 @@ class Env:
         self.node_ids = node_ids
 
     @property
-    def core(self) -> Any:
-        assert self.cluster.coordinator is not None and self.cluster.coordinator.server.core is not None
-        return self.cluster.coordinator.server.core
+    def runtime(self) -> Any:
+        assert self.cluster.coordinator is not None and self.cluster.coordinator.server.runtime is not None
+        return self.cluster.coordinator.server.runtime
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def check_security_headers(headers: dict[str, str]) -> None:
 
 
 def test_status_lists_nodes_and_finished_job(env: Env) -> None:
-    dashboard = Dashboard(env.core, env.loop, host="127.0.0.1", port=0)
+    dashboard = Dashboard(env.runtime, env.loop, host="127.0.0.1", port=0)
     port = dashboard.start()
     base = f"http://127.0.0.1:{port}"
     try:
@@ -169,7 +169,7 @@ def html_escaped(text: str) -> str:
 
 
 def test_client_token_required_when_auth_is_on(env: Env) -> None:
-    dashboard = Dashboard(env.core, env.loop, host="127.0.0.1", port=0, tokens=lambda t: t == TOKEN)
+    dashboard = Dashboard(env.runtime, env.loop, host="127.0.0.1", port=0, tokens=lambda t: t == TOKEN)
     port = dashboard.start()
     base = f"http://127.0.0.1:{port}"
     try:
@@ -203,12 +203,13 @@ def test_client_token_required_when_auth_is_on(env: Env) -> None:
 
 
 class FakeCore:
-    """Just enough of a Scheduler; each clock tick counts 10 more shots."""
+    """Just enough of a Runtime and its Scheduler; each clock tick counts 10 more shots."""
 
     def __init__(self) -> None:
         self.ticks = 0
+        self.core = self
         self.nodes: dict[str, Any] = {}
-        self.lost_nodes: deque[Any] = deque()
+        self.registry = SimpleNamespace(lost={})
         self.jobs: dict[str, Any] = {}
         self.queue: deque[Any] = deque()
         self.stale_dropped = 0
@@ -340,7 +341,7 @@ def test_page_renders_in_a_real_browser(env: Env) -> None:
         if _ci():
             pytest.fail("chromium is not installed: .ci/run must install it (apt-get install -y chromium)")
         pytest.skip("chromium is not installed (apt-get install -y chromium); CI must have it")
-    dashboard = Dashboard(env.core, env.loop, host="127.0.0.1", port=0, tokens=lambda t: t == TOKEN)
+    dashboard = Dashboard(env.runtime, env.loop, host="127.0.0.1", port=0, tokens=lambda t: t == TOKEN)
     port = dashboard.start()
     # Credentials in the URL: the browser sends them as Basic auth, and the page's own fetches
     # of /api/status must get through with them too.

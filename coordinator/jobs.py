@@ -1,0 +1,305 @@
+"""The job record: one :class:`Job` from intake to the store and back, its shards and their
+attempts, and the merged counts kept up to date as results arrive.
+
+A job is built once by intake (:func:`qscale.coordinator.intake.prepare_job`), written by the
+store as it is, read back by the store after a restart, and run by the scheduler. Counts are
+Aer's hexadecimal outcomes; they are turned into Qiskit bitstrings only at the edge
+(:mod:`qscale.coordinator.views`), and only for the outcomes a reply shows.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from qscale.circuits import CircuitInfo, merge_counts
+from qscale.coordinator.planner import PlanningPolicy, ShardPlan, plan_job
+from qscale.proto.v1 import common_pb2
+
+__all__ = ["Job", "Shard", "Attempt", "Totals", "TopOutcomes", "QUEUED", "RUNNING", "DONE", "FAILED",
+           "CANCELLED", "FINAL_STATES", "state_name"]
+
+QUEUED = common_pb2.JOB_STATE_QUEUED
+RUNNING = common_pb2.JOB_STATE_RUNNING
+DONE = common_pb2.JOB_STATE_DONE
+FAILED = common_pb2.JOB_STATE_FAILED
+CANCELLED = common_pb2.JOB_STATE_CANCELLED
+FINAL_STATES = (DONE, FAILED, CANCELLED)
+
+
+def state_name(state: int) -> str:
+    """``queued``, ``running``, ``done`` ... for logs and messages."""
+    return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_").lower()
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One dispatch of a shard to a node."""
+
+    token: str
+    job_id: str
+    shard_index: int
+    node_id: str
+    started: float
+    """Monotonic time of the dispatch (speculation, reconciliation)."""
+    started_at: float
+    """Wall time of the dispatch (display only)."""
+    ended_at: float = 0.0
+    outcome: str = "running"  # running, done, failed, refused, lost, cancelled, stale
+    error: str = ""
+    backup: bool = False
+    """A backup copy (of a slow shard, or of one held by a suspected node)."""
+    partial: dict[int, list[common_pb2.CircuitCounts]] = field(default_factory=dict)
+    """chunk index -> one result per experiment of the chunk, as chunks finish."""
+    unreported: int = 0
+    """Heartbeats in a row that did not list this attempt (see Scheduler.heartbeat)."""
+
+    @property
+    def running(self) -> bool:
+        return self.outcome == "running"
+
+
+@dataclass(eq=False)
+class Shard:
+    plan: ShardPlan
+    status: str = "queued"  # queued, running, done
+    live: list[Attempt] = field(default_factory=list)
+    """Attempts running now: one, or more while backup copies race the first."""
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    refusals: dict[str, int] = field(default_factory=dict)
+    """node id -> refusals in a row (a refusal is transient: a full cache, a drain)."""
+    losses: int = 0
+    backups: int = 0
+    shown: Attempt | None = None
+    """The attempt whose finished chunks the job's partial totals include (see Totals)."""
+
+    @property
+    def attempt(self) -> Attempt | None:
+        """The oldest running attempt, if any."""
+        return self.live[0] if self.live else None
+
+    @property
+    def tries(self) -> int:
+        return len(self.failures) + self.losses + sum(self.refusals.values()) + self.backups
+
+
+class TopOutcomes:
+    """The ``capacity`` largest counts of a dict whose values only grow, kept as they grow: an
+    update costs O(log capacity), a read O(capacity), whatever the number of outcomes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.members: dict[str, int] = {}
+        self._heap: list[tuple[int, str]] = []  # (count, key); entries that no longer match are skipped
+
+    def update(self, key: str, count: int) -> None:
+        members = self.members
+        if key in members or len(members) < self.capacity:
+            members[key] = count
+            heapq.heappush(self._heap, (count, key))
+            if len(self._heap) > 4 * self.capacity + 64:
+                self._heap = [(c, k) for k, c in members.items()]
+                heapq.heapify(self._heap)
+            return
+        floor_count, floor_key = self._floor()
+        if count > floor_count:
+            del members[floor_key]
+            heapq.heappop(self._heap)
+            members[key] = count
+            heapq.heappush(self._heap, (count, key))
+
+    def _floor(self) -> tuple[int, str]:
+        heap, members = self._heap, self.members
+        while members.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0]
+
+
+@dataclass(eq=False)
+class Totals:
+    """Merged counts of one circuit, kept incrementally.
+
+    ``counted`` holds every counted shard's outcomes (the circuit's result, over its parameter
+    sets); ``partial`` the finished chunks of running shards (progress only), which can shrink
+    again when an attempt is lost. :meth:`top` answers "the k most frequent outcomes so far"
+    from the counted outcomes' top candidates plus the partial ones: exact, and independent of
+    how many distinct outcomes the circuit has.
+    """
+
+    counted: dict[str, int] = field(default_factory=dict)
+    partial: dict[str, int] = field(default_factory=dict)
+    shots: int = 0
+    partial_shots: int = 0
+    leaders: TopOutcomes = field(default_factory=lambda: TopOutcomes(Totals.TRACKED))
+
+    TRACKED = 256
+    """Most outcomes a progress update can ask for at O(k) cost; more costs a full sort."""
+
+    def add_counted(self, counts: Iterable[tuple[str, int]]) -> None:
+        counted, leaders = self.counted, self.leaders
+        for key, value in counts:
+            total = counted[key] = counted.get(key, 0) + int(value)
+            self.shots += int(value)
+            leaders.update(key, total)
+
+    def add_partial(self, counts: Iterable[tuple[str, int]], sign: int = 1) -> None:
+        partial = self.partial
+        for key, value in counts:
+            total = partial.get(key, 0) + sign * int(value)
+            self.partial_shots += sign * int(value)
+            if total:
+                partial[key] = total
+            else:
+                partial.pop(key, None)
+
+    def top(self, k: int) -> dict[str, int]:
+        """The ``k`` most frequent outcomes, partial chunks included (``k <= 0``: all of them)."""
+        counted, partial = self.counted, self.partial
+        if k <= 0 or k > self.leaders.capacity:
+            merged = dict(counted)
+            merge_counts(merged, partial.items())
+            if k <= 0 or len(merged) <= k:
+                return merged
+            return dict(heapq.nlargest(k, merged.items(), key=lambda kv: kv[1]))
+        candidates = {key: counted.get(key, 0) + partial.get(key, 0)
+                      for key in (*self.leaders.members, *partial)}
+        if len(candidates) <= k:
+            return candidates
+        return dict(heapq.nlargest(k, candidates.items(), key=lambda kv: kv[1]))
+
+    @property
+    def progress_shots(self) -> int:
+        return self.shots + self.partial_shots
+
+
+@dataclass(eq=False)
+class Job:
+    """A job: what was submitted (validated), its plan, and what has been counted so far."""
+
+    job_id: str
+    created_at: float
+    """Wall time of the submission."""
+    seed: int
+    method: str
+    policy: PlanningPolicy
+    infos: list[CircuitInfo]
+    shots: list[int]
+    """Shots per parameter set, per circuit."""
+    params: list[common_pb2.ParameterValues | None]
+    qpy: list[bytes]
+    memory: bool = False
+    noise_model: str = ""
+    request_key: str = ""
+    state: int = QUEUED
+    error: str = ""
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    accepted: float = 0.0
+    """Monotonic time the coordinator accepted (or recovered) it."""
+    shards: list[Shard] = field(default_factory=list)
+    counts: list[list[dict[str, int]]] = field(default_factory=list)
+    """Counted hex counts per circuit, per parameter set."""
+    totals: list[Totals] = field(default_factory=list)
+    """Per circuit: merged over its parameter sets, incrementally (progress and results)."""
+    set_shots: list[list[int]] = field(default_factory=list)
+    memory_parts: dict[tuple[int, int], list[tuple[int, bytes]]] = field(default_factory=dict)
+    """(circuit, set) -> (shard index, per-shot memory) of every counted shard."""
+    attempts: list[Attempt] = field(default_factory=list)
+    nodes_used: set[str] = field(default_factory=set)
+    stale_dropped: int = 0
+    shards_done: int = 0
+    shards_queued: int = 0
+    shots_done: int = 0
+    seconds_per_cost: list[float] = field(default_factory=list)
+    """Wall seconds per estimated reference second of the shards done (backup decisions)."""
+
+    def plan(self) -> tuple[ShardPlan, ...]:
+        return plan_job(self.infos, self.shots, self.num_sets, self.seed, self.method, self.policy,
+                        noisy=bool(self.noise_model), memory=self.memory)
+
+    def start(self, plan: tuple[ShardPlan, ...], done: dict[int, list[common_pb2.CircuitCounts]]) -> None:
+        """Lay out the shards of ``plan`` and count the results already stored for some of them."""
+        self.shards = [Shard(p) for p in plan]
+        self.totals = [Totals() for _ in self.infos]
+        # A circuit with one parameter set: its set's counts are its merged counts (one dict).
+        self.counts = [[self.totals[c].counted] if k == 1 else [{} for _ in range(k)]
+                       for c, k in enumerate(self.num_sets)]
+        self.set_shots = [[0] * k for k in self.num_sets]
+        self.shots_done = self.shards_done = 0
+        for shard in self.shards:
+            if shard.plan.index in done:
+                self.count(shard, done[shard.plan.index])
+        self.shards_queued = sum(1 for s in self.shards if s.status == "queued")
+
+    def count(self, shard: Shard, results: Iterable[common_pb2.CircuitCounts]) -> None:
+        """Count a shard's results (once: the caller checked it is not done yet)."""
+        for chunk in shard.plan.chunks:
+            for entry in chunk.entries:
+                for s in range(entry.set_start, entry.set_start + entry.set_count):
+                    self.set_shots[entry.circuit][s] += chunk.shots
+        for result in results:
+            c = result.circuit_index
+            self.totals[c].add_counted(result.counts.items())
+            if len(self.counts[c]) > 1:
+                merge_counts(self.counts[c][result.set_index], result.counts.items())
+            if self.memory:
+                self.memory_parts.setdefault((c, result.set_index), []).append((shard.plan.index, result.memory))
+        shard.status = "done"
+        self.shards_done += 1
+        self.shots_done += shard.plan.shots
+
+    def add_chunk(self, shard: Shard, attempt: Attempt, index: int, results: list[common_pb2.CircuitCounts]
+                  ) -> None:
+        """Keep a finished chunk of a running attempt; progress shows the chunks of one attempt
+        per shard (the first to send one)."""
+        attempt.partial[index] = results
+        if shard.shown is None:
+            self.show_partial(shard, attempt)
+        elif shard.shown is attempt:
+            self._partial((results,), 1)
+
+    def show_partial(self, shard: Shard, attempt: Attempt | None) -> None:
+        """Make ``attempt``'s finished chunks the ones progress shows for ``shard`` (None: none)."""
+        if shard.shown is attempt:
+            return
+        if shard.shown is not None:
+            self._partial(shard.shown.partial.values(), -1)
+        shard.shown = attempt
+        if attempt is not None:
+            self._partial(attempt.partial.values(), 1)
+
+    def _partial(self, chunks: Iterable[list[common_pb2.CircuitCounts]], sign: int) -> None:
+        for chunk in chunks:
+            for result in chunk:
+                self.totals[result.circuit_index].add_partial(result.counts.items(), sign)
+
+    @property
+    def num_sets(self) -> list[int]:
+        return [p.num_sets if p is not None else 1 for p in self.params]
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def shots_total(self) -> int:
+        return sum(n * k for n, k in zip(self.shots, self.num_sets))
+
+    @property
+    def shards_running(self) -> int:
+        return sum(1 for s in self.shards if s.status == "running")
+
+    def circuit_counts(self, index: int) -> dict[str, int]:
+        """Counted hex counts of a circuit, merged over its parameter sets."""
+        return self.totals[index].counted
+
+    def set_memory(self, index: int, set_index: int) -> bytes:
+        """Per-shot memory of one parameter set, in shot order (shards in plan order)."""
+        return b"".join(part for _, part in sorted(self.memory_parts.get((index, set_index), ())))
+
+    def describe_circuits(self, indices: Iterable[int]) -> str:
+        idx = list(indices)
+        if len(idx) == 1:
+            return f"circuit {idx[0]} ({self.infos[idx[0]].name!r})"
+        return f"circuits {idx[0]}-{idx[-1]}"

@@ -1,0 +1,73 @@
+"""Where a shard goes: nodes filed by free slots (most free first, round robin within a group)
+and, once every slot of a node is busy, by room for one more shard in hand (prefetch). Filing
+and picking cost nothing per idle node, so dispatch stays cheap with a thousand of them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from qscale.coordinator.jobs import Shard
+from qscale.coordinator.nodes import Node
+
+__all__ = ["Placement"]
+
+
+class Placement:
+    """The index of nodes that can take work now."""
+
+    def __init__(self) -> None:
+        self._idle: dict[int, dict[str, Node]] = {}  # free slots -> nodes with that many, next first
+        self._prefetch: dict[str, Node] = {}  # every slot busy, room for a shard in hand
+
+    def __bool__(self) -> bool:
+        """Whether any node can take a shard."""
+        return bool(self._idle or self._prefetch)
+
+    @property
+    def has_idle(self) -> bool:
+        return bool(self._idle)
+
+    def file(self, node: Node) -> None:
+        """File a node under idle (by its free slots), prefetch (room in hand) or neither. A
+        node filed again goes to the back of its group (round robin)."""
+        node_id = node.node_id
+        if node.pool is not None:
+            group = self._prefetch if node.pool == 0 else self._idle[node.pool]
+            group.pop(node_id, None)
+            if node.pool and not group:
+                del self._idle[node.pool]
+            node.pool = None
+        if not node.usable:
+            return
+        free = node.caps.slots - len(node.running)
+        if free > 0:
+            self._idle.setdefault(free, {})[node_id] = node
+            node.pool = free
+        elif len(node.running) < node.in_hand_limit:
+            self._prefetch[node_id] = node
+            node.pool = 0
+
+    def _idle_nodes(self) -> Iterator[Node]:
+        """Nodes with a free slot, those with the most free slots first."""
+        for free in sorted(self._idle, reverse=True):
+            yield from self._idle[free].values()
+
+    def pick(self, shard: Shard, *, idle_only: bool = False) -> Node | None:
+        """The first node that can hold the shard, idle ones first, preferring one it has not
+        failed on or been refused by. Nodes that cannot hold it, and those already running a
+        copy of it, are skipped; usually the first one fits."""
+        avoid = {n for n, _ in shard.failures} | set(shard.refusals)
+        running_on = {a.node_id for a in shard.live}
+        pools = (self._idle_nodes(),) if idle_only else (self._idle_nodes(), iter(self._prefetch.values()))
+        for pool in pools:
+            fallback = None
+            for node in pool:
+                if node.node_id in running_on or not node.can_hold(shard.plan):
+                    continue
+                if node.node_id not in avoid:
+                    return node
+                if fallback is None or shard.refusals.get(node.node_id, 0) < shard.refusals.get(fallback.node_id, 0):
+                    fallback = node
+            if fallback is not None:
+                return fallback
+        return None
