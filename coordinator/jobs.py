@@ -68,7 +68,9 @@ class Shard:
     """Attempts running now: one, or more while backup copies race the first."""
     failures: list[tuple[str, str]] = field(default_factory=list)
     refusals: dict[str, int] = field(default_factory=dict)
-    """node id -> refusals in a row (a refusal is transient: a full cache, a drain)."""
+    """node id -> refusals (a refusal is transient: a node's cache dropped the job, a drain)."""
+    refused_until: dict[str, float] = field(default_factory=dict)
+    """node id -> monotonic time before which the shard does not go back to that node."""
     losses: int = 0
     backups: int = 0
     shown: Attempt | None = None

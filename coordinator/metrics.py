@@ -60,7 +60,8 @@ class CoordinatorMetrics:
         self.suspected = Counter("qscale_nodes_suspected",
                                  "Nodes suspected (silent, or their stream broke); their shards get backup copies",
                                  registry=r)
-        self.backups = Counter("qscale_shard_backups", "Backup copies started (shards of suspected nodes, slow shards)", registry=r)
+        self.backups = Counter("qscale_shard_backups", "Backup copies started (shards of suspected nodes, slow shards)",
+                               registry=r)
         self.stale = Counter("qscale_stale_results_dropped",
                              "Messages about attempts that are no longer current, dropped uncounted", registry=r)
         self.shots = Counter("qscale_shots_completed", "Shots counted (the first result of each shard)", registry=r)

@@ -52,12 +52,14 @@ class Placement:
         for free in sorted(self._idle, reverse=True):
             yield from self._idle[free].values()
 
-    def pick(self, shard: Shard, *, idle_only: bool = False) -> Node | None:
+    def pick(self, shard: Shard, now: float, *, idle_only: bool = False) -> Node | None:
         """The first node that can hold the shard, idle ones first, preferring one it has not
-        failed on or been refused by. Nodes that cannot hold it, and those already running a
-        copy of it, are skipped; usually the first one fits."""
+        failed on or been refused by. Nodes that cannot hold it, those already running a copy of
+        it and those that refused it less than their back-off ago are skipped; usually the first
+        one fits."""
         avoid = {n for n, _ in shard.failures} | set(shard.refusals)
         running_on = {a.node_id for a in shard.live}
+        running_on.update(n for n, until in shard.refused_until.items() if until > now)
         pools = (self._idle_nodes(),) if idle_only else (self._idle_nodes(), iter(self._prefetch.values()))
         for pool in pools:
             fallback = None

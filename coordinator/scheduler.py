@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 _MAX_TOKENS = 100_000  # attempt tokens one node may report in hand
 _MAX_REFUSALS = 20  # refusals of one shard by nodes that are not draining before its job fails
+_REFUSAL_BACKOFF_S = 0.1  # after the second refusal by a node; doubles with each one, up to:
+_REFUSAL_BACKOFF_MAX_S = 10.0
 
 
 class Scheduler:
@@ -165,18 +167,22 @@ class Scheduler:
             return False, []
         if node.last_heartbeat:
             self.metrics.heartbeat_lag.observe(max(0.0, now - node.last_heartbeat))
-        if self.registry.heard(node, now):
+        changed = self.registry.heard(node, now)
+        if changed:
             log.info("node %s heard again: no longer suspected", node_id)
             self.placement.file(node)
         if in_hand is not None and len(in_hand) <= _MAX_TOKENS:
-            self._reconcile(node, in_hand, now)
-        self._dispatch(now)
+            changed = self._reconcile(node, in_hand, now) or changed
+        if changed:  # (a plain heartbeat costs no dispatch: it must stay cheap with 1,000 nodes)
+            self._dispatch(now)
         return True, self._take()
 
-    def _reconcile(self, node: Node, in_hand: Sequence[str], now: float) -> None:
+    def _reconcile(self, node: Node, in_hand: Sequence[str], now: float) -> bool:
         """Compare what the node says it holds with what it was given. An attempt it holds that
         is no longer current is cancelled; one it was given but has not listed in two
-        heartbeats in a row (sent before the earlier of them) went missing: run it elsewhere."""
+        heartbeats in a row (sent before the earlier of them) went missing: run it elsewhere.
+        Returns True if an attempt was released."""
+        released = False
         held = set(in_hand)
         for token in held.difference(node.running):
             if node.stream is not None:
@@ -188,7 +194,9 @@ class Scheduler:
                 attempt.unreported += 1
                 if attempt.unreported >= 2:
                     self._release(attempt, now, "lost", "the node does not hold it (heartbeat)", count_loss=False)
+                    released = True
         node.last_heartbeat = now
+        return released
 
     def attach_stream(self, node_id: str, stream: object, now: float) -> list[Decision]:
         """Bind a node's Work stream; shards start flowing to it."""
@@ -407,7 +415,11 @@ class Scheduler:
         if node is not None:
             node.forget_payloads(job.job_id)  # it may have lost what it kept of the job
         if not draining:
-            shard.refusals[node_id] = shard.refusals.get(node_id, 0) + 1
+            count = shard.refusals[node_id] = shard.refusals.get(node_id, 0) + 1
+            # Back off before sending it to that node again: a refusal is transient, but one
+            # that persists must not spin (the tick dispatches it again when the time is up).
+            if count > 1:  # (the first may be a dropped cache: the shard goes back with its payloads)
+                shard.refused_until[node_id] = now + min(_REFUSAL_BACKOFF_MAX_S, _REFUSAL_BACKOFF_S * 2 ** (count - 2))
         log.info("job %s shard %d handed back by node %s: %s", job.job_id, shard.plan.index, node_id, error)
         if sum(shard.refusals.values()) >= _MAX_REFUSALS:
             self._fail_job(job, f"{job.describe_circuits(shard.plan.circuit_indices)} was refused "
@@ -548,7 +560,7 @@ class Scheduler:
             if job is None or job.final or job.shards[index].status != "queued":
                 continue
             shard = job.shards[index]
-            node = self.placement.pick(shard)
+            node = self.placement.pick(shard, now)
             if node is None:
                 skipped.append((job_id, index))
                 continue
@@ -570,7 +582,7 @@ class Scheduler:
             shard = job.shards[attempt.shard_index]
             if holder is None or holder.suspected_since is None or len(shard.live) != 1:
                 continue  # its node was heard again (or lost), or a copy already runs
-            node = self.placement.pick(shard)
+            node = self.placement.pick(shard, now)
             if node is None:
                 skipped.append(token)
                 continue
@@ -614,7 +626,7 @@ class Scheduler:
             expected = medians[job.job_id] * shard.plan.cost
             if elapsed < self.config.backup_slowdown * expected:
                 continue
-            node = self.placement.pick(shard, idle_only=True)
+            node = self.placement.pick(shard, now, idle_only=True)
             if node is None:
                 continue
             shard.backups += 1

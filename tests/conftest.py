@@ -79,6 +79,20 @@ def slow_circuit(n: int = 12, layers: int = 4) -> QuantumCircuit:
     return qc
 
 
+def dense_circuit(num_qubits: int = 22, depth: int = 12) -> QuantumCircuit:
+    """Dense, non-Clifford, in Aer's native gates: seconds of statevector simulation."""
+    qc = QuantumCircuit(num_qubits)
+    for layer in range(depth):
+        for q in range(num_qubits):
+            qc.h(q)
+            qc.t(q)
+            qc.rz(0.1 * (q + layer + 1), q)
+        for q in range(layer % 2, num_qubits - 1, 2):
+            qc.cx(q, q + 1)
+    qc.measure_all()
+    return qc
+
+
 def bell() -> QuantumCircuit:
     qc = QuantumCircuit(2, name="bell")
     qc.h(0)

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import free_port, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, fast_config, slow_circuit, wait_until
+from conftest import free_port, HEARTBEAT_TIMEOUT, fast_config, slow_circuit, wait_until
 from qscale.client import Client
 from qscale.coordinator.server import EmbeddedCoordinator
 from qscale.local import LocalCluster

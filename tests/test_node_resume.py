@@ -24,7 +24,7 @@ import grpc
 import pytest
 from qiskit import QuantumCircuit
 
-from conftest import bell
+from conftest import bell, dense_circuit
 from qscale.circuits import dump_qpy
 from qscale.node.config import NodeConfig
 from qscale.node.daemon import NodeDaemon, _Outbox
@@ -36,22 +36,6 @@ pytestmark = pytest.mark.timeout(120)
 WAIT_S = 30.0
 SLOT_MEMORY = 256 << 20
 HEARTBEAT_INTERVAL_S = 0.1
-
-
-def _slow() -> QuantumCircuit:
-    """Dense and non-Clifford: several seconds of statevector simulation on one thread (the
-    tests abort it long before it ends)."""
-    n = 22
-    qc = QuantumCircuit(n)
-    for layer in range(24):
-        for q in range(n):
-            qc.h(q)
-            qc.t(q)
-            qc.rz(0.1 * (q + layer + 1), q)
-        for q in range(layer % 2, n - 1, 2):
-            qc.cx(q, q + 1)
-    qc.measure_all()
-    return qc
 
 
 def _uniform3() -> QuantumCircuit:
@@ -389,7 +373,8 @@ def test_attempt_not_adopted_is_aborted_and_never_reported(
 ) -> None:
     caplog.set_level(logging.INFO, logger="qscale.node.daemon")
     _, slot, fake = node_and_coordinator
-    first = _start_paused_shard(fake, slot, "t-b", "job-b", {0: bell(), 1: _slow()}, [([0], 100, 1), ([1], 100, 2)])
+    first = _start_paused_shard(fake, slot, "t-b", "job-b", {0: bell(), 1: dense_circuit(22, 24)},
+                                [([0], 100, 1), ([1], 100, 2)])
     with fake.cond:
         fake.resume = fake.adopt = False
     first.broken.set()
@@ -423,7 +408,8 @@ def test_attempts_are_abandoned_when_the_lease_runs_out(
 ) -> None:
     caplog.set_level(logging.INFO, logger="qscale.node.daemon")
     _, slot, fake = node_and_coordinator
-    _start_paused_shard(fake, slot, "t-c", "job-c", {0: bell(), 1: _slow()}, [([0], 100, 1), ([1], 100, 2)])
+    _start_paused_shard(fake, slot, "t-c", "job-c", {0: bell(), 1: dense_circuit(22, 24)},
+                        [([0], 100, 1), ([1], 100, 2)])
     fake.go_away()
     with fake.cond:
         last_contact = fake.last_contact

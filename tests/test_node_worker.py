@@ -16,7 +16,7 @@ import pytest
 from qiskit import QuantumCircuit
 from qiskit.circuit.library import QFTGate
 
-from conftest import bell
+from conftest import bell, dense_circuit
 from qscale.circuits import dump_qpy
 from qscale.node.worker import ChunkOutcome, ShardOutcome, WorkerSlot, describe_exit
 from qscale.proto.v1 import common_pb2, node_pb2
@@ -30,20 +30,6 @@ SLOT_MEMORY = 256 << 20  # Aer's cap: 256 MiB holds 24 qubits of statevector
 def _uniform3() -> QuantumCircuit:
     qc = QuantumCircuit(3)
     qc.h(range(3))
-    qc.measure_all()
-    return qc
-
-
-def _slow(num_qubits: int = 22, depth: int = 12) -> QuantumCircuit:
-    """Dense, non-Clifford, in Aer's native gates: seconds of statevector simulation."""
-    qc = QuantumCircuit(num_qubits)
-    for layer in range(depth):
-        for q in range(num_qubits):
-            qc.h(q)
-            qc.t(q)
-            qc.rz(0.1 * (q + layer + 1), q)
-        for q in range(layer % 2, num_qubits - 1, 2):
-            qc.cx(q, q + 1)
     qc.measure_all()
     return qc
 
@@ -211,7 +197,7 @@ def test_sigkill_of_the_worker_mid_shard_is_a_failure_and_the_slot_recovers(read
     assert pid is not None
     a = _assignment(
         "kill-1",
-        {0: dump_qpy(bell()), 1: dump_qpy(_slow())},
+        {0: dump_qpy(bell()), 1: dump_qpy(dense_circuit())},
         [([0], 100, 1), ([1], 100, 2)],
     )
     # The first chunk is instant; the worker is deep in the slow second one when we kill it.
@@ -230,7 +216,7 @@ def test_sigkill_of_the_worker_mid_shard_is_a_failure_and_the_slot_recovers(read
 
 def test_abort_stops_a_running_shard_and_a_pending_one(ready_slot: WorkerSlot) -> None:
     pid = ready_slot.pid
-    a = _assignment("abort-1", {0: dump_qpy(bell()), 1: dump_qpy(_slow())}, [([0], 100, 1), ([1], 100, 2)])
+    a = _assignment("abort-1", {0: dump_qpy(bell()), 1: dump_qpy(dense_circuit())}, [([0], 100, 1), ([1], 100, 2)])
     outcome, chunks = _run(ready_slot, a, on_chunk=lambda c: ready_slot.abort("abort-1", "cancelled: test"))
     assert outcome.aborted and not outcome.ok and outcome.error == "cancelled: test"
     assert len(chunks) == 1

@@ -383,10 +383,21 @@ def test_a_refusal_for_an_evicted_cache_is_transient_on_a_one_node_cluster() -> 
 def test_a_shard_refused_over_and_over_fails_its_job_instead_of_spinning(c: Cluster) -> None:
     a_id, a = c.node("a")
     job = c.submit(_ghz(), shots=50)
-    for k in range(100):
+    now = 0.0
+    c.apply(c.core.shard_failed(a_id, a.assignments()[-1].attempt_token, "cannot", True, now))
+    c.apply(c.core.shard_failed(a_id, a.assignments()[-1].attempt_token, "cannot", True, now))
+    assert len(a.assignments()) == 2  # the first refusal is retried at once, the next ones back off
+    c.tick(now + 0.05)
+    assert len(a.assignments()) == 2
+    c.tick(now + 0.15)
+    assert len(a.assignments()) == 3
+    for _ in range(100):
         if job.final:
             break
-        c.apply(c.core.shard_failed(a_id, a.assignments()[-1].attempt_token, "cannot", True, float(k)))
+        now += 11.0
+        c.heartbeat(a_id, now)
+        c.tick(now)
+        c.apply(c.core.shard_failed(a_id, a.assignments()[-1].attempt_token, "cannot", True, now))
     assert job.state == FAILED and "refused 20 times" in job.error
 
 
