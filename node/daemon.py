@@ -17,8 +17,9 @@ When a session ends (the stream broke, the coordinator forgot the node, heartbea
 unanswered) the node keeps its attempts for as long as its lease lasts (the heartbeat timeout since
 the coordinator was last heard from) and registers again, presenting its previous node id and the
 attempts in hand; the coordinator's reply names those it adopts. The node keeps those (and sends
-their chunk results again, in case the old stream lost some in flight) and drops the others. When
-the lease runs out first, it abandons them all.
+their chunk results again, in case the old stream lost some in flight) and drops or aborts the
+others; results of those already produced still go out, and the coordinator drops and counts them
+as stale (it decides what counts). When the lease runs out first, it abandons them all.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ _JOB_CACHE_BYTES = 512 << 20  # circuits and noise models kept for the coordinat
 _SENT_CHUNKS_BYTES = 256 << 20  # chunk results kept after sending, to send again after a resume
 
 # Why the daemon aborted a running attempt; decides what it reports. _GIVEN_AWAY: not adopted when
-# the node registered again; nothing more about it is sent.
+# the node registered again (like a cancel: what it still produces goes out, and the coordinator
+# drops and counts it as stale).
 _CANCEL, _DRAIN, _STOP, _GIVEN_AWAY = "cancel", "drain", "stop", "given away"
 # Running attempts with these abort reasons are on their way out: not presented, not heartbeated.
 _LETTING_GO = (_CANCEL, _STOP, _GIVEN_AWAY)
@@ -124,14 +126,13 @@ class _Outbox:
             return set(self._overflowed)
 
     def resume(self, keep: set[str]) -> None:
-        """After registering again: drop the queued messages of attempts not in ``keep`` and put
-        the chunk results already sent of those in ``keep`` back in front (they are kept again
-        when sent). Stops tracking the others."""
+        """After registering again: put the chunk results already sent of the attempts in
+        ``keep`` back in front (they are kept again when sent), and stop tracking the others.
+        Queued messages of attempts not kept still go out: the coordinator drops them as stale
+        and counts them, so its count of late results stays true (it decides what counts)."""
         with self._cond:
             resend = [m for t, sent in self._sent.items() if t in keep for m in sent]
-            self._items = collections.deque(
-                resend + [m for m in self._items if not _token_of(m) or _token_of(m) in keep]
-            )
+            self._items = collections.deque(resend + list(self._items))
             for token in list(self._sent):
                 if token in keep:
                     self._sent[token], self._sent_size[token] = [], 0
@@ -564,9 +565,9 @@ class NodeDaemon:
         return [t for t in dict.fromkeys(tokens) if t not in overflowed]
 
     def _settle_in_hand(self, presented: list[str], adopted_attempts: Iterable[str]) -> tuple[int, int]:
-        """Keep the presented attempts the coordinator adopted; drop the other queued ones, abort
-        the other running ones and drop the other messages in the outbox (the coordinator gave
-        those attempts away). Returns how many were kept and dropped."""
+        """Keep the presented attempts the coordinator adopted; drop the other queued ones and
+        abort the other running ones (the coordinator gave those attempts away). Returns how
+        many were kept and dropped."""
         keep = set(adopted_attempts) & set(presented)
         with self._cond:
             dropped = {a.attempt_token for a in self._queue if a.attempt_token not in keep}
@@ -581,7 +582,7 @@ class NodeDaemon:
                     continue
                 if self._abort_reasons.get(token) not in _LETTING_GO:
                     given_away.append((token, slot))
-                self._abort_reasons[token] = _GIVEN_AWAY  # whatever it ends with, nothing is sent
+                self._abort_reasons[token] = _GIVEN_AWAY
             dropped |= {token for token, _ in given_away}
             self._outbox.resume(keep)
         dropped |= set(presented) - keep
@@ -870,7 +871,7 @@ class NodeDaemon:
                 )
                 with self._cond:
                     self._running.pop(assignment.attempt_token, None)
-                    if self._abort_reasons.pop(assignment.attempt_token, None) != _GIVEN_AWAY:
+                    if self._abort_reasons.pop(assignment.attempt_token, None) not in _LETTING_GO:
                         self._send_failed(
                             assignment.attempt_token, "internal error in the node; see its log", refused=False
                         )
@@ -889,9 +890,7 @@ class NodeDaemon:
                     seconds=chunk.seconds,
                 )
             )
-            with self._cond:  # once given away, nothing more about the attempt is sent
-                if self._abort_reasons.get(token) != _GIVEN_AWAY:
-                    self._outbox.put(msg)
+            self._outbox.put(msg)
             logger.debug("node %s: %s chunk %d done in %.3f s", self._who(), what, chunk.chunk_index, chunk.seconds)
 
         outcome: ShardOutcome = slot.run(a, on_chunk)
@@ -909,11 +908,9 @@ class NodeDaemon:
 
     def _final_message(self, token: str, outcome: ShardOutcome, why: str | None) -> node_pb2.NodeMessage | None:
         """What the node reports when an attempt stops running (None: nothing)."""
-        if why == _GIVEN_AWAY:
-            return None
         if outcome.ok:
             return node_pb2.NodeMessage(done=node_pb2.ShardDone(attempt_token=token, seconds=outcome.seconds))
-        if why in (_CANCEL, _STOP) or (why is None and outcome.aborted):
+        if why in _LETTING_GO or (why is None and outcome.aborted):
             return None
         if why == _DRAIN:
             error = f"node draining: still running after the {self.config.drain_grace_s:g} s grace"

@@ -469,8 +469,9 @@ def test_outbox_resends_the_sent_chunks_of_adopted_attempts_first() -> None:
     outbox.put(_done("a"))
     assert outbox.final_tokens() == ["a"]
 
-    outbox.resume({"a"})  # b was given away: its messages go
-    assert _take_all(outbox) == [("chunk", "a", 0), ("chunk", "a", 1), ("draining", "", -1), ("done", "a", -1)]
+    outbox.resume({"a"})  # b was given away: its chunks are not sent again, its queued one goes (stale)
+    assert _take_all(outbox) == [("chunk", "a", 0), ("chunk", "a", 1), ("chunk", "b", 1), ("draining", "", -1),
+                                 ("done", "a", -1)]
     outbox.resume({"a"})  # a's final message went out: nothing more to send again
     assert len(outbox) == 0
 
