@@ -18,7 +18,9 @@ Faults are put on both ends of a link, so both directions are affected:
   ``clsact`` ingress filter running the one-instruction classic BPF program ``ret #2``
   (TC_ACT_SHOT) in direct-action mode, which drops every frame as it arrives. Either way the
   sender's TCP sees nothing come back and retransmits with its usual backoff.
-* ``impair``: any netem arguments (``delay 200ms 50ms loss 5%``); needs sch_netem.
+* ``impair``: any netem arguments (``delay 200ms 50ms loss 5%``); needs sch_netem. Where the
+  kernel lacks it, the delay-and-loss test falls back to relay.py: a userspace TCP relay in ``C``
+  that the nodes dial instead, emulating delay and (as retransmission-sized holds) loss.
 * ``heal``: removes whichever qdisc the fault added.
 
 The module also holds the client agent (``python netns.py agent``): a process run inside ``C``

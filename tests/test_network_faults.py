@@ -4,8 +4,11 @@ namespaces that the test creates (see netns.py), joined by veth pairs with addre
 interfaces or routes, and no packet goes anywhere but between those namespaces.
 
 A partition is ``netem loss 100%``, or where the kernel lacks sch_netem a BPF filter that drops
-every arriving frame (the same silent loss; see netns.py); the delay-and-loss case needs netem
-and is skipped without it.
+every arriving frame (the same silent loss; see netns.py). The delay-and-loss case uses netem
+where the kernel has it; where it does not, it falls back to a userspace emulation (relay.py): the
+nodes dial a TCP relay in the coordinator's namespace that delays every chunk of bytes 150-250 ms
+each way and holds 5 % of chunks 200-400 ms more, in place of 5 % packet loss (a retransmission
+timeout's worth). That approximates netem's effect on a TCP stream; it drops no packet.
 
 Each test starts a coordinator (quick liveness settings, tokens, listening on 0.0.0.0 inside its
 namespace) and two nodes of one slot, runs a seeded job undisturbed, then the same job under the
@@ -34,11 +37,15 @@ import pytest
 
 from conftest import slow_circuit, wait_until
 from netns import NetLab, NetLabUnavailable, our_namespaces, unavailable_reason
+from relay import DESCRIPTION as RELAY_DESCRIPTION
+from relay import RelayProcess
 from qscale.circuits import dump_qpy
 
 pytestmark = pytest.mark.timeout(150)
 
 PORT = 50051  # inside the coordinator's fresh namespace nothing else listens
+RELAY_PORT = 50052  # the delaying relay, on each link's coordinator-side address (no netem only)
+RELAY_SEED = 2042
 NODES = 2
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 3.0
@@ -131,10 +138,14 @@ class Agent:
 
 
 class NetCluster:
-    """A coordinator, its client agent and ``nodes`` nodes, each in its namespace of ``lab``."""
+    """A coordinator, its client agent and ``nodes`` nodes, each in its namespace of ``lab``.
 
-    def __init__(self, lab: NetLab, tmp: Path) -> None:
-        self.lab, self.tmp = lab, tmp
+    With ``relay``, a delaying relay (relay.py, calm until told otherwise) also runs in the
+    coordinator's namespace and every node dials it instead of the coordinator."""
+
+    def __init__(self, lab: NetLab, tmp: Path, relay: bool = False) -> None:
+        self.lab, self.tmp, self.use_relay = lab, tmp, relay
+        self.relay: RelayProcess | None = None
         self.logs = tmp / "logs"
         self.logs.mkdir()
         self.node_token, self.client_token = secrets.token_hex(32), secrets.token_hex(32)
@@ -169,9 +180,14 @@ class NetCluster:
             return bool(self.agent.try_call(30, op="nodes")["ok"])
 
         wait_for(serving, 60, "the coordinator to serve", interval=0.25)
+        port = PORT
+        if self.use_relay:
+            routes = [f"{self.lab.coordinator_ip(i)}:{RELAY_PORT}=127.0.0.1:{PORT}" for i in range(self.lab.nodes)]
+            self.relay = RelayProcess(self.lab.exec_argv(c, []), routes, RELAY_SEED, self.logs / "relay.log")
+            port = RELAY_PORT
         for i, name in enumerate(self.names):
             self.nodes.append(self._popen(self.lab.node_ns(i), [
-                sys.executable, "-m", "qscale.node", "--coordinator", f"{self.lab.coordinator_ip(i)}:{PORT}",
+                sys.executable, "-m", "qscale.node", "--coordinator", f"{self.lab.coordinator_ip(i)}:{port}",
                 "--name", name, "--slots", "1", "--cores", "1", "--memory-budget", "1G",
                 "--parent-pid", str(os.getpid()), "--drain-grace", "5"],
                 f"{name}.log", _clean_env(QSCALE_NODE_TOKEN=self.node_token)))
@@ -190,6 +206,8 @@ class NetCluster:
                 proc.terminate()
         for proc in self.nodes:
             _stop(proc, 15)
+        if self.relay is not None:
+            self.relay.stop()
         if self.agent is not None:
             self.agent.stop()
         if self.coordinator is not None:
@@ -264,9 +282,8 @@ def lab() -> Iterator[NetLab]:
         assert not remaining, f"namespaces still listed: {remaining}"
 
 
-@pytest.fixture
-def cluster(lab: NetLab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NetCluster]:
-    c = NetCluster(lab, tmp_path)
+def _cluster(lab: NetLab, tmp_path: Path, request: pytest.FixtureRequest, relay: bool) -> Iterator[NetCluster]:
+    c = NetCluster(lab, tmp_path, relay=relay)
     failed_before = request.session.testsfailed
     try:
         yield c.start()
@@ -276,10 +293,22 @@ def cluster(lab: NetLab, tmp_path: Path, request: pytest.FixtureRequest) -> Iter
     finally:
         c.stop()
         if request.session.testsfailed != failed_before:  # the logs, for the failure report
-            for name in ["coordinator", "agent", *c.names]:
+            for name in ["coordinator", "agent", *(["relay"] if relay else []), *c.names]:
                 print(f"--- {name}.log\n{c.log_tail(name)}")
-        running = [p.pid for p in [*c.nodes, c.coordinator] if p is not None and p.poll() is None]
+        running = [p.pid for p in [*c.nodes, c.coordinator, c.relay and c.relay.proc] if p and p.poll() is None]
         assert not running, f"processes still running: {running}"
+
+
+@pytest.fixture
+def cluster(lab: NetLab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NetCluster]:
+    yield from _cluster(lab, tmp_path, request, relay=False)
+
+
+@pytest.fixture
+def delayable_cluster(lab: NetLab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NetCluster]:
+    """A cluster whose links can be delayed: plain where the kernel has netem; otherwise the nodes
+    reach the coordinator through the (for now calm) userspace relay of relay.py."""
+    yield from _cluster(lab, tmp_path, request, relay=lab.netem_unavailable() is not None)
 
 
 @pytest.fixture
@@ -383,32 +412,56 @@ def test_partitioned_node_is_replaced_and_rejoins(lab: NetLab, cluster: NetClust
           f"stale results dropped: {meta['stale_results_dropped']}")
 
 
-def test_delay_and_loss_on_every_link_for_a_whole_job(lab: NetLab, cluster: NetCluster, qpy: Path) -> None:
-    """200 ms +- 50 ms delay and 5 % loss each way on every node's link for a whole job."""
-    reason = lab.netem_unavailable()
-    if reason:
-        print(f"skipped: {reason}")
-        pytest.skip(reason)
+def test_delay_and_loss_on_every_link_for_a_whole_job(lab: NetLab, delayable_cluster: NetCluster,
+                                                      qpy: Path) -> None:
+    """200 ms +- 50 ms delay and 5 % loss each way on every node's link for a whole job.
+
+    With ``tc netem delay 200ms 50ms loss 5%`` where the kernel has sch_netem. Where it does not,
+    with the userspace emulation of relay.py (the nodes' only way to the coordinator): every chunk
+    of bytes delayed a uniform 150-250 ms each way, 5 % of chunks held 200-400 ms more in place
+    of 5 % packet loss (what a lost segment costs a TCP stream: about one retransmission
+    timeout). It approximates netem's effect on the nodes' TCP connections; no packet is lost."""
+    cluster = delayable_cluster
+    relay = cluster.relay
+    if relay is None:
+        fault = "netem delay 200ms 50ms loss 5% each way"
+    else:
+        fault = "EMULATED delay 150-250ms + 5% of chunks held 200-400ms (userspace relay, no netem) each way"
+        print(f"\n{lab.netem_unavailable()}; so the delay and loss are emulated by {RELAY_DESCRIPTION}")
     calm = cluster.result(cluster.submit(qpy, seed=42))
-    for i in range(NODES):
-        lab.impair(i, "delay", "200ms", "50ms", "loss", "5%")
     try:
+        if relay is None:
+            for i in range(NODES):
+                lab.impair(i, "delay", "200ms", "50ms", "loss", "5%")
+        else:
+            relay.impair()
         started = time.time()
         result = cluster.result(cluster.submit(qpy, seed=42))
         lossy_wall = time.time() - started
         still_alive = sorted(cluster.alive_names())
     finally:
         healed_at = time.time()
-        for i in range(NODES):
-            lab.heal(i)
+        if relay is None:
+            for i in range(NODES):
+                lab.heal(i)
+        else:
+            relay_stats = relay.calm()
     check_exact(result, calm, "the delayed run")
     rejoin = wait_rejoined(cluster, healed_at, "the delay ends")
     meta, calm_meta = result["metadata"], calm["metadata"]
     outcomes = Counter(a["outcome"] for a in result["attempts"])
-    print(f"\ndelay 200ms 50ms loss 5% each way on {NODES} links: job {meta['wall_time_s']:.1f} s "
+    relayed = ""
+    if relay is not None:
+        delayed = relay_stats["delayed"]
+        assert delayed > 0, f"the relay delayed nothing: {relay_stats}"
+        mean_ms = relay_stats["delay_s"] / max(1, delayed) * 1000
+        relayed = (f"; relay: {delayed} chunks delayed (mean {mean_ms:.0f} ms), {relay_stats['held']} of them held "
+                   f"longer, longest stay {relay_stats['max_wait_s'] * 1000:.0f} ms, "
+                   f"{relay_stats['connections']} connections")
+    print(f"\n{fault} on {NODES} links: job {meta['wall_time_s']:.1f} s "
           f"(client saw {lossy_wall:.1f} s) vs {calm_meta['wall_time_s']:.1f} s calm; attempts {dict(outcomes)}; "
           f"alive at the end of the job: {still_alive}; all alive {rejoin:.2f} s after the delay ended; "
-          f"stale results dropped: {meta['stale_results_dropped']}")
+          f"stale results dropped: {meta['stale_results_dropped']}{relayed}")
 
 
 def test_coordinator_partitioned_from_all_nodes_then_healed(lab: NetLab, cluster: NetCluster, qpy: Path) -> None:
