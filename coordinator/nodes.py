@@ -113,6 +113,7 @@ class Registry:
         """Nodes declared lost, oldest loss first; they age out after ``lost_ttl_s``."""
         self.lost_ttl_s = lost_ttl_s
         self._by_heard: OrderedDict[str, Node] = OrderedDict()  # least recently heard first
+        self.suspected: dict[str, Node] = {}
         self.slots_total = 0
 
     def new_id(self, caps: node_pb2.NodeCapabilities, previous: str = "") -> str:
@@ -140,9 +141,17 @@ class Registry:
         node.last_heard = now
         self._by_heard.move_to_end(node.node_id)
         if node.suspected_since is not None and node.stream is not None:
-            node.suspected_since = None
+            self.clear_suspicion(node)
             return True
         return False
+
+    def suspect(self, node: Node, now: float) -> None:
+        node.suspected_since = now
+        self.suspected[node.node_id] = node
+
+    def clear_suspicion(self, node: Node) -> None:
+        node.suspected_since = None
+        self.suspected.pop(node.node_id, None)
 
     def remove(self, node: Node, now: float) -> None:
         """Declare the node lost."""
@@ -150,13 +159,15 @@ class Registry:
         node.lost_at = now
         del self.nodes[node.node_id]
         self._by_heard.pop(node.node_id, None)
+        self.suspected.pop(node.node_id, None)
         self.slots_total -= node.caps.slots
         self.lost[node.node_id] = node
         while len(self.lost) > _LOST_NODES_KEPT:
             self.lost.popitem(last=False)
 
     def silent(self, now: float, suspect_after: float, timeout: float) -> tuple[list[Node], list[Node]]:
-        """(nodes to suspect, nodes to declare lost) at ``now``. Looks only at silent nodes."""
+        """(nodes to suspect, nodes to declare lost) at ``now``. Looks only at silent and
+        suspected nodes."""
         suspect, lose = [], []
         for node in self._by_heard.values():  # least recently heard first: stop at the first in time
             silence = now - node.last_heard
@@ -165,6 +176,11 @@ class Registry:
             if node.suspected_since is None:
                 suspect.append(node)
             elif silence > timeout and now - node.suspected_since >= timeout - suspect_after:
+                lose.append(node)
+        # A node whose stream broke and that did not come back is lost even if it still heartbeats.
+        for node in self.suspected.values():
+            since = node.suspected_since
+            if node.stream is None and since is not None and now - since > timeout and node not in lose:
                 lose.append(node)
         return suspect, lose
 

@@ -207,7 +207,7 @@ class Scheduler:
             # Its first stream is still open here: a node that lost it registers again first.
             raise FailedPreconditionError(f"node {node_id} already has a work stream; register again")
         node.stream = stream
-        node.suspected_since = None
+        self.registry.clear_suspicion(node)
         self.registry.heard(node, now)
         self.placement.file(node)
         log.info("node %s work stream open", node_id)
@@ -246,7 +246,10 @@ class Scheduler:
         for node in lose:
             # Its stream stays open: whatever a hung node sends later arrives there and is
             # dropped as stale; the node learns it was lost from its next heartbeat.
-            self._lose_node(node, now, f"no heartbeat for {now - node.last_heard:.1f}s", close_stream=False)
+            silence = now - node.last_heard
+            reason = (f"no heartbeat for {silence:.1f}s" if silence > config.heartbeat_timeout_s else
+                      f"its work stream broke {now - (node.suspected_since or now):.1f}s ago and it did not come back")
+            self._lose_node(node, now, reason, close_stream=False)
         self.registry.age_out(now)
         self._speculate(now)
         self._dispatch(now)
@@ -255,7 +258,7 @@ class Scheduler:
     def _suspect(self, node: Node, now: float, reason: str) -> None:
         if node.suspected_since is not None:
             return
-        node.suspected_since = now
+        self.registry.suspect(node, now)
         self.placement.file(node)
         self.metrics.suspected.inc()
         log.warning("node %s suspected (%s): backup copies for %d shard(s) it holds", node.node_id, reason,

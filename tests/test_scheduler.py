@@ -209,6 +209,18 @@ def test_a_broken_stream_suspects_at_once_and_the_node_resumes_its_attempts(c: C
     assert [n.node_id for n in c.core.registry.listed()] == [a_id, b_id]
 
 
+def test_a_node_whose_stream_broke_for_good_is_lost_even_if_it_heartbeats(c: Cluster) -> None:
+    a_id, a = c.node("a")
+    c.apply(c.core.detach_stream(a_id, a, 0.5, "work stream closed"))
+    for t in range(1, 6):
+        c.heartbeat(a_id, float(t))
+        c.tick(float(t))
+    assert c.core.nodes[a_id].status == "suspected"
+    c.heartbeat(a_id, 5.6)
+    c.tick(5.6)
+    assert a_id not in c.core.nodes
+
+
 def test_resume_drops_what_the_node_no_longer_holds(c: Cluster) -> None:
     a_id, a = c.node("a")
     job = c.submit(_ghz(), shots=100)
