@@ -93,6 +93,14 @@ def dense_circuit(num_qubits: int = 22, depth: int = 12) -> QuantumCircuit:
     return qc
 
 
+def uniform(n: int = 3) -> QuantumCircuit:
+    """H on every qubit, all measured: every outcome equally likely."""
+    qc = QuantumCircuit(n)
+    qc.h(range(n))
+    qc.measure_all()
+    return qc
+
+
 def bell() -> QuantumCircuit:
     qc = QuantumCircuit(2, name="bell")
     qc.h(0)

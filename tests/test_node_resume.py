@@ -24,7 +24,7 @@ import grpc
 import pytest
 from qiskit import QuantumCircuit
 
-from conftest import bell, dense_circuit
+from conftest import bell, dense_circuit, uniform
 from qscale.circuits import dump_qpy
 from qscale.node.config import NodeConfig
 from qscale.node.daemon import NodeDaemon, _Outbox
@@ -36,13 +36,6 @@ pytestmark = pytest.mark.timeout(120)
 WAIT_S = 30.0
 SLOT_MEMORY = 256 << 20
 HEARTBEAT_INTERVAL_S = 0.1
-
-
-def _uniform3() -> QuantumCircuit:
-    qc = QuantumCircuit(3)
-    qc.h(range(3))
-    qc.measure_all()
-    return qc
 
 
 def _assignment(
@@ -330,7 +323,7 @@ def test_adopted_attempt_reports_on_the_new_stream(
 ) -> None:
     caplog.set_level(logging.INFO, logger="qscale.node.daemon")
     daemon, slot, fake = node_and_coordinator
-    first = _start_paused_shard(fake, slot, "t-a", "job-a", {0: bell(), 1: _uniform3()},
+    first = _start_paused_shard(fake, slot, "t-a", "job-a", {0: bell(), 1: uniform()},
                                 [([0], 100, 1), ([1], 100, 2), ([0, 1], 100, 3)])
     if finish_during_blip:
         # The coordinator is away while the shard ends: its results wait in the outbox.

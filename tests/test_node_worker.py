@@ -16,7 +16,7 @@ import pytest
 from qiskit import QuantumCircuit
 from qiskit.circuit.library import QFTGate
 
-from conftest import bell, dense_circuit
+from conftest import bell, dense_circuit, uniform
 from qscale.circuits import dump_qpy
 from qscale.node.worker import ChunkOutcome, ShardOutcome, WorkerSlot, describe_exit
 from qscale.proto.v1 import common_pb2, node_pb2
@@ -25,13 +25,6 @@ pytestmark = pytest.mark.timeout(120)
 
 RUN_TIMEOUT_S = 60.0
 SLOT_MEMORY = 256 << 20  # Aer's cap: 256 MiB holds 24 qubits of statevector
-
-
-def _uniform3() -> QuantumCircuit:
-    qc = QuantumCircuit(3)
-    qc.h(range(3))
-    qc.measure_all()
-    return qc
 
 
 def _assignment(
@@ -120,7 +113,7 @@ def test_worker_reports_what_it_runs(ready_slot: WorkerSlot) -> None:
 def test_shard_of_two_chunks_returns_hex_counts_per_chunk(ready_slot: WorkerSlot) -> None:
     a = _assignment(
         "bell-1",
-        {0: dump_qpy(bell()), 1: dump_qpy(_uniform3())},
+        {0: dump_qpy(bell()), 1: dump_qpy(uniform())},
         [([0, 1], 1000, 11), ([1], 500, 12)],
     )
     outcome, chunks = _run(ready_slot, a)
@@ -136,7 +129,7 @@ def test_shard_of_two_chunks_returns_hex_counts_per_chunk(ready_slot: WorkerSlot
 
 
 def test_same_seed_gives_same_counts_and_other_seed_other_counts(ready_slot: WorkerSlot) -> None:
-    qpy = {0: dump_qpy(_uniform3())}
+    qpy = {0: dump_qpy(uniform())}
     first, c1 = _run(ready_slot, _assignment("seed-1", qpy, [([0], 2000, 7), ([0], 2000, 8)]))
     second, c2 = _run(ready_slot, _assignment("seed-2", qpy, [([0], 2000, 7), ([0], 2000, 8)]))
     assert first.ok and second.ok
@@ -145,7 +138,7 @@ def test_same_seed_gives_same_counts_and_other_seed_other_counts(ready_slot: Wor
 
 
 def test_uint64_seed_is_folded_into_aer_range(ready_slot: WorkerSlot) -> None:
-    qpy = {0: dump_qpy(_uniform3())}
+    qpy = {0: dump_qpy(uniform())}
     high, c_high = _run(ready_slot, _assignment("seed-hi", qpy, [([0], 500, (1 << 64) - 1)]))
     low, c_low = _run(ready_slot, _assignment("seed-lo", qpy, [([0], 500, (1 << 63) - 1)]))
     assert high.ok and low.ok, (high.error, low.error)
