@@ -95,6 +95,10 @@ class Node:
             self.noise_sent.discard(job_id)
 
 
+def _same_machine(a: Node, b: Node) -> bool:
+    return a.caps.name == b.caps.name and a.caps.hostname == b.caps.hostname
+
+
 def check_capabilities(caps: node_pb2.NodeCapabilities) -> None:
     if caps.slots < 1 or caps.slots > 4096:
         raise InvalidArgumentError("node capabilities: slots must be between 1 and 4096")
@@ -128,8 +132,7 @@ class Registry:
         """File a new node; a lost entry of the same id, or of the same machine (name and
         hostname), leaves the list of lost nodes: a machine is listed once."""
         self.lost.pop(node.node_id, None)
-        same = [n.node_id for n in self.lost.values()
-                if n.caps.name == node.caps.name and n.caps.hostname == node.caps.hostname]
+        same = [n.node_id for n in self.lost.values() if _same_machine(n, node)]
         for node_id in same:
             del self.lost[node_id]
         self.nodes[node.node_id] = node
@@ -161,6 +164,8 @@ class Registry:
         self._by_heard.pop(node.node_id, None)
         self.suspected.pop(node.node_id, None)
         self.slots_total -= node.caps.slots
+        if any(_same_machine(n, node) for n in self.nodes.values()):
+            return  # it already came back under another id: list the machine once
         self.lost[node.node_id] = node
         while len(self.lost) > _LOST_NODES_KEPT:
             self.lost.popitem(last=False)

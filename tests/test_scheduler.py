@@ -308,6 +308,12 @@ def test_lost_nodes_are_listed_once_and_age_out() -> None:
     c.heartbeat(again, 200.0)
     c.tick(200.0)
     assert [n.node_id for n in c.core.registry.listed()] == [again]
+    # a node process restarted (a new id) while its old entry was still only suspected
+    c.apply(c.core.detach_stream(again, c.core.nodes[again].stream, 200.5, "work stream closed"))
+    newer, _ = c.node("a", now=201.0)
+    c.heartbeat(newer, 210.0)
+    c.tick(211.0)
+    assert [n.node_id for n in c.core.registry.listed()] == [newer]
 
 
 def test_liveness_ignores_the_wall_clock(c: Cluster) -> None:
