@@ -77,11 +77,6 @@ class Shard:
     """The attempt whose finished chunks the job's partial totals include (see Totals)."""
 
     @property
-    def attempt(self) -> Attempt | None:
-        """The oldest running attempt, if any."""
-        return self.live[0] if self.live else None
-
-    @property
     def tries(self) -> int:
         return len(self.failures) + self.losses + sum(self.refusals.values()) + self.backups
 

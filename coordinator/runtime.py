@@ -42,7 +42,6 @@ class Writer:
         self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self.pending = 0
         """Batches submitted and not yet committed (read and written on the loop)."""
-        self.commits = 0
         self._thread = threading.Thread(target=self._run, name="qscale-writer", daemon=True)
         self._thread.start()
 
@@ -85,7 +84,6 @@ class Writer:
 
     def _committed(self, callbacks: list[Callable[[], None] | None]) -> None:
         self.pending -= len(callbacks)
-        self.commits += 1
         for callback in callbacks:
             if callback is not None:
                 callback()
