@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from qscale.coordinator.jobs import Attempt
 from qscale.coordinator.planner import ShardPlan
 from qscale.errors import InvalidArgumentError
+from qscale.node.capabilities import statevector_width
 from qscale.proto.v1 import node_pb2
 
 __all__ = ["Node", "Registry", "valid_node_id"]
@@ -79,11 +80,17 @@ class Node:
         return self.caps.memory_budget_bytes // max(1, self.caps.slots)
 
     def can_hold(self, shard: ShardPlan) -> bool:
-        """Whether the node offers the shard's method, reads its QPY, and has a slot big enough."""
+        """Whether the node offers the shard's method, reads its QPY, has a slot big enough, and
+        simulates a statevector as wide as the shard's method needs (its
+        ``max_statevector_qubits``, capped by ``qscale-node --max-qubits``; 0 or less: no bound;
+        the node checks the same with :func:`~qscale.node.capabilities.statevector_width`)."""
         method = shard.method
         method_ok = method in ("", "automatic") or method in self.caps.methods
         qpy_ok = not self.caps.qpy_version or shard.qpy_version <= self.caps.qpy_version
-        return method_ok and qpy_ok and shard.memory_bytes <= self.slot_memory
+        widest = self.caps.max_statevector_qubits
+        width = statevector_width(method, shard.num_qubits) if widest > 0 else None
+        width_ok = width is None or width <= widest
+        return method_ok and qpy_ok and width_ok and shard.memory_bytes <= self.slot_memory
 
     def forget_payloads(self, job_id: str | None = None) -> None:
         """What the node kept of a job (or of every job) is unknown: send it again."""

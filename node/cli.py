@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for simulations, all slots together: bytes or 512M, 4G (default: half the machine's; "
              "$QSCALE_NODE_MEMORY_BUDGET)",
     )
+    p.add_argument(
+        "--max-qubits", type=int, metavar="N",
+        help="widest statevector this node simulates: shards that need a wider one are not sent to it "
+             "(statevector and automatic count their qubits, density_matrix twice its qubits; stabilizer, "
+             "extended_stabilizer and matrix_product_state are not capped) (default 0: only the memory "
+             "budget caps it; $QSCALE_NODE_MAX_QUBITS)",
+    )
     p.add_argument("--drain-grace", type=float, metavar="S",
                    help="seconds running shards get on SIGTERM (default 30; $QSCALE_NODE_DRAIN_GRACE)")
     p.add_argument("--parent-pid", type=int, metavar="PID",
@@ -94,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             slots=args.slots,
             cores=args.cores,
             memory_budget=args.memory_budget,
+            max_qubits=args.max_qubits,
             drain_grace_s=args.drain_grace,
             parent_pid=args.parent_pid,
             log_level=args.log_level,

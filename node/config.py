@@ -109,6 +109,15 @@ class NodeConfig:
     memory_budget: int = field(default_factory=default_memory_budget)
     """Bytes the node may use for simulations, all slots together; each slot gets an equal part
     and Aer's memory cap is set from it. Default: half the machine's (or container's) memory."""
+    max_qubits: int = 0
+    """Widest statevector the node simulates; 0: no cap beyond what a slot's memory holds.
+
+    The node reports ``min(memory-derived width, max_qubits)`` as its ``max_statevector_qubits``
+    and refuses (and the coordinator does not send it) shards whose statevector width is wider.
+    The width (:func:`qscale.node.capabilities.statevector_width`) bounds only the methods whose
+    memory grows as ``2**n``: statevector and automatic count ``n`` qubits, a density matrix of
+    ``n`` qubits counts ``2n`` (unitary ``2n``, superop ``4n``); the stabilizer, extended
+    stabilizer and matrix-product-state methods are not bounded by it."""
     drain_grace_s: float = 30.0
     """On SIGTERM, how long running shards may go on before they are aborted and handed back."""
     reconnect_min_s: float = 0.2
@@ -151,6 +160,7 @@ class NodeConfig:
             raise InvalidArgumentError(f"log format must be text or json, not {self.log_format!r}")
         _check_int("cores", self.cores, minimum=1)
         _check_int("memory budget", self.memory_budget, minimum=1 << 20, unit=" bytes (1 MiB)")
+        _check_int("max qubits", self.max_qubits, minimum=0, unit=" (0: no cap)")
         if not _is_number(self.drain_grace_s) or self.drain_grace_s < 0:
             raise InvalidArgumentError(f"drain grace must be >= 0 seconds, got {self.drain_grace_s!r}")
         if not _is_number(self.reconnect_min_s) or self.reconnect_min_s <= 0:
@@ -217,6 +227,7 @@ class NodeConfig:
 
         Variables: ``QSCALE_COORDINATOR``, ``QSCALE_NODE_NAME``, ``QSCALE_NODE_SLOTS``,
         ``QSCALE_NODE_CORES``, ``QSCALE_NODE_MEMORY_BUDGET`` (bytes or 4G/512M),
+        ``QSCALE_NODE_MAX_QUBITS`` (0: no cap),
         ``QSCALE_NODE_DRAIN_GRACE`` (seconds), ``QSCALE_LOG_LEVEL``, ``QSCALE_LOG_FORMAT``,
         ``QSCALE_NODE_METRICS_PORT``, ``QSCALE_NODE_HEALTH_PORT``, ``QSCALE_NODE_PARENT_PID``, ``QSCALE_NODE_TOKEN``,
         ``QSCALE_NODE_TOKEN_FILE``, ``QSCALE_TLS_CERT``, ``QSCALE_TLS_KEY``, ``QSCALE_TLS_CA``.
@@ -277,6 +288,7 @@ _ENV: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("slots", "QSCALE_NODE_SLOTS", _int),
     ("cores", "QSCALE_NODE_CORES", _int),
     ("memory_budget", "QSCALE_NODE_MEMORY_BUDGET", parse_bytes),
+    ("max_qubits", "QSCALE_NODE_MAX_QUBITS", _int),
     ("drain_grace_s", "QSCALE_NODE_DRAIN_GRACE", _float),
     ("log_level", "QSCALE_LOG_LEVEL", str),
     ("log_format", "QSCALE_LOG_FORMAT", str),

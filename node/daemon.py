@@ -36,7 +36,7 @@ from typing import Any
 
 import grpc
 
-from qscale.node.capabilities import build_capabilities
+from qscale.node.capabilities import build_capabilities, qpy_num_qubits, statevector_width
 from qscale.node.config import NodeConfig, format_bytes
 from qscale.node.metrics import NodeHealth, NodeMetrics
 from qscale.node.worker import ChunkOutcome, ShardOutcome, WorkerSlot, WorkerStartError
@@ -743,6 +743,19 @@ class NodeDaemon:
         if a.method and a.method not in self._methods:
             offered = ", ".join(sorted(self._methods))
             return f"this node does not offer the Aer method {a.method!r} (it offers {offered})"
+        if cfg.max_qubits > 0 and statevector_width(a.method, 0) is not None:
+            # The circuits' widths from their QPY headers (cached ones from the job's cache; one
+            # missing there is refused by _fill_from_cache), with the coordinator's own rule.
+            with self._cond:
+                cached = self._job_cache.get(a.job_id, _JobCache()).qpy
+                payloads = [cached.get(p.circuit_index, b"") if p.cached else p.qpy for p in a.circuits]
+            widths = [n for n in map(qpy_num_qubits, payloads) if n is not None]
+            width = statevector_width(a.method, max(widths, default=0))
+            if width is not None and width > cfg.max_qubits:
+                return (
+                    f"circuit needs a {width}-qubit statevector; this node accepts at most "
+                    f"{cfg.max_qubits} (--max-qubits)"
+                )
         return None
 
     def _fill_from_cache(self, a: node_pb2.ShardAssignment) -> str | None:

@@ -42,6 +42,9 @@ class LocalCluster:
         slots_per_node: shards each node runs at once.
         cores_per_node: simulation threads per node; by default the machine's cores shared out.
         memory_budget_per_node: bytes; by default half the machine's memory shared out.
+        max_qubits_per_node: every node's ``--max-qubits``: the widest statevector it simulates
+            (a density matrix of n qubits counts 2n; stabilizer and matrix-product-state shards
+            are not capped). 0 (default): only the memory budget bounds it.
         config: coordinator settings (``listen`` is forced to ``127.0.0.1:0``; its token and TLS
             settings are replaced by the arguments below).
         log_dir: where node logs go; a temporary directory (removed on stop) when None.
@@ -69,6 +72,7 @@ class LocalCluster:
         slots_per_node: int = 1,
         cores_per_node: int | None = None,
         memory_budget_per_node: int | None = None,
+        max_qubits_per_node: int = 0,
         config: CoordinatorConfig | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 120.0,
@@ -79,6 +83,9 @@ class LocalCluster:
     ) -> None:
         if nodes < 0:
             raise ValueError("nodes must be >= 0")
+        if isinstance(max_qubits_per_node, bool) or not isinstance(max_qubits_per_node, int) \
+                or max_qubits_per_node < 0:
+            raise ValueError(f"max_qubits_per_node must be an integer >= 0 (0: no cap), got {max_qubits_per_node!r}")
         self.node_token = node_token
         self.client_token = client_token
         self.tls = tls
@@ -90,6 +97,7 @@ class LocalCluster:
         cpus = os.cpu_count() or 1
         self.cores_per_node = cores_per_node or max(1, cpus // max(1, nodes))
         self.memory_budget_per_node = memory_budget_per_node or _physical_memory() // 2 // max(1, nodes)
+        self.max_qubits_per_node = max_qubits_per_node
         self.config = (config or CoordinatorConfig()).with_(
             listen="127.0.0.1:0", node_tokens_file=None, client_tokens_file=None, node_token=node_token,
             client_token=client_token, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
@@ -143,6 +151,7 @@ class LocalCluster:
             "--slots", str(self.slots_per_node),
             "--cores", str(self.cores_per_node),
             "--memory-budget", str(self.memory_budget_per_node),
+            "--max-qubits", str(self.max_qubits_per_node),
             "--parent-pid", str(os.getpid()),
             "--drain-grace", "5",
             *(arg for flag, path in (("--tls-ca", tls.ca), ("--tls-cert", tls.cert), ("--tls-key", tls.key))
