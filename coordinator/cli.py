@@ -449,6 +449,8 @@ _LIMIT_FLAGS = {
     "max_shots": "most shots per circuit (default 100000000)",
     "max_circuits": "most circuits in a job (default 100000)",
     "max_experiments": "most circuits x parameter sets in a job (default 1000000)",
+    "max_observables": "most observables per circuit of an estimator job (default 10000)",
+    "max_expectation_values": "most parameter sets x observables in an estimator job (default 16000000)",
     "max_operations": "most operations in a circuit once custom gates and control flow are expanded "
                       "(default 1000000)",
     "max_nesting_depth": "deepest nesting of gate definitions and control-flow blocks (default 32)",

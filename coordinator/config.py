@@ -41,6 +41,11 @@ class Limits:
     """Most classical bits in one circuit."""
     max_experiments: int = 1_000_000
     """Most experiments (circuit x parameter set) in one job: the cap on parameter sets."""
+    max_observables: int = 10_000
+    """Most observables (Pauli labels) per circuit of an estimator job."""
+    max_expectation_values: int = 16_000_000
+    """Most expectation values (parameter sets x observables, over all circuits) in an estimator
+    job; its result carries 8 bytes for each."""
     max_operations: int = 1_000_000
     """Most operations in one circuit, counted with every custom gate replaced by its definition
     and every control-flow block expanded (a for loop's body once per iteration)."""

@@ -16,7 +16,7 @@ import uuid
 
 import numpy as np
 
-from qscale.circuits import METHODS, CircuitInfo, pack_parameter_values, unpack_parameter_values
+from qscale.circuits import METHODS, CircuitInfo, check_pauli_labels, pack_parameter_values, unpack_parameter_values
 from qscale.coordinator import sandbox
 from qscale.coordinator.config import Limits
 from qscale.coordinator.jobs import Job
@@ -56,12 +56,16 @@ def prepare_job(request: jobs_pb2.SubmitRequest, limits: Limits,
     if len(request.noise_model) > limits.max_noise_model_bytes:
         raise InvalidArgumentError(
             f"noise model is {len(request.noise_model)} bytes; the limit is {limits.max_noise_model_bytes}")
+    estimator = any(source.observables for source in request.circuits)
+    if estimator:
+        _check_estimator_request(request, limits)
     sources: list[sandbox.Source] = []
     shots: list[int] = []
     experiments = 0
     for index, source in enumerate(request.circuits):
         try:
-            circuit_shots = source.shots or request.shots
+            # An estimator experiment is one exact simulation: it has no shots.
+            circuit_shots = 1 if estimator else source.shots or request.shots
             if not 1 <= circuit_shots <= limits.max_shots:
                 raise InvalidArgumentError(f"shots must be between 1 and {limits.max_shots}, got {circuit_shots}")
             sources.append(_source(source, limits))
@@ -77,17 +81,41 @@ def prepare_job(request: jobs_pb2.SubmitRequest, limits: Limits,
     infos: list[CircuitInfo] = []
     payloads: list[bytes] = []
     params: list[common_pb2.ParameterValues | None] = []
+    observables: list[tuple[str, ...]] = []
     for index, (source, result) in enumerate(zip(request.circuits, decoded)):
         try:
-            _check(result.info, limits)
+            _check(result.info, limits, estimator, bool(request.noise_model))
             values = _parameters(source, result.info)
+            if estimator:
+                observables.append(check_pauli_labels(source.observables, result.info.num_qubits))
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"circuit {index}: {exc}") from None
         infos.append(result.info)
         payloads.append(source.qpy if result.qpy is None else result.qpy)
         params.append(values)
     return Job(uuid.uuid4().hex[:16], time.time(), seed, method, PlanningPolicy(), infos, shots, params, payloads,
-               memory=request.memory, noise_model=request.noise_model)
+               memory=request.memory, noise_model=request.noise_model, observables=observables)
+
+
+def _check_estimator_request(request: jobs_pb2.SubmitRequest, limits: Limits) -> None:
+    """The cheap checks of an estimator job: observables on every circuit, within the caps."""
+    values = 0
+    for index, source in enumerate(request.circuits):
+        count = len(source.observables)
+        if count == 0:
+            raise InvalidArgumentError(f"circuit {index} has no observables, but other circuits of the job do: "
+                                       "an estimator job gives observables for every circuit")
+        if count > limits.max_observables:
+            raise InvalidArgumentError(f"circuit {index}: {count} observables; the limit is {limits.max_observables}")
+        values += count * (source.parameters.num_sets if source.HasField("parameters") else 1)
+    if values > limits.max_expectation_values:
+        raise InvalidArgumentError(f"the job asks for {values} expectation values (parameter sets x observables); "
+                                   f"the limit is {limits.max_expectation_values}")
+    if request.memory:
+        raise InvalidArgumentError("an estimator job has no per-shot memory (memory must be false)")
+    if request.noise_model and request.method not in ("", "automatic", "density_matrix"):
+        raise InvalidArgumentError(f"exact expectation values with a noise model need the density_matrix method, "
+                                   f"not {request.method!r} (whose noise is sampled by trajectories)")
 
 
 def check_noise_model(text: str, limits: Limits, decoder: sandbox.Decoder | None = None) -> str:
@@ -115,11 +143,23 @@ def _source(source: jobs_pb2.CircuitSource, limits: Limits) -> sandbox.Source:
     raise InvalidArgumentError("empty: give QPY bytes or OpenQASM text")
 
 
-def _check(info: CircuitInfo, limits: Limits) -> None:
+def _check(info: CircuitInfo, limits: Limits, estimator: bool = False, noisy: bool = False) -> None:
     if info.num_qubits > limits.max_qubits:
         raise InvalidArgumentError(f"{info.num_qubits} qubits; the limit is {limits.max_qubits}")
     if info.num_qubits == 0:
         raise InvalidArgumentError("the circuit has no qubits")
+    if estimator:
+        # Exact expectation values are taken of the final state: a measurement, reset or
+        # classical control would make it random.
+        if info.measures or not info.final_measurements_only:
+            raise InvalidArgumentError("exact expectation values need a circuit without measurements, resets or "
+                                       "control flow (remove final measurements with "
+                                       "circuit.remove_final_measurements())")
+        if noisy and not info.density_matrix_ok:
+            raise InvalidArgumentError("exact expectation values with a noise model need the density-matrix method, "
+                                       "which does not simulate every instruction of this circuit; transpile it to "
+                                       "basic gates, or ask for a sampled estimate (precision > 0)")
+        return
     # Classical bits that nothing measures read 0, as in Qiskit's samplers and BasicSimulator
     # (the nodes fill in the all-zero outcome Aer leaves out); a circuit without classical bits
     # has no outcome at all.

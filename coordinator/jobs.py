@@ -13,6 +13,8 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from qscale.circuits import CircuitInfo, merge_counts
 from qscale.coordinator.planner import PlanningPolicy, ShardPlan, plan_job
 from qscale.proto.v1 import common_pb2
@@ -188,6 +190,8 @@ class Job:
     memory: bool = False
     noise_model: str = ""
     request_key: str = ""
+    observables: list[tuple[str, ...]] = field(default_factory=list)
+    """Estimator jobs: the Pauli labels of each circuit (empty for sampler jobs)."""
     state: int = QUEUED
     error: str = ""
     started_at: float = 0.0
@@ -210,10 +214,19 @@ class Job:
     shots_done: int = 0
     seconds_per_cost: list[float] = field(default_factory=list)
     """Wall seconds per estimated reference second of the shards done (backup decisions)."""
+    values: list[np.ndarray] = field(default_factory=list)
+    """Estimator jobs: per circuit, the counted expectation values (parameter sets x
+    observables); rows of shards not counted yet are NaN."""
+
+    @property
+    def estimator(self) -> bool:
+        """Whether the job computes exact expectation values instead of sampling."""
+        return bool(self.observables)
 
     def plan(self) -> tuple[ShardPlan, ...]:
         return plan_job(self.infos, self.shots, self.num_sets, self.seed, self.method, self.policy,
-                        noisy=bool(self.noise_model), memory=self.memory)
+                        noisy=bool(self.noise_model), memory=self.memory,
+                        observables=[len(o) for o in self.observables] or None)
 
     def start(self, plan: tuple[ShardPlan, ...], done: dict[int, list[common_pb2.CircuitCounts]]) -> None:
         """Lay out the shards of ``plan`` and count the results already stored for some of them."""
@@ -223,6 +236,7 @@ class Job:
         self.counts = [[self.totals[c].counted] if k == 1 else [{} for _ in range(k)]
                        for c, k in enumerate(self.num_sets)]
         self.set_shots = [[0] * k for k in self.num_sets]
+        self.values = [np.full((k, len(o)), np.nan) for k, o in zip(self.num_sets, self.observables)]
         self.shots_done = self.shards_done = 0
         for shard in self.shards:
             if shard.plan.index in done:
@@ -237,6 +251,11 @@ class Job:
                     self.set_shots[entry.circuit][s] += chunk.shots
         for result in results:
             c = result.circuit_index
+            if self.estimator:
+                block = np.frombuffer(result.expectation_values, dtype="<f8")
+                rows = self.values[c][result.set_index : result.set_index + result.set_count]
+                rows[:] = block.reshape(rows.shape)
+                continue
             self.totals[c].add_counted(result.counts.items())
             if len(self.counts[c]) > 1:
                 merge_counts(self.counts[c][result.set_index], result.counts.items())
@@ -267,6 +286,8 @@ class Job:
             self._partial(attempt.partial.values(), 1)
 
     def _partial(self, chunks: Iterable[list[common_pb2.CircuitCounts]], sign: int) -> None:
+        if self.estimator:
+            return  # progress of an estimator job is its shards and experiments done
         for chunk in chunks:
             for result in chunk:
                 self.totals[result.circuit_index].add_partial(result.counts.items(), sign)

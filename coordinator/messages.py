@@ -38,6 +38,8 @@ def _payload(job: Job, plan: ShardPlan, index: int, *, cached: bool) -> node_pb2
     """The circuit's QPY (unless the node has it already) and the rows of parameter values the
     shard uses."""
     payload = node_pb2.CircuitPayload(circuit_index=index)
+    if job.estimator:
+        payload.observables.extend(job.observables[index])
     if cached:
         payload.cached = True
     else:

@@ -66,6 +66,13 @@ class PlanningPolicy:
     """Sampling one shot, per measured qubit, from a final state."""
     experiment_overhead_s: float = 3e-4
     """Fixed cost of one experiment in an Aer call (setup, conversion, result)."""
+    expectation_value_factor: float = 2.0
+    """One exact Pauli expectation value: cost per amplitude relative to ``amplitude_op_s``."""
+    max_statevector_qubits: int = 0
+    """Widest statevector any node of the cluster holds when the job was accepted (0: not
+    limited). A non-Clifford circuit wider than this runs on the matrix-product-state method
+    instead of being refused; set by the scheduler and stored with the job, so a restart plans
+    it the same way."""
     density_matrix_factor: float = 0.15
     """Density matrix: cost per instruction and element relative to ``amplitude_op_s`` (Aer fuses
     gates and noise into superoperators; measured 0.093 s for a noisy 10-qubit circuit whose
@@ -76,10 +83,12 @@ class PlanningPolicy:
                      "max_memory_chunk_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PlanningPolicy.{name} must be >= 1")
-        if self.shots_per_shard < 0:
-            raise ValueError("PlanningPolicy.shots_per_shard must be >= 0")
+        for name in ("shots_per_shard", "max_statevector_qubits"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PlanningPolicy.{name} must be >= 0")
         for name in ("min_shard_seconds", "max_shard_seconds", "min_chunk_seconds", "amplitude_op_s",
-                     "stabilizer_op_s", "sample_s", "experiment_overhead_s", "density_matrix_factor"):
+                     "stabilizer_op_s", "sample_s", "experiment_overhead_s", "density_matrix_factor",
+                     "expectation_value_factor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"PlanningPolicy.{name} must be > 0")
 
@@ -152,24 +161,28 @@ def chunk_seed(job_seed: int, shard_index: int, chunk_index: int) -> int:
 
 
 def choose_method(info: CircuitInfo, method: str, shots: int, noisy: bool = False,
-                  policy: PlanningPolicy | None = None) -> str:
+                  policy: PlanningPolicy | None = None, *, exact: bool = False) -> str:
     """The Aer method a circuit runs with: the job's, or for ``automatic`` the cheapest one.
 
     Clifford circuits without noise run on the stabilizer method (as Aer would choose). A noisy
     circuit runs on the density-matrix method when the cost model says one density-matrix
     simulation is cheaper than one trajectory per shot and that method simulates every
-    instruction; otherwise on the statevector method (trajectories, split over shards). The
+    instruction (always for ``exact`` expectation values: trajectories would be a sample);
+    otherwise on the statevector method (trajectories, split over shards). A circuit wider than
+    ``policy.max_statevector_qubits`` runs on the matrix-product-state method instead. The
     plan names the method, so every shard of an experiment runs the same way.
     """
     if method not in ("", "automatic"):
         return method
     if info.clifford and not noisy:
         return "stabilizer"
-    if noisy and info.density_matrix_ok and info.num_qubits < 30:
-        policy = policy or PlanningPolicy()
+    policy = policy or PlanningPolicy()
+    if noisy and info.density_matrix_ok and (exact or info.num_qubits < 30):
         dm = experiment_cost(info, "density_matrix", shots, policy, noisy)
-        if dm < experiment_cost(info, "statevector", shots, policy, noisy):
+        if exact or dm < experiment_cost(info, "statevector", shots, policy, noisy):
             return "density_matrix"
+    if 0 < policy.max_statevector_qubits < info.num_qubits:
+        return "matrix_product_state"
     return "statevector"
 
 
@@ -189,17 +202,27 @@ def splits_shots(info: CircuitInfo, method: str, noisy: bool = False) -> bool:
     return noisy or not info.final_measurements_only
 
 
-def experiment_cost(info: CircuitInfo, method: str, shots: int, policy: PlanningPolicy, noisy: bool = False
-                    ) -> float:
+def experiment_cost(info: CircuitInfo, method: str, shots: int, policy: PlanningPolicy, noisy: bool = False,
+                    observables: int = 0) -> float:
     """Estimated reference seconds of one experiment (one parameter set) with ``shots`` shots.
 
     Statevector: instructions x 2**n amplitudes once, or once per shot where shots cost a
     simulation; density matrix: instructions x 4**n (twice the work per element); stabilizer:
     instructions x n per shot; matrix product state: as a statevector of at most 20 qubits.
-    Plus sampling (shots x measured bits) and a fixed per-experiment overhead.
+    Plus sampling (shots x measured bits) and a fixed per-experiment overhead. An estimator
+    experiment (``observables`` > 0) simulates once and takes each observable's exact
+    expectation value of the final state instead of sampling.
     """
     method = resolved_method(method, info)
     n, ops = info.num_qubits, max(1, info.num_operations)
+    if observables:
+        if method in ("stabilizer", "extended_stabilizer"):
+            return policy.experiment_overhead_s + (ops + observables * n) * max(1, n) * policy.stabilizer_op_s
+        width = 2 * n if method == "density_matrix" else min(n, 20) if method == "matrix_product_state" else n
+        amplitudes = float(1 << min(width, 62))
+        factor = policy.density_matrix_factor if method == "density_matrix" else 1.0
+        return policy.experiment_overhead_s + amplitudes * policy.amplitude_op_s * (
+            factor * ops + observables * policy.expectation_value_factor)
     sampling = shots * max(1, info.num_clbits) * policy.sample_s
     if method in ("stabilizer", "extended_stabilizer"):
         per_shot = ops * max(1, n) * policy.stabilizer_op_s * (10 if method == "extended_stabilizer" else 1)
@@ -268,6 +291,7 @@ def plan_job(
     *,
     noisy: bool = False,
     memory: bool = False,
+    observables: Sequence[int] | None = None,
 ) -> tuple[ShardPlan, ...]:
     """Cut a job into shards of about equal estimated cost.
 
@@ -277,6 +301,9 @@ def plan_job(
         num_sets: parameter sets per circuit (1 for a circuit without parameters).
         memory: the job returns per-shot memory (chunks are kept under
             ``policy.max_memory_chunk_bytes``).
+        observables: for an estimator job, the number of observables of each circuit: its
+            experiments are exact (one simulation each, never split by shots), cut by
+            parameter sets only.
 
     The target cost of a shard is the job's estimated cost over ``policy.target_shards``,
     kept between ``min_shard_seconds`` and ``max_shard_seconds``. Experiments are packed in
@@ -293,8 +320,9 @@ def plan_job(
         n, sets = shots[index], num_sets[index]
         if n < 1 or sets < 1:
             raise ValueError(f"circuit {index}: shots and parameter sets must be >= 1")
-        methods.append(choose_method(info, method, n, noisy, policy))
-        costs.append(experiment_cost(info, methods[-1], n, policy, noisy))
+        obs = observables[index] if observables else 0
+        methods.append(choose_method(info, method, n, noisy, policy, exact=bool(obs)))
+        costs.append(experiment_cost(info, methods[-1], n, policy, noisy, obs))
     total = sum(c * k for c, k in zip(costs, num_sets))
     target = min(max(total / policy.target_shards, policy.min_shard_seconds), policy.max_shard_seconds)
 
@@ -309,7 +337,7 @@ def plan_job(
 
     for index, info in enumerate(infos):
         n, sets, m, cost = shots[index], num_sets[index], methods[index], costs[index]
-        per_shot = splits_shots(info, m, noisy)
+        per_shot = not observables and splits_shots(info, m, noisy)
         parts = 1
         if per_shot and cost > target:
             parts = math.ceil(cost / target)

@@ -22,13 +22,13 @@ Accounting rules:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
-from qscale.circuits import CircuitInfo
 from qscale.coordinator import messages
 from qscale.coordinator.checks import check_chunk
 from qscale.coordinator.config import CoordinatorConfig
@@ -283,9 +283,17 @@ class Scheduler:
     # ------------------------------------------------------------------- jobs
 
     def plan(self, job: Job) -> tuple[ShardPlan, ...]:
-        """The job's shards; raises if no node of the cluster can hold one of them."""
+        """The job's shards; raises if no node of the cluster can hold one of them.
+
+        A circuit wider than any live node's statevector goes to the matrix-product-state
+        method when the job lets the method be chosen (recorded in the job's policy, which is
+        stored with it, so that a restart plans it the same way)."""
+        widest = max((n.caps.max_statevector_qubits for n in self.nodes.values() if n.state == "alive"), default=0)
+        if widest and job.method in ("", "automatic") and any(
+                not info.clifford and info.num_qubits > widest for info in job.infos):
+            job.policy = dataclasses.replace(job.policy, max_statevector_qubits=widest)
         plan = job.plan()
-        self._check_capacity(job.infos, plan)
+        self._check_capacity(job, plan)
         return plan
 
     def accept(self, job: Job, plan: tuple[ShardPlan, ...], now: float,
@@ -310,10 +318,11 @@ class Scheduler:
         self._dispatch(now)
         return self._take()
 
-    def _check_capacity(self, infos: list[CircuitInfo], plan: tuple[ShardPlan, ...]) -> None:
+    def _check_capacity(self, job: Job, plan: tuple[ShardPlan, ...]) -> None:
         live = [n for n in self.nodes.values() if n.state == "alive"]
         if not live:
             return  # nothing to judge by; the job waits for nodes
+        infos = job.infos
         for shard in plan:
             if not any(n.can_hold(shard) for n in live):
                 widest = max(shard.circuit_indices, key=lambda i: infos[i].num_qubits)
@@ -323,10 +332,17 @@ class Scheduler:
                     raise NoCapableNodeError(
                         f"circuit {widest}: QPY version {shard.qpy_version} is newer than any node reads "
                         f"({newest_qpy}); upgrade qiskit on the nodes or dump with an older QPY version")
+                widest_state = max(n.caps.max_statevector_qubits for n in live)
+                methods = sorted({m for n in live for m in n.caps.methods})
+                hint = ""
+                if job.estimator and job.noise_model and shard.method == "density_matrix":
+                    hint = ("; exact expectation values with a noise model need its density matrix: ask for a "
+                            "sampled estimate (precision > 0) instead")
                 raise NoCapableNodeError(
                     f"circuit {widest} ({infos[widest].name!r}, {infos[widest].num_qubits} qubits) needs "
                     f"{_gib(shard.memory_bytes)} with method {shard.method}; the largest node slot "
-                    f"holds {_gib(best)}"
+                    f"holds {_gib(best)} (statevectors of up to {widest_state} qubits) and the nodes offer "
+                    f"{', '.join(methods) or 'no method'}{hint}"
                 )
 
     def remember(self, job: Job) -> None:

@@ -34,7 +34,7 @@ Results = dict[int, list[common_pb2.CircuitCounts]]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS circuits (
     shots INTEGER NOT NULL,
     params BLOB,
     qpy BLOB NOT NULL,
+    observables TEXT,
     PRIMARY KEY (job_id, idx)
 );
 CREATE TABLE IF NOT EXISTS shard_results (
@@ -111,6 +112,9 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+            if tables and version == 1:  # schema 2 added the observables of estimator jobs
+                self._db.execute("ALTER TABLE circuits ADD COLUMN observables TEXT")
+                version = 2
             if tables and version != SCHEMA_VERSION:
                 raise FailedPreconditionError(
                     f"the state in {self.path} has schema {version}, this qscale uses {SCHEMA_VERSION}; "
@@ -164,8 +168,10 @@ class Store:
                  job.noise_model, job.request_key or None),
             )
             db.executemany(
-                "INSERT INTO circuits (job_id, idx, info, shots, params, qpy) VALUES (?, ?, ?, ?, ?, ?)",
-                ((job.job_id, i, _info_to_json(info), shots, p.SerializeToString() if p is not None else None, qpy)
+                "INSERT INTO circuits (job_id, idx, info, shots, params, qpy, observables)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((job.job_id, i, _info_to_json(info), shots, p.SerializeToString() if p is not None else None, qpy,
+                  json.dumps(job.observables[i]) if job.estimator else None)
                  for i, (info, shots, p, qpy) in enumerate(zip(job.infos, job.shots, job.params, job.qpy))),
             )
 
@@ -212,7 +218,7 @@ class Store:
     def _job_from_row(self, row: tuple, with_payloads: bool) -> tuple[Job, Results]:
         job_id, created_at, state, seed, method, policy, memory, noise_model, error, finished_at = row
         circuits = self._db.execute(
-            f"SELECT info, shots, params{', qpy' if with_payloads else ''} FROM circuits WHERE job_id = ?"
+            f"SELECT info, shots, params, observables{', qpy' if with_payloads else ''} FROM circuits WHERE job_id = ?"
             " ORDER BY idx", (job_id,)
         ).fetchall()
         results = self._db.execute(
@@ -224,8 +230,9 @@ class Store:
             infos=[_info_from_json(c[0]) for c in circuits],
             shots=[c[1] for c in circuits],
             params=[common_pb2.ParameterValues.FromString(c[2]) if c[2] is not None else None for c in circuits],
-            qpy=[c[3] for c in circuits] if with_payloads else [],
+            qpy=[c[4] for c in circuits] if with_payloads else [],
             memory=bool(memory), noise_model=noise_model, error=error, finished_at=finished_at,
+            observables=[tuple(json.loads(c[3])) for c in circuits] if circuits and circuits[0][3] else [],
         )
         return job, {idx: list(common_pb2.ShardResult.FromString(blob).results) for idx, blob in results}
 

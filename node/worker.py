@@ -586,6 +586,35 @@ class _WorkerState:
             self.cached_bytes -= size
         return circuit
 
+    def expectation_circuit(self, job_id: str, index: int, payloads: Mapping[int, bytes],
+                            labels: tuple[str, ...]) -> Any:
+        """The circuit with a ``save_expectation_value`` of every Pauli label (``e0``, ``e1``
+        ...) appended, built once per job and circuit and kept beside it in the LRU."""
+        import hashlib
+
+        from qiskit.quantum_info import Pauli
+
+        circuit = self.circuit(job_id, index, payloads)
+        key = (job_id, -1 - index, hashlib.blake2b("|".join(labels).encode(), digest_size=16).digest())
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.cache.move_to_end(key)
+            return hit[0]
+        if circuit.num_clbits or any(inst.name in ("measure", "reset") for inst in circuit.data):
+            raise ValueError(f"circuit {index} measures or resets qubits: it has no exact expectation values")
+        saved = circuit.copy()
+        # A global phase changes no expectation value, but Aer applies a parameterised one to the
+        # first experiment of a call differently than to the others: dropping it keeps every
+        # value the same bits however the parameter sets are split into calls.
+        saved.global_phase = 0
+        qubits = range(saved.num_qubits)
+        for j, label in enumerate(labels):
+            if len(label) != saved.num_qubits or label.strip("IXYZ"):
+                raise ValueError(f"circuit {index}: observable {j} is not a {saved.num_qubits}-qubit Pauli label")
+            saved.save_expectation_value(Pauli(label), qubits, label=f"e{j}")
+        self.cache[key] = (saved, 0)
+        return saved
+
 
 def _needs_transpile(circuit: Any, supported: frozenset[str]) -> bool:
     # inst.name reads the native circuit; only control flow needs the Python operation.
@@ -687,6 +716,68 @@ def _worker_check_unwritten_clbits(circuit: Any, circuit_index: int) -> None:
                          "(Aer reports none for bits set only by store)")
 
 
+class _AerFailure(Exception):
+    """Aer reported a failed simulation; the message is the shard's error."""
+
+
+def _worker_bindings(circuit: Any, entry: Any, values: Mapping[int, tuple[int, list[str], Any]]
+                     ) -> dict[Any, list[float]]:
+    """Aer's ``parameter_binds`` for one entry's parameter sets (empty without parameters)."""
+    if not circuit.parameters:
+        return {}
+    if entry.circuit_index not in values:
+        raise ValueError(f"circuit {entry.circuit_index} has parameters but the shard has no values")
+    first, names, rows = values[entry.circuit_index]
+    if entry.set_start < first or entry.set_start + entry.set_count > first + len(rows):
+        raise ValueError(f"circuit {entry.circuit_index}: parameter sets out of range")
+    block = rows[entry.set_start - first : entry.set_start - first + entry.set_count]
+    return {p: block[:, names.index(p.name)].tolist() for p in circuit.parameters}
+
+
+def _worker_expectation_values(state: _WorkerState, assignment: Any, chunk: Any, payloads: Mapping[int, bytes],
+                               values: Mapping[int, tuple[int, list[str], Any]],
+                               observables: Mapping[int, tuple[str, ...]], noise: Any) -> common_pb2.ShardResult:
+    """One estimator chunk: for each entry, the exact expectation value of every observable for
+    each of its parameter sets (Aer's ``save_expectation_value``, as qiskit-aer's EstimatorV2).
+
+    Each experiment (parameter set) is simulated by one thread, and the threads of the slot
+    run different parameter sets: a value is then the same bits however the sets are split
+    into shards and chunks, and whatever the node's thread count (Aer's multi-threaded state
+    update sums in another order)."""
+    import numpy as np
+
+    out = common_pb2.ShardResult()
+    for entry in chunk.entries:
+        labels = observables.get(entry.circuit_index)
+        if not labels:
+            raise ValueError(f"circuit {entry.circuit_index} has no observables")
+        circuit = state.expectation_circuit(assignment.job_id, entry.circuit_index, payloads, labels)
+        binds = _worker_bindings(circuit, entry, values)
+        result = state.sim.run(
+            [circuit] if binds else [circuit] * entry.set_count,
+            shots=1,
+            seed_simulator=int(chunk.seed) & SEED_MASK,
+            method=assignment.method or "automatic",
+            max_parallel_threads=state.threads,
+            max_parallel_experiments=state.threads,
+            statevector_parallel_threshold=64,
+            max_memory_mb=state.max_memory_mb,
+            noise_model=noise,
+            parameter_binds=[binds] if binds else None,
+        ).result()
+        if not result.success:
+            raise _AerFailure(_worker_aer_error(result))
+        if len(result.results) != entry.set_count:
+            raise ValueError(f"Aer returned {len(result.results)} experiments, expected {entry.set_count}")
+        block = np.empty((entry.set_count, len(labels)), dtype="<f8")
+        for row in range(entry.set_count):
+            data = result.data(row)
+            block[row] = [np.real(data[f"e{j}"]) for j in range(len(labels))]
+        out.results.add(circuit_index=entry.circuit_index, set_index=entry.set_start, set_count=entry.set_count,
+                        expectation_values=block.tobytes())
+    return out
+
+
 def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> None:
     """Run every chunk of a shard and report each one; then done, or failed with a short error."""
     from qscale.circuits import memory_width, pack_memory, unpack_parameter_values
@@ -702,8 +793,13 @@ def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> Non
         }
         method = assignment.method or "automatic"
         noise = _worker_noise_model(state, assignment.noise_model)
+        observables = {p.circuit_index: tuple(p.observables) for p in assignment.circuits if p.observables}
         for chunk_index, chunk in enumerate(assignment.chunks):
             tc = time.perf_counter()
+            if observables:
+                out = _worker_expectation_values(state, assignment, chunk, payloads, values, observables, noise)
+                conn.send(("chunk", chunk_index, out.SerializeToString(), time.perf_counter() - tc))
+                continue
             if chunk.shots <= 0:
                 raise ValueError(f"chunk {chunk_index} asks for {chunk.shots} shots")
             if not chunk.entries:
@@ -715,14 +811,8 @@ def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> Non
                 circuit = state.circuit(assignment.job_id, entry.circuit_index, payloads)
                 sets = range(entry.set_start, entry.set_start + entry.set_count)
                 if circuit.parameters:
-                    if entry.circuit_index not in values:
-                        raise ValueError(f"circuit {entry.circuit_index} has parameters but the shard has no values")
-                    first, names, rows = values[entry.circuit_index]
-                    if entry.set_start < first or entry.set_start + entry.set_count > first + len(rows):
-                        raise ValueError(f"circuit {entry.circuit_index}: parameter sets out of range")
-                    block = rows[entry.set_start - first : entry.set_start - first + entry.set_count]
                     circuits.append(circuit)
-                    binds.append({p: block[:, names.index(p.name)].tolist() for p in circuit.parameters})
+                    binds.append(_worker_bindings(circuit, entry, values))
                 else:
                     circuits.extend([circuit] * entry.set_count)
                     binds.extend({} for _ in sets)
@@ -766,6 +856,8 @@ def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> Non
                     item.memory = pack_memory(data_i["memory"], width)
             conn.send(("chunk", chunk_index, out.SerializeToString(), time.perf_counter() - tc))
         conn.send(("done", time.perf_counter() - t0))
+    except _AerFailure as exc:
+        conn.send(("failed", str(exc), False))
     except MemoryError as exc:
         conn.send(("failed", _short_error(exc), True))  # the heap may be in a bad way: restart
     except Exception as exc:  # noqa: BLE001 - any failure of a shard is reported, not raised

@@ -36,7 +36,8 @@ from qscale.errors import (
 if TYPE_CHECKING:
     from qscale.backend import QScaleBackend, QScaleBackendJob
     from qscale.client import Client, Job
-    from qscale.primitives import EstimatorOptions, EstimatorV2, SamplerOptions, SamplerV2
+    from qscale.estimator import EstimatorOptions, EstimatorV2
+    from qscale.primitives import SamplerOptions, SamplerV2
     from qscale.local import LocalCluster
     from qscale.security import TLSConfig
     from qscale.results import CircuitResult, JobResult, JobState, JobStatus, NodeStatus, Progress, SetResult
@@ -48,8 +49,8 @@ _LAZY = {
     "TLSConfig": "qscale.security",
     "SamplerV2": "qscale.primitives",
     "SamplerOptions": "qscale.primitives",
-    "EstimatorV2": "qscale.primitives",
-    "EstimatorOptions": "qscale.primitives",
+    "EstimatorV2": "qscale.estimator",
+    "EstimatorOptions": "qscale.estimator",
     "QScaleBackend": "qscale.backend",
     "QScaleBackendJob": "qscale.backend",
     "SetResult": "qscale.results",

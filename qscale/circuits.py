@@ -45,6 +45,7 @@ __all__ = [
     "unpack_memory_bits",
     "pack_parameter_values",
     "unpack_parameter_values",
+    "check_pauli_labels",
 ]
 
 #: Aer simulation methods a job may ask for.
@@ -593,6 +594,24 @@ def unpack_parameter_values(names: Sequence[str], num_sets: int, data: bytes) ->
     if not np.all(np.isfinite(array)):
         raise InvalidArgumentError("parameter values must be finite numbers")
     return array
+
+
+def check_pauli_labels(labels: Iterable[str], num_qubits: int) -> tuple[str, ...]:
+    """Pauli labels as estimator work takes them: one letter of ``IXYZ`` per qubit, qubit 0
+    rightmost (Qiskit's order), no phase.
+
+    Raises:
+        InvalidArgumentError: a label of another length or with another character (the message
+            quotes at most 40 characters of it).
+    """
+    out = tuple(labels)
+    for i, label in enumerate(out):
+        if not isinstance(label, str) or len(label) != num_qubits or label.strip("IXYZ"):
+            shown = repr(label[:40] + ("..." if len(label) > 40 else "")) if isinstance(label, str) else \
+                type(label).__name__
+            raise InvalidArgumentError(f"observable {i} ({shown}) is not a Pauli label of {num_qubits} letters "
+                                       "from IXYZ, qubit 0 rightmost")
+    return out
 
 
 def split_registers(bits: str, creg_sizes: Sequence[tuple[str, int]]) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from qiskit import QuantumCircuit
 
-from qscale.circuits import dump_qpy, pack_parameter_values
+from qscale.circuits import check_pauli_labels, dump_qpy, pack_parameter_values
 from qscale.errors import (
     InvalidArgumentError,
     JobCancelledError,
@@ -201,6 +201,58 @@ class Client:
                 source.parameters.CopyFrom(_parameter_values(circuit, circuit_values))
             sources.append(source)
         return self._submit(sources, 0, seed, method, memory=memory, noise_model=noise_model)
+
+    def estimate(
+        self,
+        circuits: QuantumCircuit | Iterable[QuantumCircuit],
+        observables: Sequence[Sequence[str]],
+        *,
+        parameter_values: Sequence[ArrayLike | None] | None = None,
+        seed: int | None = None,
+        method: str | None = None,
+        noise_model: NoiseModel | None = None,
+    ) -> Job:
+        """Submit an estimator job: the exact expectation value of every observable of each
+        circuit, for each of its parameter sets; returns at once with a :class:`Job`.
+
+        The values come back as ``job.result().results[i].expectation_values``, an array of
+        shape (parameter sets, observables), computed with qiskit-aer's exact expectation values
+        (as its ``EstimatorV2`` at precision 0) and the same bits however the sets are spread
+        over the nodes. :class:`qscale.EstimatorV2` builds on this.
+
+        Args:
+            circuits: circuits without measurements, resets or control flow.
+            observables: per circuit, Pauli labels (one letter of ``IXYZ`` per qubit, qubit 0
+                rightmost).
+            parameter_values: per circuit, ``None`` or an array of shape (sets, parameters).
+            seed: job seed (matters only for methods that sample, e.g. with noise).
+            method: an Aer method; ``automatic`` picks statevector, stabilizer (Clifford),
+                density matrix (noise: exact) or matrix product state (wider than any node).
+            noise_model: a qiskit-aer ``NoiseModel``; the values are then exact on the
+                density-matrix method.
+
+        Raises:
+            InvalidArgumentError: a bad circuit, label or option.
+            NoCapableNodeError: no node of the cluster can hold a circuit.
+        """
+        if isinstance(circuits, QuantumCircuit):
+            circuits = [circuits]
+        circuits = list(circuits)
+        values = list(parameter_values) if parameter_values is not None else [None] * len(circuits)
+        if len(observables) != len(circuits) or len(values) != len(circuits):
+            raise InvalidArgumentError("give one list of observables and one parameter array per circuit")
+        sources = []
+        for circuit, labels, circuit_values in zip(circuits, observables, values):
+            if not isinstance(circuit, QuantumCircuit):
+                raise InvalidArgumentError(f"expected QuantumCircuit, got {type(circuit).__name__}")
+            labels = check_pauli_labels(labels, circuit.num_qubits)
+            if not labels:
+                raise InvalidArgumentError(f"circuit {circuit.name!r} has no observables")
+            source = jobs_pb2.CircuitSource(qpy=dump_qpy(circuit), name=circuit.name, observables=labels)
+            if circuit_values is not None:
+                source.parameters.CopyFrom(_parameter_values(circuit, circuit_values))
+            sources.append(source)
+        return self._submit(sources, 0, seed, method, noise_model=noise_model)
 
     def submit_files(
         self,

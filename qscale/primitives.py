@@ -1,9 +1,9 @@
-"""Qiskit primitives on a qscale cluster: :class:`SamplerV2` and :class:`EstimatorV2`.
+"""The Qiskit sampler on a qscale cluster, :class:`SamplerV2`, and the job both primitives
+return (:class:`QScalePrimitiveJob`; the estimator is in :mod:`qscale.estimator`).
 
 ``SamplerV2`` sends each pub's circuit once with its parameter values; the sets are spread
 over the nodes and every shot's outcome comes back, so results are ``BitArray``s shaped like
-the pub's bindings, with samples in shot order. ``EstimatorV2`` estimates expectation values
-from samples through Qiskit's own ``BackendEstimatorV2`` on a :class:`~qscale.QScaleBackend`.
+the pub's bindings, with samples in shot order.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 from qiskit.primitives import (
-    BackendEstimatorV2,
-    BaseEstimatorV2,
     BasePrimitiveJob,
     BaseSamplerV2,
     BitArray,
@@ -26,21 +24,18 @@ from qiskit.primitives import (
     PrimitiveResult,
     SamplerPubResult,
 )
-from qiskit.primitives.containers.estimator_pub import EstimatorPubLike
 from qiskit.primitives.containers.sampler_pub import SamplerPub, SamplerPubLike
-from qiskit.primitives.primitive_job import PrimitiveJob
 from qiskit.providers import JobStatus
 
-from qscale.backend import _STATUS, QScaleBackend
+from qscale.backend import _STATUS
 from qscale.client import Client, Job, check_shots
 from qscale.errors import InvalidArgumentError
 from qscale.results import JobResult
 
 if TYPE_CHECKING:
-    from qiskit.primitives import PubResult
     from qiskit_aer.noise import NoiseModel
 
-__all__ = ["SamplerV2", "SamplerOptions", "EstimatorV2", "EstimatorOptions", "QScalePrimitiveJob"]
+__all__ = ["SamplerV2", "SamplerOptions", "QScalePrimitiveJob"]
 
 _R = TypeVar("_R")
 
@@ -61,20 +56,6 @@ class SamplerOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "default_shots", check_shots(self.default_shots, "default_shots"))
-
-
-@dataclass(frozen=True)
-class EstimatorOptions:
-    """Options of :class:`EstimatorV2`."""
-
-    default_precision: float = 0.015625
-    """Target standard error when the pub and ``run`` give none; sets the shots (1 / precision**2)."""
-    seed: int | None = None
-    """Job seed, for reproducible estimates."""
-    method: str = "automatic"
-    """qiskit-aer simulation method."""
-    noise_model: NoiseModel | None = None
-    """A qiskit-aer noise model (sent as JSON), or None."""
 
 
 class QScalePrimitiveJob(BasePrimitiveJob[_R, JobStatus], Generic[_R]):
@@ -241,43 +222,3 @@ def _sampler_result(pubs: list[SamplerPub], sampled: list[int], result: JobResul
     return PrimitiveResult(pub_results, metadata={"version": 2, "job_id": result.job_id, "seed": result.seed,
                                                   "shards": result.status.shards_total,
                                                   "nodes_used": result.nodes_used})
-
-
-class EstimatorV2(BaseEstimatorV2):
-    """``BaseEstimatorV2`` on a qscale cluster.
-
-    Expectation values and standard errors are estimated from samples, as Qiskit's
-    ``BackendEstimatorV2`` does (which this class runs on a :class:`QScaleBackend`):
-    a precision ``p`` costs ``ceil(1 / p**2)`` shots per measured basis, and every circuit of
-    every pub goes to the cluster as one job.
-
-    Args:
-        client: a connected :class:`qscale.Client`.
-        default_precision: target standard error when the pub and ``run`` give none.
-        seed: job seed for reproducible estimates.
-        options: further :class:`EstimatorOptions` (or a dict of them); they win over the
-            keyword arguments.
-    """
-
-    def __init__(self, client: Client, *, default_precision: float = 0.015625, seed: int | None = None,
-                 options: EstimatorOptions | dict[str, Any] | None = None) -> None:
-        given = vars(options) if isinstance(options, EstimatorOptions) else dict(options or {})
-        base = EstimatorOptions(**{"default_precision": default_precision, "seed": seed, **given})
-        if base.default_precision <= 0:
-            raise InvalidArgumentError("default_precision must be > 0")
-        self._options = base
-        self.backend = QScaleBackend(client, method=base.method, noise_model=base.noise_model)
-        self._estimator = BackendEstimatorV2(
-            backend=self.backend,
-            options={"default_precision": base.default_precision, "seed_simulator": base.seed},
-        )
-
-    @property
-    def options(self) -> EstimatorOptions:
-        return self._options
-
-    def run(self, pubs: Iterable[EstimatorPubLike], *, precision: float | None = None
-            ) -> PrimitiveJob[PrimitiveResult[PubResult]]:
-        if precision is not None and precision <= 0:
-            raise InvalidArgumentError("precision must be > 0")
-        return self._estimator.run(pubs, precision=precision)

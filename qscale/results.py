@@ -111,6 +111,11 @@ class CircuitResult:
     register_clbits: list[int] = field(default_factory=list, repr=False)
     """Circuit clbit index of each register bit, registers concatenated in order."""
     memory_width: int = 1
+    observables: list[str] = field(default_factory=list)
+    """Estimator jobs: the Pauli labels submitted for this circuit."""
+    expectation_values: np.ndarray | None = field(default=None, repr=False)
+    """Estimator jobs: exact expectation values, shape (parameter sets, observables); None for
+    sampler jobs."""
 
     def most_frequent(self, n: int = 10) -> list[tuple[str, int]]:
         """The ``n`` most frequent outcomes, most frequent first."""
@@ -178,7 +183,7 @@ class JobResult:
                                    [SetResult(x.set_index, dict(x.counts) if len(r.sets) > 1 else dict(r.counts),
                                               x.shots, x.memory) for x in r.sets],
                                    [(g.name, g.size) for g in r.registers], list(r.register_clbits),
-                                   r.memory_width or 1)
+                                   r.memory_width or 1, list(r.observables), _expectation_values(r))
                      for r in msg.results],
             seed=msg.seed,
             method=msg.method,
@@ -197,9 +202,10 @@ class JobResult:
             "status": self.status.state.value,
             "error": self.status.error,
             "results": [{"index": r.index, "name": r.name, "shots": r.shots, "num_qubits": r.num_qubits,
-                         "counts": r.counts,
+                         **({"observables": r.observables, "expectation_values": r.expectation_values.tolist()}
+                            if r.expectation_values is not None else {"counts": r.counts}),
                          **({"sets": [{"index": x.index, "shots": x.shots, "counts": x.counts} for x in r.sets]}
-                            if len(r.sets) > 1 else {})}
+                            if len(r.sets) > 1 and r.expectation_values is None else {})}
                         for r in self.results],
             "metadata": {
                 "seed": self.seed,
@@ -211,6 +217,14 @@ class JobResult:
                 "wall_time_s": self.wall_time_s,
             },
         }
+
+
+def _expectation_values(msg: jobs_pb2.CircuitResult) -> np.ndarray | None:
+    """An estimator result's values as a (sets, observables) array; None for a sampler job."""
+    if not msg.observables:
+        return None
+    values = np.frombuffer(msg.expectation_values, dtype="<f8")
+    return values.reshape(-1, len(msg.observables)).copy()
 
 
 @dataclass(frozen=True)

@@ -257,8 +257,9 @@ def test_estimator_broadcasting_precision_and_accuracy(cluster: LocalCluster) ->
     finer = estimator.run([(qc, SparsePauliOp("ZZ"), [[1.0]])], precision=0.005).result()
     assert finer[0].metadata["target_precision"] == 0.005
     assert finer[0].data.stds.max() <= 0.005 * 1.25
-    with pytest.raises(InvalidArgumentError):
-        estimator.run([(qc, SparsePauliOp("ZZ"), [[1.0]])], precision=0)
+    exact_run = estimator.run([(qc, observables, values)], precision=0).result()[0]
+    np.testing.assert_allclose(exact_run.data.evs, exact, rtol=0, atol=1e-9)
+    assert not exact_run.data.stds.any() and exact_run.metadata["target_precision"] == 0.0
 
 
 def test_backend_result_counts_memory_and_options(cluster: LocalCluster) -> None:

@@ -53,7 +53,7 @@ class Chunk(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[ChunkEntry, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class CircuitCounts(_message.Message):
-    __slots__ = ("circuit_index", "counts", "set_index", "memory")
+    __slots__ = ("circuit_index", "counts", "set_index", "memory", "set_count", "expectation_values")
     class CountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,11 +65,15 @@ class CircuitCounts(_message.Message):
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     SET_INDEX_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
+    SET_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTATION_VALUES_FIELD_NUMBER: _ClassVar[int]
     circuit_index: int
     counts: _containers.ScalarMap[str, int]
     set_index: int
     memory: bytes
-    def __init__(self, circuit_index: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., set_index: _Optional[int] = ..., memory: _Optional[bytes] = ...) -> None: ...
+    set_count: int
+    expectation_values: bytes
+    def __init__(self, circuit_index: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., set_index: _Optional[int] = ..., memory: _Optional[bytes] = ..., set_count: _Optional[int] = ..., expectation_values: _Optional[bytes] = ...) -> None: ...
 
 class ShardResult(_message.Message):
     __slots__ = ("results",)

@@ -9,18 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CircuitSource(_message.Message):
-    __slots__ = ("qpy", "qasm", "name", "parameters", "shots")
+    __slots__ = ("qpy", "qasm", "name", "parameters", "shots", "observables")
     QPY_FIELD_NUMBER: _ClassVar[int]
     QASM_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVABLES_FIELD_NUMBER: _ClassVar[int]
     qpy: bytes
     qasm: str
     name: str
     parameters: _common_pb2.ParameterValues
     shots: int
-    def __init__(self, qpy: _Optional[bytes] = ..., qasm: _Optional[str] = ..., name: _Optional[str] = ..., parameters: _Optional[_Union[_common_pb2.ParameterValues, _Mapping]] = ..., shots: _Optional[int] = ...) -> None: ...
+    observables: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, qpy: _Optional[bytes] = ..., qasm: _Optional[str] = ..., name: _Optional[str] = ..., parameters: _Optional[_Union[_common_pb2.ParameterValues, _Mapping]] = ..., shots: _Optional[int] = ..., observables: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("circuits", "shots", "seed", "method", "memory", "noise_model", "request_key")
@@ -154,7 +156,7 @@ class JobResult(_message.Message):
     def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ..., results: _Optional[_Iterable[_Union[CircuitResult, _Mapping]]] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., nodes_used: _Optional[_Iterable[str]] = ..., attempts: _Optional[_Iterable[_Union[AttemptInfo, _Mapping]]] = ..., stale_results_dropped: _Optional[int] = ..., wall_time_s: _Optional[float] = ...) -> None: ...
 
 class CircuitResult(_message.Message):
-    __slots__ = ("circuit_index", "name", "counts", "shots", "num_qubits", "num_clbits", "sets", "registers", "memory_width", "register_clbits")
+    __slots__ = ("circuit_index", "name", "counts", "shots", "num_qubits", "num_clbits", "sets", "registers", "memory_width", "register_clbits", "observables", "expectation_values")
     class CountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +174,8 @@ class CircuitResult(_message.Message):
     REGISTERS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_WIDTH_FIELD_NUMBER: _ClassVar[int]
     REGISTER_CLBITS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVABLES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTATION_VALUES_FIELD_NUMBER: _ClassVar[int]
     circuit_index: int
     name: str
     counts: _containers.ScalarMap[str, int]
@@ -182,7 +186,9 @@ class CircuitResult(_message.Message):
     registers: _containers.RepeatedCompositeFieldContainer[Register]
     memory_width: int
     register_clbits: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, circuit_index: _Optional[int] = ..., name: _Optional[str] = ..., counts: _Optional[_Mapping[str, int]] = ..., shots: _Optional[int] = ..., num_qubits: _Optional[int] = ..., num_clbits: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[SetResult, _Mapping]]] = ..., registers: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., memory_width: _Optional[int] = ..., register_clbits: _Optional[_Iterable[int]] = ...) -> None: ...
+    observables: _containers.RepeatedScalarFieldContainer[str]
+    expectation_values: bytes
+    def __init__(self, circuit_index: _Optional[int] = ..., name: _Optional[str] = ..., counts: _Optional[_Mapping[str, int]] = ..., shots: _Optional[int] = ..., num_qubits: _Optional[int] = ..., num_clbits: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[SetResult, _Mapping]]] = ..., registers: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., memory_width: _Optional[int] = ..., register_clbits: _Optional[_Iterable[int]] = ..., observables: _Optional[_Iterable[str]] = ..., expectation_values: _Optional[bytes] = ...) -> None: ...
 
 class SetResult(_message.Message):
     __slots__ = ("set_index", "counts", "shots", "memory")

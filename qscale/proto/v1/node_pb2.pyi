@@ -100,18 +100,20 @@ class ShardAssignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., attempt_token: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.Chunk, _Mapping]]] = ..., circuits: _Optional[_Iterable[_Union[CircuitPayload, _Mapping]]] = ..., method: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ..., noise_model_cached: _Optional[bool] = ...) -> None: ...
 
 class CircuitPayload(_message.Message):
-    __slots__ = ("circuit_index", "qpy", "parameters", "first_set", "cached")
+    __slots__ = ("circuit_index", "qpy", "parameters", "first_set", "cached", "observables")
     CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     QPY_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     FIRST_SET_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    OBSERVABLES_FIELD_NUMBER: _ClassVar[int]
     circuit_index: int
     qpy: bytes
     parameters: _common_pb2.ParameterValues
     first_set: int
     cached: bool
-    def __init__(self, circuit_index: _Optional[int] = ..., qpy: _Optional[bytes] = ..., parameters: _Optional[_Union[_common_pb2.ParameterValues, _Mapping]] = ..., first_set: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
+    observables: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, circuit_index: _Optional[int] = ..., qpy: _Optional[bytes] = ..., parameters: _Optional[_Union[_common_pb2.ParameterValues, _Mapping]] = ..., first_set: _Optional[int] = ..., cached: _Optional[bool] = ..., observables: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CancelAttempt(_message.Message):
     __slots__ = ("attempt_token", "reason")

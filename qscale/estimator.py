@@ -1,0 +1,240 @@
+"""``EstimatorV2`` on a qscale cluster: exact expectation values by default, circuit cutting for
+circuits wider than any node.
+
+At precision 0 (the default, as in qiskit-aer's ``EstimatorV2``) every pub becomes estimator
+work: the cluster computes the exact expectation value of each distinct Pauli of the pub's
+observables for each parameter set (qiskit-aer's ``save_expectation_value`` on the nodes), and
+the observables are summed here in the order qiskit-aer's ``EstimatorV2`` sums them. The values
+are the same bits however the sets are spread over the nodes, and whatever failed on the way.
+
+A pub whose circuit no node's statevector holds is cut (:mod:`qscale.cutting`): its
+subexperiments run as estimator work of the same job and the values are reconstructed here.
+When cutting would need more than ``max_subexperiments`` subexperiments, the circuit goes to
+the cluster as it is and the coordinator runs it on the matrix-product-state method (or refuses
+it, saying why, when no node can).
+
+At precision > 0 the estimate is sampled: Qiskit's ``BackendEstimatorV2`` on a
+:class:`~qscale.QScaleBackend` (``ceil(1 / precision**2)`` shots per measured basis), seeded
+per shard by the cluster, so the same seed gives the same estimate on any number of nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qiskit import QuantumCircuit
+from qiskit.primitives import BackendEstimatorV2, BaseEstimatorV2, DataBin, PrimitiveResult, PubResult
+from qiskit.primitives.containers.estimator_pub import EstimatorPub, EstimatorPubLike
+
+from qscale.backend import QScaleBackend
+from qscale.circuits import CLIFFORD_OPS
+from qscale.client import Client
+from qscale.errors import FailedPreconditionError, InvalidArgumentError, NoCapableNodeError
+from qscale.primitives import QScalePrimitiveJob
+from qscale.results import JobResult
+
+if TYPE_CHECKING:
+    from qiskit_aer.noise import NoiseModel
+
+    from qscale.cutting import CutPlan
+
+__all__ = ["EstimatorV2", "EstimatorOptions"]
+
+
+@dataclass(frozen=True)
+class EstimatorOptions:
+    """Options of :class:`EstimatorV2`."""
+
+    default_precision: float = 0.0
+    """Target standard error when the pub and ``run`` give none. 0: exact expectation values
+    (``stds`` of 0); > 0: a sampled estimate with ``ceil(1 / precision**2)`` shots per basis."""
+    seed: int | None = None
+    """Job seed, for reproducible sampled estimates."""
+    method: str = "automatic"
+    """qiskit-aer simulation method."""
+    noise_model: NoiseModel | None = None
+    """A qiskit-aer noise model (sent as JSON), or None. Exact values with noise run on the
+    density-matrix method, which needs the circuit's density matrix to fit a node."""
+    max_subexperiments: int = 10_000
+    """Most subexperiments a cut circuit may need; a circuit that needs more runs uncut (on the
+    matrix-product-state method)."""
+
+    def __post_init__(self) -> None:
+        _check_precision(self.default_precision, "default_precision")
+        if not isinstance(self.max_subexperiments, int) or self.max_subexperiments < 1:
+            raise InvalidArgumentError("max_subexperiments must be an integer >= 1")
+
+
+def _check_precision(value: object, what: str = "precision") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(value) or value < 0:
+        raise InvalidArgumentError(f"{what} must be a number >= 0 (0: exact), got {value!r}")
+    return float(value)
+
+
+class EstimatorV2(BaseEstimatorV2):
+    """``BaseEstimatorV2`` on a qscale cluster.
+
+    Args:
+        client: a connected :class:`qscale.Client`.
+        default_precision: 0 (the default) for exact values; > 0 for a sampled estimate.
+        seed: job seed for reproducible sampled estimates.
+        options: further :class:`EstimatorOptions` (or a dict of them); they win over the
+            keyword arguments.
+
+    Example::
+
+        estimator = qscale.EstimatorV2(client)
+        evs = estimator.run([(circuit, observables, parameter_values)]).result()[0].data.evs
+    """
+
+    def __init__(self, client: Client, *, default_precision: float = 0.0, seed: int | None = None,
+                 options: EstimatorOptions | dict[str, Any] | None = None) -> None:
+        given = vars(options) if isinstance(options, EstimatorOptions) else dict(options or {})
+        self._options = EstimatorOptions(**{"default_precision": default_precision, "seed": seed, **given})
+        self._client = client
+        self.backend = QScaleBackend(client, method=self._options.method, noise_model=self._options.noise_model)
+        self._sampled = BackendEstimatorV2(backend=self.backend, options={"seed_simulator": self._options.seed})
+
+    @property
+    def options(self) -> EstimatorOptions:
+        return self._options
+
+    def run(self, pubs: Iterable[EstimatorPubLike], *, precision: float | None = None
+            ) -> QScalePrimitiveJob[PrimitiveResult[PubResult]]:
+        """Estimate the pubs; returns at once. Exact pubs (precision 0) go to the cluster as one
+        estimator job; sampled ones (precision > 0) as one sampling job.
+
+        Raises:
+            InvalidArgumentError: a bad pub or precision.
+            NoCapableNodeError: a circuit no node can hold and cutting cannot split within
+                ``max_subexperiments`` (the message says both).
+        """
+        precision = self._options.default_precision if precision is None else _check_precision(precision)
+        coerced = [EstimatorPub.coerce(pub, precision) for pub in pubs]
+        if not coerced:
+            raise InvalidArgumentError("run needs at least one pub")
+        for i, pub in enumerate(coerced):
+            _check_precision(pub.precision, f"pub {i} precision")
+        exact = [i for i, pub in enumerate(coerced) if pub.precision == 0]
+        sampled = [i for i, pub in enumerate(coerced) if pub.precision > 0]
+        sampled_job = self._sampled.run([coerced[i] for i in sampled]) if sampled else None
+        if not exact:
+            return sampled_job  # type: ignore[return-value]  # Qiskit's job on the cluster's backend
+        work = self._plan(coerced[i] for i in exact)
+        job = self._submit(work)
+
+        def build(result: JobResult | None) -> PrimitiveResult[PubResult]:
+            assert result is not None
+            out: dict[int, PubResult] = {}
+            start = 0
+            for index, item in zip(exact, work):
+                out[index] = item.pub_result(result.results[start : start + len(item.circuits)])
+                start += len(item.circuits)
+            if sampled_job is not None:
+                out.update(zip(sampled, sampled_job.result()))
+            metadata = {"version": 2, "job_id": result.job_id, "seed": result.seed,
+                        "shards": result.status.shards_total, "nodes_used": result.nodes_used}
+            return PrimitiveResult([out[i] for i in range(len(coerced))], metadata=metadata)
+
+        return QScalePrimitiveJob(job, build)
+
+    def _plan(self, pubs: Iterable[EstimatorPub]) -> list[_ExactPub]:
+        widest = self._widest_statevector()
+        return [_ExactPub.build(pub, widest, self._options) for pub in pubs]
+
+    def _widest_statevector(self) -> int:
+        """The widest statevector a live node holds (0: no node to judge by)."""
+        return max((n.max_statevector_qubits for n in self._client.nodes() if n.state == "alive"), default=0)
+
+    def _submit(self, work: list[_ExactPub]):  # -> qscale.Job
+        circuits = [c for item in work for c in item.circuits]
+        observables = [o for item in work for o in item.observables]
+        values = [item.rows if item.rows.shape[1] else None for item in work for _ in item.circuits]
+        try:
+            return self._client.estimate(circuits, observables, parameter_values=values, seed=self._options.seed,
+                                         method=self._options.method, noise_model=self._options.noise_model)
+        except NoCapableNodeError as exc:
+            reasons = "; ".join(f"pub {i}: {item.cut_error}" for i, item in enumerate(work) if item.cut_error)
+            if reasons:
+                raise NoCapableNodeError(f"{exc}; cutting was tried: {reasons}") from None
+            raise
+
+
+@dataclass
+class _ExactPub:
+    """One exact pub as cluster work: its circuit (or the subexperiments of its cut), the
+    distinct Paulis of its observables, and its parameter rows."""
+
+    pub: EstimatorPub
+    paulis: tuple[str, ...]
+    rows: np.ndarray
+    """Parameter sets x parameters (``circuit.parameters`` order), flattened in C order."""
+    circuits: list[QuantumCircuit]
+    observables: list[tuple[str, ...]]
+    cut: CutPlan | None = None
+    cut_error: str = ""
+    """Why the circuit was not cut although no node's statevector holds it."""
+
+    @classmethod
+    def build(cls, pub: EstimatorPub, widest: int, options: EstimatorOptions) -> _ExactPub:
+        circuit = pub.circuit
+        if any(inst.name == "measure" for inst in circuit.data):
+            circuit = circuit.remove_final_measurements(inplace=False)
+        paulis = tuple(sorted({label for terms in pub.observables.ravel() for label in terms}))
+        num_sets = math.prod(pub.parameter_values.shape)
+        if circuit.num_parameters:
+            rows = np.asarray(pub.parameter_values.as_array(circuit.parameters), dtype=float)
+            rows = rows.reshape(num_sets, circuit.num_parameters)
+        else:
+            rows = np.zeros((num_sets, 0))
+        item = cls(pub, paulis, rows, [circuit], [paulis])
+        if 0 < widest < circuit.num_qubits and options.noise_model is None and options.method == "automatic" \
+                and not {inst.name for inst in circuit.data} <= CLIFFORD_OPS:
+            item._try_cut(circuit, widest, options.max_subexperiments)
+        return item
+
+    def _try_cut(self, circuit: QuantumCircuit, widest: int, budget: int) -> None:
+        from qscale.cutting import plan_cuts
+
+        try:
+            plan = plan_cuts(circuit, self.paulis, widest, max_subexperiments=budget)
+        except FailedPreconditionError as exc:
+            self.cut_error = str(exc)
+            return
+        self.cut = plan
+        self.circuits = [s.circuit for s in plan.subexperiments]
+        self.observables = [s.paulis for s in plan.subexperiments]
+
+    def values(self, results: list) -> np.ndarray:
+        """Parameter sets x ``paulis``: the exact expectation values, reconstructed for a cut."""
+        arrays = [r.expectation_values for r in results]
+        return self.cut.reconstruct(arrays) if self.cut is not None else arrays[0]
+
+    def pub_result(self, results: list) -> PubResult:
+        """The pub's ``evs`` (``stds`` 0), summed over each observable's terms in the order
+        qiskit-aer's ``EstimatorV2`` sums them."""
+        values = self.values(results)
+        column = {label: j for j, label in enumerate(self.paulis)}
+        pub = self.pub
+        param_shape = pub.parameter_values.shape
+        rows = np.arange(math.prod(param_shape)).reshape(param_shape)
+        observables = np.asarray(pub.observables)  # an object array of {label: coefficient}
+        which = np.arange(observables.size).reshape(observables.shape)
+        row_of, obs_of = np.broadcast_arrays(rows, which)
+        evs = np.zeros(row_of.shape, dtype=float)
+        for k, terms in enumerate(observables.ravel()):
+            mask = obs_of == k
+            picked = row_of[mask]
+            total = np.zeros(picked.shape, dtype=float)
+            for label, coeff in terms.items():
+                total += values[picked, column[label]] * coeff
+            evs[mask] = total
+        metadata: dict[str, Any] = {"target_precision": 0.0, "circuit_metadata": pub.circuit.metadata}
+        if self.cut is not None:
+            metadata["cutting"] = self.cut.metadata()
+        return PubResult(DataBin(evs=evs, stds=np.zeros_like(evs), shape=evs.shape), metadata=metadata)
