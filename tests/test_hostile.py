@@ -24,7 +24,7 @@ from qiskit import QuantumCircuit, qpy
 from qiskit.circuit import Gate, IfElseOp, Parameter
 
 from conftest import bell, wait_until
-from qscale.circuits import check_operations, dump_qpy, parse_qasm
+from qscale.circuits import check_operations, dump_qpy, max_statevector_qubits, parse_qasm
 from qscale.coordinator import sandbox
 from qscale.coordinator.config import CoordinatorConfig, Limits
 from qscale.errors import InvalidArgumentError
@@ -786,7 +786,7 @@ class HostileNode:
 
         caps = node_pb2.NodeCapabilities(
             name="hostile", hostname="hostile", cores=1, slots=4, memory_budget_bytes=memory,
-            methods=list(METHODS), max_statevector_qubits=26, qpy_version=qpy.QPY_VERSION, qscale_version="0",
+            methods=list(METHODS), max_statevector_qubits=max_statevector_qubits(memory // 4), qpy_version=qpy.QPY_VERSION, qscale_version="0",
             qiskit_version=qiskit.__version__, aer_version="0")
         self.node_id = nodes.Register(node_pb2.RegisterRequest(capabilities=caps), timeout=10).node_id
         self.outgoing: queue.Queue[node_pb2.NodeMessage | None] = queue.Queue()
