@@ -163,6 +163,64 @@ def _submit(args: argparse.Namespace) -> int:
     return _show_result(result, args)
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    """``estimate FILE --observable P ...``: exact (or, with ``--precision``, sampled) expectation
+    values of Pauli observables for every circuit of a file, and what cutting did."""
+    from qiskit.quantum_info import SparsePauliOp
+
+    from qscale.client import circuits_from_file
+    from qscale.estimator import EstimatorV2
+    from qscale.primitives import QScalePrimitiveJob
+
+    circuits = circuits_from_file(args.file)
+    for circuit in circuits:
+        for label in args.observable:
+            if len(label) != circuit.num_qubits or label.strip("IXYZ"):
+                raise errors.InvalidArgumentError(
+                    f"--observable {label!r}: {circuit.name!r} has {circuit.num_qubits} qubits; give one letter of "
+                    "IXYZ per qubit, qubit 0 rightmost")
+    estimator = EstimatorV2(_client(args), seed=args.seed,
+                            options={"max_subexperiments": args.max_subexperiments, "method": args.method or "automatic"})
+    pubs = [(circuit, [SparsePauliOp(label) for label in args.observable]) for circuit in circuits]
+    job = estimator.run(pubs, precision=args.precision)
+    try:
+        # A sampled estimate is Qiskit's own job (BackendEstimatorV2), whose result() has no timeout.
+        result = job.result(timeout=args.timeout) if isinstance(job, QScalePrimitiveJob) else job.result()
+    except KeyboardInterrupt:
+        return _interrupted(job.job_id())
+    rows = [{"circuit": circuit.name, "num_qubits": circuit.num_qubits,
+             "values": [{"observable": label, "value": float(ev), "std": float(sd)}
+                        for label, ev, sd in zip(args.observable, pub.data.evs, pub.data.stds)],
+             **({"cutting": pub.metadata["cutting"]} if "cutting" in pub.metadata else {})}
+            for circuit, pub in zip(circuits, result)]
+    if args.json:
+        _print_json({"job_id": result.metadata.get("job_id", ""), "precision": args.precision or 0.0,
+                     "seed": result.metadata.get("seed"), "results": rows})
+        return EXIT_OK
+    console = _console()
+    for row in rows:
+        console.print(f"{escape(repr(row['circuit']))}: {row['num_qubits']} qubits")
+        table = Table()
+        table.add_column("observable", style="cyan")
+        table.add_column("value", justify="right")
+        table.add_column("std error", justify="right")
+        for item in row["values"]:
+            table.add_row(item["observable"], f"{item['value']:.12g}", f"{item['std']:.3g}")
+        console.print(table)
+        if "cutting" in row:
+            cut = row["cutting"]
+            console.print(f"cut into {len(cut.get('subcircuit_widths', ()))} subcircuits of "
+                          f"{cut.get('subcircuit_widths')} qubits: {cut.get('cuts')} cuts, "
+                          f"{cut.get('subexperiments')} subexperiments, sampling overhead "
+                          f"{cut.get('sampling_overhead', 0):.4g}")
+    meta = result.metadata
+    if "job_id" in meta:
+        console.print(f"job {meta['job_id']}: exact, {meta['shards']} shards, {len(meta['nodes_used'])} nodes")
+    else:
+        console.print(f"sampled estimate, target precision {args.precision:g} (seed {args.seed})")
+    return EXIT_OK
+
+
 def _show_bar(args: argparse.Namespace) -> bool:
     """Whether to draw the live bar: stdout is a terminal and ``--json`` was not given."""
     return not args.json and sys.stdout.isatty()
@@ -569,6 +627,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="wait and print the result (with a live progress bar on a terminal, unless --json)")
     p.set_defaults(func=_submit)
+
+    p = sub.add_parser("estimate", parents=[client_opts], help="expectation values of Pauli observables",
+                       description="Exact expectation values (or, with --precision, a sampled estimate) of Pauli "
+                                   "observables for every circuit of a file. A circuit wider than every node is "
+                                   "cut into subcircuits that fit, and its values reconstructed.")
+    p.add_argument("file", metavar="FILE", help=".qpy or OpenQASM 2/3 .qasm file (measurements are ignored)")
+    p.add_argument("--observable", action="append", required=True, metavar="PAULI",
+                   help="a Pauli label, one letter of IXYZ per qubit, qubit 0 rightmost; repeat for more")
+    p.add_argument("--precision", type=float, default=0.0,
+                   help="0 (default): exact values; > 0: a sampled estimate with this standard error")
+    p.add_argument("--seed", type=int, help="seed for a reproducible sampled estimate")
+    p.add_argument("--method", help="Aer method (default: automatic)")
+    p.add_argument("--max-subexperiments", type=int, default=10_000, metavar="N",
+                   help="cut a circuit wider than every node only if it needs at most N subexperiments; "
+                        "otherwise it runs uncut on the matrix-product-state method (default 10000)")
+    p.add_argument("--timeout", type=float, help="seconds to wait for the values")
+    p.set_defaults(func=_estimate)
 
     for name, func, text in (("status", _status, "a job's status"), ("cancel", _cancel, "cancel a job")):
         p = sub.add_parser(name, parents=[client_opts], help=text)

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from qiskit import QuantumCircuit
 
-from qscale.circuits import check_pauli_labels, dump_qpy, pack_parameter_values
+from qscale.circuits import check_pauli_labels, dump_qpy, load_qpy, pack_parameter_values, parse_qasm
 from qscale.errors import (
     InvalidArgumentError,
     JobCancelledError,
@@ -73,6 +73,17 @@ def circuit_sources_from_file(path: str | os.PathLike[str]) -> list[jobs_pb2.Cir
     except Exception as exc:
         raise InvalidArgumentError(f"{p}: not a readable QPY file ({type(exc).__name__})") from exc
     raise InvalidArgumentError(f"{p}: unknown circuit file type {suffix!r}; use .qpy or .qasm")
+
+
+def circuits_from_file(path: str | os.PathLike[str]) -> list[QuantumCircuit]:
+    """The circuits of a ``.qpy`` or OpenQASM 2/3 ``.qasm`` file, decoded here (for work that
+    needs the circuit itself on the client, such as estimator pubs and cutting)."""
+    circuits = []
+    for source in circuit_sources_from_file(path):
+        circuit = load_qpy(source.qpy) if source.WhichOneof("source") == "qpy" else parse_qasm(source.qasm)
+        circuit.name = source.name or circuit.name
+        circuits.append(circuit)
+    return circuits
 
 
 def check_shots(value: object, what: str = "shots") -> int:

@@ -133,3 +133,21 @@ def test_wide_circuits_route_to_matrix_product_state_or_are_refused_with_the_rea
     # Nothing holds a 40-qubit statevector: asked for by name, it is refused, saying why.
     with pytest.raises(NoCapableNodeError, match=r"40 qubits.*statevectors of up to 12 qubits"):
         client.submit(measured, shots=10, method="statevector")
+
+
+def test_cli_estimate_prints_exact_values(cluster3, tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "ghz.qasm"
+    path.write_text('OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[3];\nh q[0];\ncx q[0],q[1];\ncx q[1],q[2];\n')
+    base = [sys.executable, "-m", "qscale.coordinator.cli", "estimate", str(path), "--coordinator", cluster3.address]
+    done = subprocess.run([*base, "--observable", "ZZI", "--observable", "XXX", "--observable", "XII", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [v["value"] for v in report["results"][0]["values"]] == pytest.approx([1.0, 1.0, 0.0], abs=1e-12)
+    assert report["results"][0]["circuit"] == "ghz" and report["job_id"]
+    wrong = subprocess.run([*base, "--observable", "ZZ"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "3 qubits" in wrong.stderr
