@@ -16,7 +16,9 @@ So each :class:`Subexperiment` is a measurement-free circuit plus Z/I Pauli labe
 exactly (``save_expectation_value``) for every parameter row, and :meth:`CutPlan.reconstruct`
 combines them into the expectation values of the input Paulis. Along the way, gates whose
 result is never read are dropped, unused wires removed, identical subexperiments computed once
-(their labels merged) and identity labels (value 1) never sent.
+(their labels merged) and identity labels (value 1) never sent. A sampled mode
+(:meth:`CutPlan.sampling_circuits`, :meth:`CutPlan.shots_for`,
+:meth:`CutPlan.reconstruct_sampled`) runs the same circuits with final measurements instead.
 
 Pure: nothing here talks to a cluster.
 """
@@ -25,15 +27,16 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 from qiskit import QuantumCircuit
 from qiskit.circuit import (
     CircuitInstruction,
+    ClassicalRegister,
     ControlFlowOp,
     Gate,
     Measure,
@@ -110,6 +113,27 @@ class _Terms:
             product *= np.einsum("rcpe,pe->rcp", values[:, columns], weights)
         return np.einsum("rcp,c->rp", product, self.coefficients) * self.idle
 
+    def gradient(self, values: np.ndarray) -> np.ndarray:
+        """d E[p] / d V[column] at one row of values (columns,), as (P, columns - 1)."""
+        factors = [np.einsum("cpe,pe->cp", values[cols], w) for cols, w in zip(self.columns, self.weights)]
+        return self._spread(factors, self.coefficients, self.idle, len(values))
+
+    def gradient_bound(self) -> np.ndarray:
+        """An upper bound of ``|gradient|`` for any values in [-1, 1], as (P, columns - 1)."""
+        ones = [np.ones(cols.shape[:2]) for cols in self.columns]
+        return self._spread(ones, np.abs(self.coefficients), np.abs(self.idle), int(self.offsets[-1]))
+
+    def _spread(self, factors: list[np.ndarray], coefficients: np.ndarray, idle: np.ndarray,
+                num_columns: int) -> np.ndarray:
+        """Sum, per column, of coefficient x idle x weight x the other subsystems' factors."""
+        gradient = np.zeros((len(idle), num_columns))
+        paulis = np.arange(len(idle))[None, :, None]
+        for k, (columns, weights) in enumerate(zip(self.columns, self.weights)):
+            others = np.prod([f for j, f in enumerate(factors) if j != k], axis=0)
+            scale = coefficients[:, None] * others * idle
+            np.add.at(gradient, (paulis, columns), scale[:, :, None] * weights)
+        return gradient[:, 1:]
+
 
 @dataclass(frozen=True, eq=False)
 class CutPlan:
@@ -174,6 +198,56 @@ class CutPlan:
                 raise InvalidArgumentError(f"subexperiment {s} needs parameters {missing} that the rows lack")
             out.append(array[:, [column[p] for p in sub.circuit.parameters]])
         return tuple(out)
+
+    def sampling_circuits(self) -> tuple[QuantumCircuit, ...]:
+        """Each subexperiment with final measurements of the qubits its Paulis touch.
+
+        Clbit ``k`` of register ``meas`` holds the ``k``-th touched qubit in ascending order. Only
+        final measurements, so a simulator samples every shot from one state.
+        """
+        return tuple(_with_measurements(sub) for sub in self.subexperiments)
+
+    def shots_for(self, precision: float) -> tuple[int, ...]:
+        """Shots per subexperiment so that each reconstructed standard error is at most about
+        ``precision``, whatever the state.
+
+        Shots go in proportion to each subexperiment's weight ``a_s`` (the sum of
+        ``|coefficient|`` over the terms that use it, the largest over the input Paulis),
+        ``N_s = a_s * sum(a) / precision**2``, at least 1: that minimises the total for the bound
+        ``sum_s a_s**2 / N_s`` of the variance. The bound takes every other subsystem's factor
+        and every ±1 variance as 1, so the real standard error is usually well below
+        ``precision`` (the errors :meth:`reconstruct_sampled` reports are the real ones).
+        """
+        if not (isinstance(precision, Real) and math.isfinite(precision) and precision > 0):
+            raise InvalidArgumentError(f"precision must be a positive number, not {precision!r}")
+        if not self.subexperiments:
+            return ()
+        bound = self._terms.gradient_bound()
+        per_subexperiment = np.add.reduceat(bound, self._terms.offsets[:-1] - 1, axis=1)
+        weight = per_subexperiment.max(axis=0)
+        shots = np.ceil(weight * weight.sum() / precision**2)
+        return tuple(int(n) for n in np.maximum(shots, 1))
+
+    def reconstruct_sampled(self, counts: Sequence[Mapping[str, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Values and standard errors (each of shape (len(paulis),)) from sampled counts.
+
+        ``counts[s]`` are Qiskit-style bitstring counts (clbit 0 rightmost) of
+        ``sampling_circuits()[s]``. The standard error is the delta method's: subexperiments are
+        independent, and within one the covariance of its ±1 values is estimated from the same
+        shots (a lone ±1 mean ``m`` over ``n`` shots has variance ``(1 - m**2) / n``).
+        """
+        if len(counts) != len(self.subexperiments):
+            raise InvalidArgumentError(f"{len(counts)} counts for {len(self.subexperiments)} subexperiments")
+        stats = [_count_statistics(c, sub.paulis, s)
+                 for s, (c, sub) in enumerate(zip(counts, self.subexperiments))]
+        row = np.concatenate([[1.0], *(mean for mean, _, _ in stats)])
+        values = self._terms.combine(row[None, :])[0]
+        gradient = self._terms.gradient(row)
+        variance = np.zeros(len(values))
+        for s, (_, covariance, shots) in enumerate(stats):
+            g = gradient[:, self._terms.offsets[s] - 1 : self._terms.offsets[s + 1] - 1]
+            variance += np.einsum("pc,cd,pd->p", g, covariance, g) / shots
+        return values, np.sqrt(np.maximum(variance, 0.0))
 
 
 def plan_cuts(circuit: QuantumCircuit, paulis: Sequence[str], max_qubits: int, *,
@@ -634,3 +708,44 @@ def _subsystem_table(subobservables: PauliList, collection: ObservableCollection
     num_terms = len(refs) // len(collection.groups)
     rows = np.arange(num_terms)[:, None, None] * len(collection.groups) + groups[None]
     return column[rows, entries[None]], weights
+
+
+# --- sampled mode -------------------------------------------------------------------------------
+
+
+def _measured_qubits(paulis: Sequence[str]) -> list[int]:
+    """Qubits (ascending) that any of the Z/I labels touches (every subexperiment has a Z)."""
+    width = len(paulis[0])
+    return sorted({width - 1 - i for label in paulis for i, c in enumerate(label) if c == "Z"})
+
+
+def _with_measurements(sub: Subexperiment) -> QuantumCircuit:
+    """The subexperiment with its touched qubits measured into register ``meas``."""
+    qubits = _measured_qubits(sub.paulis)
+    qc = sub.circuit.copy()
+    register = ClassicalRegister(len(qubits), "meas")
+    qc.add_register(register)
+    qc.measure(qubits, register)
+    return qc
+
+
+def _count_statistics(counts: Mapping[str, int], paulis: Sequence[str],
+                      s: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Means (K,), covariance (K, K) of the ±1 values of the K labels, and the shot count."""
+    qubits = _measured_qubits(paulis)
+    keys = list(counts)
+    weights = np.array([counts[k] for k in keys], dtype=np.float64)
+    shots = int(weights.sum())
+    text = "".join(keys)
+    if shots <= 0 or np.any(weights < 0) or len(text) != len(keys) * len(qubits):
+        raise InvalidArgumentError(f"counts[{s}] must be bitstrings of {len(qubits)} bits with a positive total")
+    codes = np.frombuffer(text.encode("ascii", "replace"), dtype=np.uint8).reshape(len(keys), len(qubits))
+    bits = (codes - ord("0"))[:, ::-1]  # column k: clbit k
+    if np.any(bits > 1):
+        raise InvalidArgumentError(f"counts[{s}] has a key that is not a bitstring")
+    width = len(paulis[0])
+    masks = np.array([[label[width - 1 - q] == "Z" for q in qubits] for label in paulis], dtype=np.int64)
+    signs = 1.0 - 2.0 * ((bits.astype(np.int64) @ masks.T) & 1)  # (outcomes, K)
+    mean = weights @ signs / shots
+    second = (signs * weights[:, None]).T @ signs / shots
+    return mean, second - np.outer(mean, mean), shots

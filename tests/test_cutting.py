@@ -1,4 +1,4 @@
-"""qscale.cutting: cut circuits become exact expectation-value work.
+"""qscale.cutting: cut circuits become exact (and sampled) expectation-value work.
 
 No cluster: subexperiments run in-process on qiskit-aer / Statevector, and the reconstruction is
 compared with the uncut circuit's exact values.
@@ -277,3 +277,36 @@ def test_deferral_matches_mid_circuit_measurements_and_resets() -> None:
         qc.x(0)
     with pytest.raises(InvalidArgumentError, match="classically controlled"):
         _defer_measurements(qc, group)
+
+
+# --- sampled mode --------------------------------------------------------------------------------
+
+
+def sample(plan: CutPlan, circuit: QuantumCircuit, row: np.ndarray, precision: float,
+           seed: int) -> list[dict[str, int]]:
+    """Counts of every sampling circuit at one parameter row, with the plan's shots."""
+    sim = AerSimulator(method="statevector")
+    circuits, shots = plan.sampling_circuits(), plan.shots_for(precision)
+    counts = []
+    for s, sub_rows in enumerate(plan.subexperiment_rows(row[None, :], circuit.parameters)):
+        bound = circuits[s].assign_parameters(sub_rows[0])
+        counts.append(sim.run(bound, shots=shots[s], seed_simulator=seed + s).result().get_counts())
+    return counts
+
+
+def test_sampled_reconstruction_is_within_its_standard_errors() -> None:
+    qc = layered(8, [("cx", 3, 4)], 4)
+    paulis = ["ZZZZZZZZ", "XIIIIIIY", "IIIXZIII", "ZIIIXIIZ"]
+    plan = plan_cuts(qc, paulis, 5)
+    row = random_rows(qc, 1, seed=5)[0]
+    exact = exact_uncut(qc, paulis, row[None, :])[0]
+    for circuit, sub in zip(plan.sampling_circuits(), plan.subexperiments):
+        assert circuit.num_clbits == len({i for p in sub.paulis for i, c in enumerate(p) if c == "Z"})
+    coarse, fine = 0.08, 0.02
+    values, errors = plan.reconstruct_sampled(sample(plan, qc, row, coarse, seed=100))
+    assert np.all(np.abs(values - exact) <= 4 * errors + 1e-12)
+    assert np.all(errors <= 1.2 * coarse)
+    values_fine, errors_fine = plan.reconstruct_sampled(sample(plan, qc, row, fine, seed=200))
+    assert np.all(np.abs(values_fine - exact) <= 4 * errors_fine + 1e-12)
+    ratio = errors[errors > 1e-3] / errors_fine[errors > 1e-3]
+    assert ratio.size and np.all((ratio > 2.5) & (ratio < 6.0)), ratio
