@@ -32,7 +32,7 @@ from qiskit.primitives.containers.estimator_pub import EstimatorPub, EstimatorPu
 
 from qscale.backend import QScaleBackend
 from qscale.circuits import CLIFFORD_OPS
-from qscale.client import Client
+from qscale.client import Client, Job
 from qscale.errors import FailedPreconditionError, InvalidArgumentError, NoCapableNodeError
 from qscale.primitives import QScalePrimitiveJob
 from qscale.results import JobResult
@@ -120,55 +120,72 @@ class EstimatorV2(BaseEstimatorV2):
             raise InvalidArgumentError("run needs at least one pub")
         for i, pub in enumerate(coerced):
             _check_precision(pub.precision, f"pub {i} precision")
+        widest = self._widest_statevector()
+        work = {i: _Pub.build(pub, widest, self._options) for i, pub in enumerate(coerced)}
         exact = [i for i, pub in enumerate(coerced) if pub.precision == 0]
-        sampled = [i for i, pub in enumerate(coerced) if pub.precision > 0]
-        sampled_job = self._sampled.run([coerced[i] for i in sampled]) if sampled else None
-        if not exact:
-            return sampled_job  # type: ignore[return-value]  # Qiskit's job on the cluster's backend
-        work = self._plan(coerced[i] for i in exact)
-        job = self._submit(work)
+        cut_sampled = [i for i, pub in enumerate(coerced) if pub.precision > 0 and work[i].cut is not None]
+        plain_sampled = [i for i, pub in enumerate(coerced) if pub.precision > 0 and work[i].cut is None]
+        backend_job = self._sampled.run([coerced[i] for i in plain_sampled]) if plain_sampled else None
+        if not exact and not cut_sampled:
+            return backend_job  # type: ignore[return-value]  # Qiskit's job on the cluster's backend
+        exact_job = self._estimate([work[i] for i in exact]) if exact else None
+        sampled_job = self._sample([work[i] for i in cut_sampled]) if cut_sampled else None
 
-        def build(result: JobResult | None) -> PrimitiveResult[PubResult]:
-            assert result is not None
+        def build(_: JobResult | None) -> PrimitiveResult[PubResult]:
             out: dict[int, PubResult] = {}
-            start = 0
-            for index, item in zip(exact, work):
-                out[index] = item.pub_result(result.results[start : start + len(item.circuits)])
-                start += len(item.circuits)
-            if sampled_job is not None:
-                out.update(zip(sampled, sampled_job.result()))
-            metadata = {"version": 2, "job_id": result.job_id, "seed": result.seed,
-                        "shards": result.status.shards_total, "nodes_used": result.nodes_used}
+            metadata: dict[str, Any] = {"version": 2, "seed": self._options.seed, "shards": 0, "nodes_used": []}
+            for job, indices in ((exact_job, exact), (sampled_job, cut_sampled)):
+                if job is None:
+                    continue
+                result = job.result()
+                start = 0
+                for index in indices:
+                    item = work[index]
+                    out[index] = item.pub_result(result.results[start : start + len(item.circuits)])
+                    start += len(item.circuits)
+                metadata.setdefault("job_id", result.job_id)
+                metadata.update(seed=result.seed, shards=metadata["shards"] + result.status.shards_total,
+                                nodes_used=sorted({*metadata["nodes_used"], *result.nodes_used}))
+            if backend_job is not None:
+                out.update(zip(plain_sampled, backend_job.result()))
             return PrimitiveResult([out[i] for i in range(len(coerced))], metadata=metadata)
 
-        return QScalePrimitiveJob(job, build)
-
-    def _plan(self, pubs: Iterable[EstimatorPub]) -> list[_ExactPub]:
-        widest = self._widest_statevector()
-        return [_ExactPub.build(pub, widest, self._options) for pub in pubs]
+        return QScalePrimitiveJob(exact_job or sampled_job, build)
 
     def _widest_statevector(self) -> int:
         """The widest statevector a live node holds (0: no node to judge by)."""
         return max((n.max_statevector_qubits for n in self._client.nodes() if n.state == "alive"), default=0)
 
-    def _submit(self, work: list[_ExactPub]):  # -> qscale.Job
-        circuits = [c for item in work for c in item.circuits]
-        observables = [o for item in work for o in item.observables]
-        values = [item.rows if item.rows.shape[1] else None for item in work for _ in item.circuits]
+    def _estimate(self, work: list[_Pub]) -> Job:
+        """One estimator job for the exact pubs: each pub's circuit, or its cut's subexperiments."""
         try:
-            return self._client.estimate(circuits, observables, parameter_values=values, seed=self._options.seed,
-                                         method=self._options.method, noise_model=self._options.noise_model)
+            return self._client.estimate([c for item in work for c in item.circuits],
+                                         [o for item in work for o in item.observables],
+                                         parameter_values=[r for item in work for r in item.circuit_rows],
+                                         seed=self._options.seed, method=self._options.method,
+                                         noise_model=self._options.noise_model)
         except NoCapableNodeError as exc:
-            reasons = "; ".join(f"pub {i}: {item.cut_error}" for i, item in enumerate(work) if item.cut_error)
+            reasons = "; ".join(f"{item.cut_error}" for item in work if item.cut_error)
             if reasons:
                 raise NoCapableNodeError(f"{exc}; cutting was tried: {reasons}") from None
             raise
 
+    def _sample(self, work: list[_Pub]) -> Job:
+        """One sampling job for the cut pubs at precision > 0: each subexperiment with its final
+        measurements, shots in proportion to its weight in the reconstruction."""
+        circuits, shots, rows = [], [], []
+        for item in work:
+            assert item.cut is not None
+            circuits.extend(item.cut.sampling_circuits())
+            shots.extend(item.cut.shots_for(item.pub.precision))
+            rows.extend(item.circuit_rows)
+        return self._client.submit(circuits, shots=shots, seed=self._options.seed, parameter_values=rows)
+
 
 @dataclass
-class _ExactPub:
-    """One exact pub as cluster work: its circuit (or the subexperiments of its cut), the
-    distinct Paulis of its observables, and its parameter rows."""
+class _Pub:
+    """One pub as cluster work: its circuit (or the subexperiments of its cut), the distinct
+    Paulis of its observables, and each circuit's parameter rows."""
 
     pub: EstimatorPub
     paulis: tuple[str, ...]
@@ -176,12 +193,15 @@ class _ExactPub:
     """Parameter sets x parameters (``circuit.parameters`` order), flattened in C order."""
     circuits: list[QuantumCircuit]
     observables: list[tuple[str, ...]]
+    circuit_rows: list[np.ndarray | None]
+    """Each circuit's parameter rows; None for a circuit without parameters (computed once and
+    broadcast over the pub's rows)."""
     cut: CutPlan | None = None
     cut_error: str = ""
     """Why the circuit was not cut although no node's statevector holds it."""
 
     @classmethod
-    def build(cls, pub: EstimatorPub, widest: int, options: EstimatorOptions) -> _ExactPub:
+    def build(cls, pub: EstimatorPub, widest: int, options: EstimatorOptions) -> _Pub:
         circuit = pub.circuit
         if any(inst.name == "measure" for inst in circuit.data):
             circuit = circuit.remove_final_measurements(inplace=False)
@@ -192,7 +212,7 @@ class _ExactPub:
             rows = rows.reshape(num_sets, circuit.num_parameters)
         else:
             rows = np.zeros((num_sets, 0))
-        item = cls(pub, paulis, rows, [circuit], [paulis])
+        item = cls(pub, paulis, rows, [circuit], [paulis], [rows if circuit.num_parameters else None])
         if 0 < widest < circuit.num_qubits and options.noise_model is None and options.method == "automatic" \
                 and not {inst.name for inst in circuit.data} <= CLIFFORD_OPS:
             item._try_cut(circuit, widest, options.max_subexperiments)
@@ -209,16 +229,36 @@ class _ExactPub:
         self.cut = plan
         self.circuits = [s.circuit for s in plan.subexperiments]
         self.observables = [s.paulis for s in plan.subexperiments]
+        self.circuit_rows = [r if r.shape[1] else None
+                             for r in plan.subexperiment_rows(self.rows, circuit.parameters)]
 
-    def values(self, results: list) -> np.ndarray:
-        """Parameter sets x ``paulis``: the exact expectation values, reconstructed for a cut."""
-        arrays = [r.expectation_values for r in results]
-        return self.cut.reconstruct(arrays) if self.cut is not None else arrays[0]
+    def _per_row(self, array: np.ndarray) -> np.ndarray:
+        """``array`` with one row per parameter set (a circuit without parameters has one)."""
+        return np.broadcast_to(array, (len(self.rows), array.shape[1]))
 
     def pub_result(self, results: list) -> PubResult:
-        """The pub's ``evs`` (``stds`` 0), summed over each observable's terms in the order
-        qiskit-aer's ``EstimatorV2`` sums them."""
-        values = self.values(results)
+        """The pub's result from its circuits' results: exact values (``stds`` 0) or, for a cut
+        sampled at precision > 0, the reconstruction from counts with its standard errors."""
+        stds = None
+        if self.cut is None:
+            values = results[0].expectation_values
+        elif self.pub.precision == 0:
+            values = self._per_row(self.cut.reconstruct([self._per_row(r.expectation_values) for r in results]))
+        else:
+            values, stds = self._sampled_values(results)
+        return self._combine(values, stds)
+
+    def _sampled_values(self, results: list) -> tuple[np.ndarray, np.ndarray]:
+        """Values and standard errors per parameter set, from each subexperiment's counts."""
+        assert self.cut is not None
+        rows = [[r.sets[min(k, len(r.sets) - 1)].counts for r in results] for k in range(len(self.rows))]
+        pairs = [self.cut.reconstruct_sampled(counts) for counts in rows]
+        return np.array([v for v, _ in pairs]), np.array([e for _, e in pairs])
+
+    def _combine(self, values: np.ndarray, stds: np.ndarray | None) -> PubResult:
+        """``evs`` of the pub's observables from the values of its Paulis, summed term by term in
+        the order qiskit-aer's ``EstimatorV2`` sums them (and ``stds`` as if the terms were
+        independent)."""
         column = {label: j for j, label in enumerate(self.paulis)}
         pub = self.pub
         param_shape = pub.parameter_values.shape
@@ -227,14 +267,21 @@ class _ExactPub:
         which = np.arange(observables.size).reshape(observables.shape)
         row_of, obs_of = np.broadcast_arrays(rows, which)
         evs = np.zeros(row_of.shape, dtype=float)
+        variances = np.zeros(row_of.shape, dtype=float)
         for k, terms in enumerate(observables.ravel()):
             mask = obs_of == k
             picked = row_of[mask]
             total = np.zeros(picked.shape, dtype=float)
+            variance = np.zeros(picked.shape, dtype=float)
             for label, coeff in terms.items():
                 total += values[picked, column[label]] * coeff
+                if stds is not None:
+                    variance += (stds[picked, column[label]] * coeff) ** 2
             evs[mask] = total
-        metadata: dict[str, Any] = {"target_precision": 0.0, "circuit_metadata": pub.circuit.metadata}
+            variances[mask] = variance
+        metadata: dict[str, Any] = {"target_precision": float(pub.precision), "circuit_metadata": pub.circuit.metadata}
         if self.cut is not None:
             metadata["cutting"] = self.cut.metadata()
-        return PubResult(DataBin(evs=evs, stds=np.zeros_like(evs), shape=evs.shape), metadata=metadata)
+            if stds is not None:
+                metadata["cutting"]["shots"] = sum(self.cut.shots_for(pub.precision))
+        return PubResult(DataBin(evs=evs, stds=np.sqrt(variances), shape=evs.shape), metadata=metadata)

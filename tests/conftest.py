@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qiskit import QuantumCircuit
 
 from qscale.coordinator.config import CoordinatorConfig
@@ -123,3 +128,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class CoordinatorProcess:
+    """``qscale-coordinator serve`` as a real process on a fixed port and state directory."""
+
+    def __init__(self, address: str, state_dir: Path, log: Path, *extra: str) -> None:
+        self.address, self.state_dir, self.log, self.extra = address, state_dir, log, extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "qscale.coordinator", "serve", "--listen", self.address,
+                 "--state-dir", str(self.state_dir), "--heartbeat-interval", "0.25", "--heartbeat-timeout", "1.5",
+                 "--shots-per-shard", "1000", *self.extra],  # as fast_config(): the reference plans the same
+                stdout=log, stderr=log, cwd=self.state_dir.parent)
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def serving() -> bool:
+                assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-2000:]
+                try:
+                    return stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
+                except grpc.RpcError:
+                    return False
+
+            wait_until(serving, 60, "the coordinator to serve", interval=0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

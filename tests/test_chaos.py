@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qiskit import QuantumCircuit
 from qiskit.circuit import Parameter
 
-from conftest import free_port, fast_config, ghz, slow_circuit, wait_until
+from conftest import CoordinatorProcess, free_port, fast_config, ghz, slow_circuit, wait_until
 from qscale.client import Client
 from qscale.local import LocalCluster
 from qscale.circuits import dump_qpy
@@ -27,47 +26,6 @@ from qscale.proto.v1 import jobs_pb2, jobs_pb2_grpc
 
 CHAOS_SECONDS = 25.0
 JOBS = 14
-
-
-class CoordinatorProcess:
-    """``qscale-coordinator serve`` as a real process on a fixed port and state directory."""
-
-    def __init__(self, address: str, state_dir: Path, log: Path, *extra: str) -> None:
-        self.address, self.state_dir, self.log, self.extra = address, state_dir, log, extra
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "qscale.coordinator", "serve", "--listen", self.address,
-                 "--state-dir", str(self.state_dir), "--heartbeat-interval", "0.25", "--heartbeat-timeout", "1.5",
-                 "--shots-per-shard", "1000", *self.extra],  # as fast_config(): the reference plans the same
-                stdout=log, stderr=log, cwd=self.state_dir.parent)
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-
-            def serving() -> bool:
-                assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-2000:]
-                try:
-                    return stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
-                except grpc.RpcError:
-                    return False
-
-            wait_until(serving, 60, "the coordinator to serve", interval=0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def workload(k: int) -> tuple[list[QuantumCircuit], dict]:
