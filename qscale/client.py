@@ -105,6 +105,16 @@ def check_shots(value: object, what: str = "shots") -> int:
     return shots
 
 
+def _circuit_source(circuit: object, values: ArrayLike | None, shots: int = 0) -> jobs_pb2.CircuitSource:
+    """One circuit on the wire (QPY), with its parameter values if any."""
+    if not isinstance(circuit, QuantumCircuit):
+        raise InvalidArgumentError(f"expected QuantumCircuit, got {type(circuit).__name__}")
+    source = jobs_pb2.CircuitSource(qpy=dump_qpy(circuit), name=circuit.name, shots=shots)
+    if values is not None:
+        source.parameters.CopyFrom(_parameter_values(circuit, values))
+    return source
+
+
 def _parameter_values(circuit: QuantumCircuit, values: ArrayLike) -> common_pb2.ParameterValues:
     """Rows of values (columns in ``circuit.parameters`` order) on the wire. A circuit without
     parameters takes an array of shape (sets, 0) to be run that many times."""
@@ -203,14 +213,8 @@ class Client:
         values = list(parameter_values) if parameter_values is not None else [None] * len(circuits)
         if len(per_circuit_shots) != len(circuits) or len(values) != len(circuits):
             raise InvalidArgumentError("give one shots value and one parameter array per circuit")
-        sources = []
-        for circuit, circuit_shots, circuit_values in zip(circuits, per_circuit_shots, values):
-            if not isinstance(circuit, QuantumCircuit):
-                raise InvalidArgumentError(f"expected QuantumCircuit, got {type(circuit).__name__}")
-            source = jobs_pb2.CircuitSource(qpy=dump_qpy(circuit), name=circuit.name, shots=circuit_shots)
-            if circuit_values is not None:
-                source.parameters.CopyFrom(_parameter_values(circuit, circuit_values))
-            sources.append(source)
+        sources = [_circuit_source(circuit, circuit_values, shots=circuit_shots)
+                   for circuit, circuit_shots, circuit_values in zip(circuits, per_circuit_shots, values)]
         return self._submit(sources, 0, seed, method, memory=memory, noise_model=noise_model)
 
     def estimate(
@@ -254,14 +258,11 @@ class Client:
             raise InvalidArgumentError("give one list of observables and one parameter array per circuit")
         sources = []
         for circuit, labels, circuit_values in zip(circuits, observables, values):
-            if not isinstance(circuit, QuantumCircuit):
-                raise InvalidArgumentError(f"expected QuantumCircuit, got {type(circuit).__name__}")
+            source = _circuit_source(circuit, circuit_values)
             labels = check_pauli_labels(labels, circuit.num_qubits)
             if not labels:
                 raise InvalidArgumentError(f"circuit {circuit.name!r} has no observables")
-            source = jobs_pb2.CircuitSource(qpy=dump_qpy(circuit), name=circuit.name, observables=labels)
-            if circuit_values is not None:
-                source.parameters.CopyFrom(_parameter_values(circuit, circuit_values))
+            source.observables.extend(labels)
             sources.append(source)
         return self._submit(sources, 0, seed, method, noise_model=noise_model)
 
