@@ -70,8 +70,10 @@ intervals. ``--profile`` adds a cProfile of this process's main thread (the clie
 embedded coordinator's threads) over each qscale run.
 
 Repetitions: the median of ``--repeat`` runs; by default 3 for E1 and C1, 1 for the long E2 and
-C2 (and 1 for everything with ``--quick``). The load average of the machine is printed with each
-run and in the report (another process running meanwhile skews the figures; check it).
+C2 (and 1 for everything with ``--quick``). The load average, and the machine's CPU busy % (all
+processes, over the run) and hypervisor steal %, are printed with each run: expect ~50% busy
+for a one-core configuration on 2 cores and ~100% for two nodes; more means another process
+competed, and steal means the VM lost CPU time. Check them before trusting a figure.
 
 Usage::
 
@@ -356,6 +358,28 @@ def _loadavg() -> list[float]:
         return []
 
 
+def _cpu_times() -> tuple[int, int, int] | None:
+    """(busy, steal, total) jiffies of the whole machine from /proc/stat; None elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    steal = fields[7] if len(fields) > 7 else 0
+    total = sum(fields[:8])
+    return total - idle - steal, steal, total
+
+
+def _cpu_share(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> dict[str, float]:
+    """The machine's CPU use between two readings, in % of all its cores: busy (any process,
+    this one included) and steal (taken by the hypervisor)."""
+    if before is None or after is None or after[2] <= before[2]:
+        return {}
+    total = after[2] - before[2]
+    return {"busy_pct": round(100 * (after[0] - before[0]) / total, 1),
+            "steal_pct": round(100 * (after[1] - before[1]) / total, 1)}
+
+
 def _record_evs(cell: Cell, evs: np.ndarray) -> None:
     evs = np.asarray(evs, dtype=float)
     if not np.all(np.isfinite(evs)):
@@ -490,9 +514,15 @@ def _timed_cell(spec: Spec, config: str, repeat: int, once: Callable[[Cell], flo
     cell = Cell(spec.key, config)
     try:
         for rep in range(repeat):
+            before = _cpu_times()
             elapsed = once(cell)
+            cpu = _cpu_share(before, _cpu_times())
+            if cell.runs:
+                cell.runs[-1]["machine_cpu"] = cpu
             cell.times.append(elapsed)
-            log(f"  {spec.key} {config} rep {rep + 1}/{repeat}: {elapsed:.3f} s (load {_loadavg()[:1]})")
+            log(f"  {spec.key} {config} rep {rep + 1}/{repeat}: {elapsed:.3f} s (load {_loadavg()[:1]}"
+                + (f"; machine busy {cpu['busy_pct']:.0f}% of {os.cpu_count()} cores, steal {cpu['steal_pct']:.1f}%"
+                   if cpu else "") + ")")
     except Exception as exc:  # recorded and reported loudly; the other cells still run
         cell.error = f"{type(exc).__name__}: {exc}"
         log(f"  [bold red]{spec.key} {config} ERROR[/]: {cell.error}")
@@ -767,7 +797,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 180)
     log = console.print
     started = time.perf_counter()
     machine = machine_info()
@@ -821,9 +851,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for config in CONFIGS:
             cell = cells.get((key, config))
             text = cell_text(cell) if config in wl.spec.configs else "n/a"
-            if cell is not None and cell.times and config != wl.spec.reference and config.startswith("aer") \
-                    and cell.max_abs_diff is not None:
-                text += f" [dim](diff {cell.max_abs_diff:.0e})[/]"
             row.append(f"[bold red]{text}[/]" if cell is not None and cell.error else text)
         diffs = [_fmt_diff(cells.get((key, c)), wl.spec.reference) for c in wl.spec.configs if c.startswith("qscale")]
         table.add_row(f"{key} {wl.spec.short}", *row, wl.spec.reference, " / ".join(d for d in diffs if d))
@@ -864,6 +891,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "-" if cell.max_abs_diff is None else f"{cell.max_abs_diff:.1e}", wl.spec.reference)
         console.print(ct)
 
+    for (key, config), cell in cells.items():
+        if config.startswith("aer") and config != workloads[key].spec.reference and cell.max_abs_diff is not None:
+            log(f"  {key}: {config} vs {workloads[key].spec.reference} (cross-check of the reference): max |diff| "
+                f"{cell.max_abs_diff:.1e}")
     for cell in cells.values():
         for note in cell.notes:
             log(f"  ~ {cell.workload} {cell.config}: {note}")
