@@ -232,8 +232,9 @@ class Job:
         """Lay out the shards of ``plan`` and count the results already stored for some of them."""
         self.shards = [Shard(p) for p in plan]
         self.totals = [Totals() for _ in self.infos]
-        # A circuit with one parameter set: its set's counts are its merged counts (one dict).
-        self.counts = [[self.totals[c].counted] if k == 1 else [{} for _ in range(k)]
+        # A circuit with one parameter set: its set's counts are its merged counts (one dict); an
+        # estimator job has no counts (its values are in `values`).
+        self.counts = [[self.totals[c].counted] if k == 1 or self.estimator else [{} for _ in range(k)]
                        for c, k in enumerate(self.num_sets)]
         self.set_shots = [[0] * k for k in self.num_sets]
         self.values = [np.full((k, len(o)), np.nan) for k, o in zip(self.num_sets, self.observables)]

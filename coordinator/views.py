@@ -60,9 +60,10 @@ def job_result(job: Job) -> jobs_pb2.JobResult:
             memory_width=memory_width(info.num_clbits),
             register_clbits=[bit for reg in info.creg_clbits for bit in reg],
         )
-        if job.estimator:
+        if job.estimator:  # the values are per set already: no set entries
             circuit.observables.extend(job.observables[index])
             circuit.expectation_values = job.values[index].astype("<f8").tobytes()
+            continue
         single = len(job.counts[index]) == 1  # its counts are the circuit's: not sent twice
         for set_index, counts in enumerate(job.counts[index]):
             circuit.sets.add(

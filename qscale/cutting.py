@@ -283,7 +283,7 @@ def plan_cuts(circuit: QuantumCircuit, paulis: Sequence[str], max_qubits: int, *
         cut.check_budget(max_subexperiments, max_qubits)
         widest = max(_probe_widths(cut), default=0)
         if widest <= max_qubits:
-            plan = _build_plan(cut)
+            plan = _build_plan(_balanced(cut, prepared, observables, seed, max_qubits, max_subexperiments))
             widest = max(plan.subcircuit_widths, default=0)
             if widest <= max_qubits:
                 return plan
@@ -293,6 +293,40 @@ def plan_cuts(circuit: QuantumCircuit, paulis: Sequence[str], max_qubits: int, *
                 f"cannot cut the {prepared.num_qubits}-qubit circuit into subexperiments of at most {max_qubits} "
                 f"qubits: even with subcircuits of {cut.width} qubits ({cut.describe()}), deferring the "
                 f"measurements needs {widest} qubits")
+
+
+#: Narrower subcircuits tried after the first cut that fits (each costs one ``find_cuts``).
+_BALANCE_TRIES = 4
+
+
+def _balanced(cut: _Cut, circuit: QuantumCircuit, observables: PauliList, seed: int, max_qubits: int,
+              max_subexperiments: int) -> _Cut:
+    """The cheapest of ``cut`` and the cuts into narrower subcircuits, down to an even split.
+
+    The cut finder fills the first subcircuit up to the width it is given: two 20-qubit halves
+    on 24-qubit nodes come back as 24 + 16 qubits. A statevector's cost doubles with each qubit,
+    so a more even split is cheaper even with more subexperiments (22 + 18 qubits: about 2.3x
+    faster here). The cost compared is, per subsystem, its subexperiments times ``2**width`` of
+    its widest one.
+    """
+    def cost(candidate: _Cut) -> float:
+        widths = _probe_widths(candidate)
+        if max(widths, default=0) > max_qubits:
+            return math.inf
+        return float(sum(candidate.num_terms * len(collection.groups) * 2.0 ** width
+                         for collection, width in zip(candidate.collections.values(), widths)))
+
+    best, best_cost = cut, cost(cut)
+    # Narrower than an even split the finder needs more cuts, and searching for them is slow.
+    even = math.ceil(sum(c.num_qubits for c in cut.subcircuits.values()) / max(1, len(cut.subcircuits)))
+    for width in range(cut.width - 1, max(even, cut.width - _BALANCE_TRIES) - 1, -1):
+        candidate = _cut(circuit, observables, width, seed)
+        if candidate.num_generated > max_subexperiments or len(candidate.subcircuits) != len(cut.subcircuits):
+            continue
+        candidate_cost = cost(candidate)
+        if candidate_cost < best_cost:
+            best, best_cost = candidate, candidate_cost
+    return best
 
 
 # --- input --------------------------------------------------------------------------------------

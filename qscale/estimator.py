@@ -131,13 +131,15 @@ class EstimatorV2(BaseEstimatorV2):
         exact_job = self._estimate([work[i] for i in exact]) if exact else None
         sampled_job = self._sample([work[i] for i in cut_sampled]) if cut_sampled else None
 
-        def build(_: JobResult | None) -> PrimitiveResult[PubResult]:
+        main_job = exact_job or sampled_job
+
+        def build(main: JobResult | None) -> PrimitiveResult[PubResult]:
             out: dict[int, PubResult] = {}
             metadata: dict[str, Any] = {"version": 2, "seed": self._options.seed, "shards": 0, "nodes_used": []}
             for job, indices in ((exact_job, exact), (sampled_job, cut_sampled)):
                 if job is None:
                     continue
-                result = job.result()
+                result = main if job is main_job and main is not None else job.result()
                 start = 0
                 for index in indices:
                     item = work[index]
@@ -150,7 +152,7 @@ class EstimatorV2(BaseEstimatorV2):
                 out.update(zip(plain_sampled, backend_job.result()))
             return PrimitiveResult([out[i] for i in range(len(coerced))], metadata=metadata)
 
-        return QScalePrimitiveJob(exact_job or sampled_job, build)
+        return QScalePrimitiveJob(main_job, build)
 
     def _widest_statevector(self) -> int:
         """The widest statevector a live node holds (0: no node to judge by)."""
