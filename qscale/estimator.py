@@ -15,7 +15,9 @@ it, saying why, when no node can).
 
 At precision > 0 the estimate is sampled: Qiskit's ``BackendEstimatorV2`` on a
 :class:`~qscale.QScaleBackend` (``ceil(1 / precision**2)`` shots per measured basis), seeded
-per shard by the cluster, so the same seed gives the same estimate on any number of nodes.
+per shard by the cluster, so the same seed gives the same estimate on any number of nodes. A
+cut pub at precision > 0 samples its subexperiments instead (shots in proportion to each one's
+weight in the reconstruction; standard errors from the decomposition's variance).
 """
 
 from __future__ import annotations

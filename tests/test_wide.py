@@ -54,9 +54,12 @@ def test_a_24_qubit_circuit_on_16_qubit_nodes_is_cut_exact_and_survives_a_coordi
         clean = estimator.run([(qc, observables, rows)]).result()[0]
         cutting = clean.metadata["cutting"]
         assert cutting["cuts"] >= 2 and max(cutting["subcircuit_widths"]) <= 16, cutting
-        # qiskit-aer on the whole 24-qubit statevector, for the first parameter set (~8 s here).
-        reference = AerEstimatorV2().run([(qc, observables, rows[:1])]).result()[0].data.evs
-        assert np.abs(clean.data.evs[:, :1] - reference).max() < 1e-6
+        # qiskit-aer on the whole circuit as a matrix product state: exact here (the halves meet
+        # in two CNOTs, so the bond dimension stays small; no truncation) and 0.01 s instead of
+        # 8 s for the 24-qubit statevector, which agrees with it to 5e-12.
+        mps = AerEstimatorV2(options={"backend_options": {"method": "matrix_product_state"}})
+        reference = mps.run([(qc, observables, rows)]).result()[0].data.evs
+        assert np.abs(clean.data.evs - reference).max() < 1e-6
         assert not clean.data.stds.any()
 
         job = estimator.run([(qc, observables, rows)])
