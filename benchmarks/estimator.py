@@ -94,15 +94,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime as _dt
 import io
 import json
 import math
 import os
-import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -112,6 +109,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+try:
+    import bench  # run as a script: benchmarks/ is on the path
+except ImportError:  # imported as benchmarks.estimator
+    from benchmarks import bench
 
 if TYPE_CHECKING:
     from qiskit import QuantumCircuit
@@ -680,50 +682,14 @@ def evaluate(targets_: list[Target], cells: dict[tuple[str, str], Cell]) -> list
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
+    """bench.py's description of the machine and versions, plus the addon and the load."""
+    info = bench.machine_info()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Hardware", "Processor", "cpu model") and value.strip():
-                cpu = value.strip()
-                break
-    except OSError:
-        pass
-    memory = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = int(line.split()[1]) * 1024
-                break
-    except (OSError, ValueError, IndexError):
-        pass
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(memory / 2**30, 1) if memory else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "qiskit": version("qiskit"),
-        "qiskit_aer": version("qiskit-aer"),
-        "qiskit_addon_cutting": version("qiskit-addon-cutting"),
-        "qscale": version("qscale"),
-        "git_commit": commit,
-        "loadavg_at_start": _loadavg(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
+        info["qiskit_addon_cutting"] = metadata.version("qiskit-addon-cutting")
+    except metadata.PackageNotFoundError:
+        info["qiskit_addon_cutting"] = None
+    info["loadavg_at_start"] = _loadavg()
+    return info
 
 def _fmt_seconds(x: float) -> str:
     return f"{x:.4f}" if x < 0.01 else f"{x:.3f}" if x < 100 else f"{x:.1f}"
