@@ -22,12 +22,24 @@ def busy_node(client: Client) -> object:
     return next((n for n in client.nodes() if n.state == "alive" and n.running > 0), None)
 
 
-def signal_busy_node(cluster: LocalCluster, sig: int) -> tuple[object, subprocess.Popen[bytes], float]:
-    """Wait until a node holds a shard and send it ``sig``; returns (node, process, when)."""
-    victim = wait_until(lambda: busy_node(cluster.client), 60, "a node running a shard")
-    proc = node_process(cluster, victim.name)
+def signal_busy_node(cluster: LocalCluster, sig: int, *, simulating: bool = False
+                     ) -> tuple[object, subprocess.Popen[bytes], float]:
+    """Wait until a node holds a shard and send it ``sig``; returns (node, process, when).
+
+    ``simulating``: wait until the node's worker process is simulating, not only until the
+    coordinator has dispatched a shard to it (which may still sit in the node's queue)."""
+
+    def victim() -> object:
+        node = busy_node(cluster.client)
+        if node is None or not simulating:
+            return node
+        pids = worker_pids(node_process(cluster, node.name).pid)
+        return node if pids and not all(cpu_idle(pid, 0.05) for pid in pids) else None
+
+    node = wait_until(victim, 60, "a node running a shard")
+    proc = node_process(cluster, node.name)
     proc.send_signal(sig)
-    return victim, proc, time.time()
+    return node, proc, time.time()
 
 
 def test_sigkill_node_mid_job_is_reassigned_with_exact_totals(make_cluster) -> None:
@@ -66,7 +78,9 @@ def test_sigstopped_node_is_reaped_its_late_results_ignored_and_it_rejoins(make_
     cluster = make_cluster(2)
     client = cluster.client
     job = client.submit(slow_circuit(), shots=3000, seed=5)
-    victim, proc, stopped_at = signal_busy_node(cluster, signal.SIGSTOP)
+    # Its worker must be simulating: a shard still queued in the stopped daemon never runs, and
+    # the coordinator's cancel reaches it first when it wakes (nothing late to drop).
+    victim, proc, stopped_at = signal_busy_node(cluster, signal.SIGSTOP, simulating=True)
     try:
         wait_until(lambda: all(n.node_id != victim.node_id or n.state == "lost" for n in client.nodes()),
                    HEARTBEAT_TIMEOUT * 4, "the stopped node to be declared lost")
