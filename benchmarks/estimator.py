@@ -337,9 +337,9 @@ class Cell:
             "workload": self.workload, "config": self.config,
             "status": "error" if self.error else "ok" if self.times else "not run",
             "times_s": [round(t, 6) for t in self.times],
-            "median_s": _round(self.median),
-            "min_s": _round(min(self.times)) if self.times else None,
-            "max_s": _round(max(self.times)) if self.times else None,
+            "median_s": bench._round(self.median),
+            "min_s": bench._round(min(self.times)) if self.times else None,
+            "max_s": bench._round(max(self.times)) if self.times else None,
             "evs_shape": list(self.evs.shape) if self.evs is not None else None,
             "repetitions_same_bits": self.reps_identical,
             "max_abs_diff_vs_reference": self.max_abs_diff,
@@ -347,10 +347,6 @@ class Cell:
             "cutting": self.cutting,
             "error": self.error, "notes": self.notes, "runs": self.runs or None,
         }
-
-
-def _round(x: float | None, digits: int = 6) -> float | None:
-    return None if x is None else round(x, digits)
 
 
 def _loadavg() -> list[float]:
@@ -677,7 +673,7 @@ def evaluate(targets_: list[Target], cells: dict[tuple[str, str], Cell]) -> list
             "PASS" if (value <= t.target if t.op == "<=" else value >= t.target if t.op == ">=" else value < t.target) \
             else "MISS"
         out.append({"name": t.name, "workload": t.workload, "expression": t.expression,
-                    "target": f"{t.op} {t.target:g}", "value": _round(value, 4), "status": status})
+                    "target": f"{t.op} {t.target:g}", "value": bench._round(value, 4), "status": status})
     return out
 
 
@@ -691,10 +687,6 @@ def machine_info() -> dict[str, Any]:
     info["loadavg_at_start"] = _loadavg()
     return info
 
-def _fmt_seconds(x: float) -> str:
-    return f"{x:.4f}" if x < 0.01 else f"{x:.3f}" if x < 100 else f"{x:.1f}"
-
-
 def cell_text(cell: Cell | None) -> str:
     if cell is None:
         return "-"
@@ -702,9 +694,9 @@ def cell_text(cell: Cell | None) -> str:
         return "ERROR"
     if cell.median is None:
         return "-"
-    text = _fmt_seconds(cell.median)
+    text = bench._fmt_seconds(cell.median)
     if len(cell.times) > 1:
-        text += f" ({_fmt_seconds(min(cell.times))}-{_fmt_seconds(max(cell.times))})"
+        text += f" ({bench._fmt_seconds(min(cell.times))}-{bench._fmt_seconds(max(cell.times))})"
     return text
 
 
@@ -721,23 +713,10 @@ def _fmt_diff(cell: Cell | None, reference: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _csv_choice(allowed: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        lookup = {a.lower(): a for a in allowed}
-        bad = [x for x in items if x.lower() not in lookup]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (comma-separated); got {text!r}")
-        chosen = {lookup[x.lower()] for x in items}
-        return [a for a in allowed if a in chosen]
-
-    return parse
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark qscale's EstimatorV2 (exact values, circuit cutting) against in-process qiskit-aer.")
-    parser.add_argument("--only", type=_csv_choice(WORKLOADS), default=list(WORKLOADS),
+    parser.add_argument("--only", type=bench._csv_choice(WORKLOADS), default=list(WORKLOADS),
                         help="workloads to run, e.g. E1,C2 (default: all)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="repetitions per (workload, configuration); default 3 for E1 and C1, 1 for E2 and "
