@@ -52,9 +52,11 @@ Usage::
     python benchmarks/bench.py --quick              # smoke mode: small workloads, 1 repetition
     python benchmarks/bench.py --only W2,W5 --configs qscale-1node,aer-1thread --repeat 5
 
-Results: a table of medians and the target ratios on the console, everything (machine, versions,
-every repetition) in ``--output`` (JSON, default ``benchmarks/results.json``) and a Markdown table
-beside it (same name, ``.md``).
+Results: a table of medians and the target ratios on the console; everything (machine, versions,
+every repetition) as JSON plus the Markdown table, in ``--output`` (a directory: ``results.json`` and
+``results.md`` in it, so ``--output benchmarks`` updates the tracked files; or a ``.json`` file, the
+``.md`` beside it). Without ``--output`` they go to a new directory under the system's temporary
+directory (printed at the end): a run writes nothing inside the checkout unless told to.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,7 +89,6 @@ if TYPE_CHECKING:
     from qscale.local import LocalCluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results.json"
 HADAMARD_QASM = REPO_ROOT / "examples" / "hadamard24.qasm"
 
 CONFIGS: tuple[str, ...] = ("qscale-1node", "qscale-2nodes", "aer-1thread", "aer-default", "pool-basic")
@@ -742,6 +744,17 @@ def _csv_choice(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def output_paths(output: Path | None) -> tuple[Path, Path]:
+    """The JSON and Markdown files of ``--output``: a ``.json`` file and the ``.md`` beside it, or
+    ``results.json`` and ``results.md`` in a directory; without ``--output``, a new directory under
+    the system's temporary directory (nothing is written inside the checkout unless asked)."""
+    if output is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        output = Path(tempfile.mkdtemp(prefix=f"qscale-bench-{stamp}-"))
+    json_path = output if output.suffix == ".json" else output / "results.json"
+    return json_path, json_path.with_suffix(".md")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark qscale against in-process qiskit-aer and the seed's BasicSimulator pool.")
@@ -758,9 +771,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="smoke mode: shrunk workloads, --repeat 1, --pool-budget 5")
     parser.add_argument("--job-timeout", type=float, default=3600.0,
                         help="seconds to wait for one qscale job (default 3600)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help="JSON results file; the Markdown table goes beside it with a .md suffix "
-                             "(default: benchmarks/results.json)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="where the results go: a directory (results.json and results.md in it; "
+                             "`--output benchmarks` updates the tracked files) or a .json file (the .md "
+                             "beside it); default: a new directory under the system's temporary "
+                             "directory, never inside the checkout")
     args = parser.parse_args(argv)
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
@@ -858,10 +873,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "errors": errors,
         "total_wall_s": round(time.perf_counter() - started, 3),
     }
-    output: Path = args.output
+    output, md_path = output_paths(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    md_path = output.with_suffix(".md")
     write_markdown(md_path, report, workloads, args.configs, cells, args.repeat)
     log(f"results: {output} and {md_path} ({report['total_wall_s']:.1f} s in all)")
     if errors:
