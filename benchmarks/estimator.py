@@ -102,7 +102,7 @@ import pstats
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -125,6 +125,16 @@ WORKLOADS: tuple[str, ...] = ("E1", "E2", "C1", "C2")
 EXACT_TOLERANCE = 1e-9
 CUT_TOLERANCE = 1e-6
 SEEDS = {"rows": 1_001, "paulis": 2_002, "bound": 3_003, "extra_pauli": 4_004}
+# Seconds per repetition of each (workload, configuration) at full size on a 2-core Xeon
+# (estimator-results.json): for the duration estimate only.
+REFERENCE_SECONDS: dict[tuple[str, str], float] = {
+    ("E1", "aer-1thread"): 20.9, ("E1", "qscale-1node"): 18.8, ("E1", "qscale-2nodes"): 9.1,
+    ("E2-25k", "aer-1thread"): 29.1, ("E2-25k", "qscale-1node"): 7.5, ("E2-25k", "qscale-2nodes"): 3.7,
+    ("E2-50k", "aer-1thread"): 95.2, ("E2-50k", "qscale-1node"): 14.3, ("E2-50k", "qscale-2nodes"): 7.1,
+    ("E2-100k", "aer-1thread"): 332.6, ("E2-100k", "qscale-1node"): 26.8, ("E2-100k", "qscale-2nodes"): 15.0,
+    ("C1", "aer-1thread"): 5.7, ("C1", "aer-mps"): 0.01, ("C1", "qscale-2nodes"): 1.3,
+    ("C2", "aer-mps"): 0.01, ("C2", "qscale-2nodes"): 13.0,
+}
 
 
 class BenchmarkError(RuntimeError):
@@ -737,22 +747,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    from rich.console import Console
-    from rich.table import Table
+@dataclass
+class Run:
+    """What :func:`run` measured: the workloads, their cells (checked), the targets evaluated."""
 
-    console = Console(width=None if sys.stdout.isatty() else 180)
-    log = console.print
+    workloads: dict[str, Workload]
+    cells: dict[tuple[str, str], Cell]
+    targets: list[dict[str, Any]]
+    errors: list[str]
+    wall_s: float
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None]) -> Run:
+    """Generate the workloads of ``args.only``, time them (Aer first, then one cluster at a time),
+    check every value and evaluate the targets. bench.py calls this too."""
     started = time.perf_counter()
-    machine = machine_info()
-    log(f"[bold]qscale estimator benchmark[/] ({'quick smoke mode' if args.quick else 'full'}; repeat "
-        f"{args.repeat if args.repeat is not None else 'E1/C1 3, E2/C2 1'})")
-    log(f"{machine['cpu_model']}, {machine['cores']} cores, {machine['memory_gib']} GiB; Python {machine['python']}, "
-        f"qiskit {machine['qiskit']}, qiskit-aer {machine['qiskit_aer']}, qiskit-addon-cutting "
-        f"{machine['qiskit_addon_cutting']}, qscale {machine['qscale']} ({machine['git_commit']}); load average "
-        f"{machine['loadavg_at_start']}")
-
     all_specs = workload_specs(args.quick, args.c2_cap)
     specs = [s for s in all_specs if s.group in args.only]
     t0 = time.perf_counter()
@@ -769,23 +778,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"[bold cyan]{config}[/]")
             for cell in run_aer(config, chosen, args, log):
                 cells[(cell.workload, cell.config)] = cell
-    clusters: dict[tuple[int, int], list[Workload]] = {}
-    for wl in workloads.values():
-        for config in wl.spec.configs:
-            if config.startswith("qscale"):
-                clusters.setdefault((1 if config == "qscale-1node" else 2, wl.spec.cap), []).append(wl)
-    for (nodes, cap), chosen in sorted(clusters.items()):
+    for (nodes, cap), keys in sorted(_clusters(specs).items()):
         config = "qscale-1node" if nodes == 1 else "qscale-2nodes"
         log(f"[bold cyan]{config}[/]" + (f" (max_qubits_per_node={cap})" if cap else ""))
-        for cell in run_cluster(nodes, cap, config, chosen, args, log):
+        for cell in run_cluster(nodes, cap, config, [workloads[k] for k in keys], args, log):
             cells[(cell.workload, cell.config)] = cell
 
     verify(cells, workloads)
     results = evaluate(targets(workloads), cells)
     errors = [f"{c.workload} {c.config}: {c.error}" for c in cells.values() if c.error]
+    return Run(workloads, cells, results, errors, time.perf_counter() - started)
 
+
+def _clusters(specs: Iterable[Spec]) -> dict[tuple[int, int], list[str]]:
+    """The clusters the workloads need: (nodes, qubit cap) -> the keys of the workloads run on it."""
+    clusters: dict[tuple[int, int], list[str]] = {}
+    for spec in specs:
+        for config in spec.configs:
+            if config.startswith("qscale"):
+                clusters.setdefault((1 if config == "qscale-1node" else 2, spec.cap), []).append(spec.key)
+    return clusters
+
+
+def estimate_seconds(args: argparse.Namespace) -> tuple[float, list[str]]:
+    """Roughly how long :func:`run` takes with ``args`` on the reference machine (full sizes), and
+    the cells it has no figure for."""
+    specs = [s for s in workload_specs(args.quick, args.c2_cap) if s.group in args.only]
+    seconds, unknown = bench.estimate_seconds(
+        REFERENCE_SECONDS, [(s.key, c, _repeat_for(s, args)) for s in specs for c in s.configs])
+    return seconds + bench.CLUSTER_START_S * len(_clusters(specs)), unknown
+
+
+def print_report(console: Any, result: Run, quick: bool) -> None:
+    """The tables (times, E2 per rows, cutting), notes, breakdowns and targets on ``console``."""
+    from rich.table import Table
+
+    log = console.print
+    workloads, cells = result.workloads, result.cells
     table = Table(title="Wall seconds, median (min-max) of the repetitions; max |evs - reference|"
-                        + (" [quick mode]" if args.quick else ""))
+                        + (" [quick mode]" if quick else ""))
     table.add_column("Workload", no_wrap=True)
     for config in CONFIGS:
         table.add_column(config, justify="right", no_wrap=True)
@@ -847,33 +878,53 @@ def main(argv: Sequence[str] | None = None) -> int:
             b = cell.runs[len(cell.runs) // 2]
             log(f"  breakdown {cell.workload} {cell.config} (run {len(cell.runs) // 2 + 1}): {_fmt_breakdown(b)}")
 
-    if results:
-        rt = Table(title="Targets" + (" (quick mode: small sizes, figures not meaningful)" if args.quick else ""))
+    if result.targets:
+        rt = Table(title="Estimator targets" + (" (quick mode: small sizes, figures not meaningful)" if quick else ""))
         for name in ("Target", "Workload", "Expression", "Value", "Goal", "Result"):
             rt.add_column(name, justify="right" if name == "Value" else "left")
-        for r in results:
+        for r in result.targets:
             colour = {"PASS": "green", "MISS": "red"}.get(r["status"], "yellow")
             value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
             rt.add_row(r["name"], r["workload"], r["expression"], value, r["target"], f"[{colour}]{r['status']}[/]")
         console.print(rt)
-    log(f"load average at the end: {_loadavg()} (at the start: {machine['loadavg_at_start']}); "
-        f"{time.perf_counter() - started:.1f} s in all")
 
+
+def report(result: Run, args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
+    """Everything as a JSON-ready dict (what ``--output`` writes)."""
+    return {
+        "benchmark": "qscale-estimator", "quick": args.quick, "repeat": args.repeat,
+        "machine": machine, "loadavg_at_end": _loadavg(),
+        "workloads": {k: wl.describe() for k, wl in result.workloads.items()},
+        "cells": [c.to_dict() for c in result.cells.values()],
+        "targets": result.targets, "errors": result.errors,
+        "total_wall_s": round(result.wall_s, 3),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    log = console.print
+    machine = machine_info()
+    log(f"[bold]qscale estimator benchmark[/] ({'quick smoke mode' if args.quick else 'full'}; repeat "
+        f"{args.repeat if args.repeat is not None else 'E1/C1 3, E2/C2 1'})")
+    log(f"{machine['cpu_model']}, {machine['cores']} cores, {machine['memory_gib']} GiB; Python {machine['python']}, "
+        f"qiskit {machine['qiskit']}, qiskit-aer {machine['qiskit_aer']}, qiskit-addon-cutting "
+        f"{machine['qiskit_addon_cutting']}, qscale {machine['qscale']} ({machine['git_commit']}); load average "
+        f"{machine['loadavg_at_start']}")
+    result = run(args, log)
+    print_report(console, result, args.quick)
+    log(f"load average at the end: {_loadavg()} (at the start: {machine['loadavg_at_start']}); "
+        f"{result.wall_s:.1f} s in all")
     if args.output is not None:
-        report = {
-            "benchmark": "qscale-estimator", "quick": args.quick, "repeat": args.repeat,
-            "machine": machine, "loadavg_at_end": _loadavg(),
-            "workloads": {k: wl.describe() for k, wl in workloads.items()},
-            "cells": [c.to_dict() for c in cells.values()],
-            "targets": results, "errors": errors,
-            "total_wall_s": round(time.perf_counter() - started, 3),
-        }
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        args.output.write_text(json.dumps(report(result, args, machine), indent=2) + "\n", encoding="utf-8")
         log(f"results: {args.output}")
-    if errors:
+    if result.errors:
         console.print("[bold red]ERRORS[/] (a wrong or failed run):")
-        for e in errors:
+        for e in result.errors:
             console.print(f"  [red]{e}[/]")
         return 1
     return 0
