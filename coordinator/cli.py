@@ -131,7 +131,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _render_result(result: Any, console: Console, top: int) -> None:
     for r in result.results:
-        console.print(f"circuit {r.index} {escape(repr(r.name))}: {r.shots} shots, {len(r.counts)} distinct outcomes")
+        console.print(f"circuit {r.index} {escape(repr(r.name))}: {r.shots} shots, {len(r.outcomes)} distinct outcomes")
         table = Table()
         table.add_column("outcome", style="cyan")
         table.add_column("count", justify="right")
@@ -323,9 +323,13 @@ def _plot(result: Any, path: Path, top: int) -> None:
         from qiskit.visualization import plot_histogram
     except ImportError:
         raise errors.FailedPreconditionError(_NO_MATPLOTLIB) from None
-    counts = [r.counts for r in result.results]
+    counts = []
+    for r in result.results:  # only the outcomes shown are formatted; the others make one "rest" bar
+        shown = dict(r.most_frequent(top))
+        rest = r.shots - sum(shown.values())
+        counts.append({**shown, **({"rest": rest} if rest > 0 else {})})
     legend = [f"{r.index}: {r.name}" for r in result.results] if len(counts) > 1 else None
-    figure = plot_histogram(counts, legend=legend, number_to_keep=top, bar_labels=len(counts) == 1,
+    figure = plot_histogram(counts, legend=legend, bar_labels=len(counts) == 1,
                             title=f"job {result.job_id}: {result.shots} shots", figsize=(10, 5))
     figure.savefig(path, dpi=120, bbox_inches="tight")
 

@@ -1,25 +1,25 @@
 """The job record: one :class:`Job` from intake to the store and back, its shards and their
-attempts, and the merged counts kept up to date as results arrive.
+attempts, and the merged outcomes kept up to date as results arrive.
 
 A job is built once by intake (:func:`qscale.coordinator.intake.prepare_job`), written by the
-store as it is, read back by the store after a restart, and run by the scheduler. Counts are
-Aer's hexadecimal outcomes; they are turned into Qiskit bitstrings only at the edge
-(:mod:`qscale.coordinator.views`), and only for the outcomes a reply shows.
+store as it is, read back by the store after a restart, and run by the scheduler. Outcomes stay
+packed (:mod:`qscale.outcomes`) and are merged as arrays; the coordinator formats bitstrings
+only for the few outcomes a progress update shows (:mod:`qscale.coordinator.views`).
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from qscale.circuits import CircuitInfo, merge_counts
+from qscale.circuits import CircuitInfo
 from qscale.coordinator.planner import PlanningPolicy, ShardPlan, plan_job
+from qscale.outcomes import Outcomes, OutcomeTotals, outcome_width
 from qscale.proto.v1 import common_pb2
 
-__all__ = ["Job", "Shard", "Attempt", "Totals", "TopOutcomes", "QUEUED", "RUNNING", "DONE", "FAILED",
+__all__ = ["Job", "Shard", "Attempt", "Totals", "QUEUED", "RUNNING", "DONE", "FAILED",
            "CANCELLED", "FINAL_STATES", "state_name"]
 
 QUEUED = common_pb2.JOB_STATE_QUEUED
@@ -83,93 +83,67 @@ class Shard:
         return len(self.failures) + self.losses + sum(self.refusals.values()) + self.backups
 
 
-class TopOutcomes:
-    """The ``capacity`` largest counts of a dict whose values only grow, kept as they grow: an
-    update costs O(log capacity), a read O(capacity), whatever the number of outcomes."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.members: dict[str, int] = {}
-        self._heap: list[tuple[int, str]] = []  # (count, key); entries that no longer match are skipped
-
-    def update(self, key: str, count: int) -> None:
-        members = self.members
-        if key in members or len(members) < self.capacity:
-            members[key] = count
-            heapq.heappush(self._heap, (count, key))
-            if len(self._heap) > 4 * self.capacity + 64:
-                self._heap = [(c, k) for k, c in members.items()]
-                heapq.heapify(self._heap)
-            return
-        floor_count, floor_key = self._floor()
-        if count > floor_count:
-            del members[floor_key]
-            heapq.heappop(self._heap)
-            members[key] = count
-            heapq.heappush(self._heap, (count, key))
-
-    def _floor(self) -> tuple[int, str]:
-        heap, members = self._heap, self.members
-        while members.get(heap[0][1]) != heap[0][0]:
-            heapq.heappop(heap)
-        return heap[0]
-
-
 @dataclass(eq=False)
 class Totals:
-    """Merged counts of one circuit, kept incrementally.
+    """Merged outcomes of one circuit, kept incrementally as arrays.
 
     ``counted`` holds every counted shard's outcomes (the circuit's result, over its parameter
     sets); ``partial`` the finished chunks of running shards (progress only), which can shrink
-    again when an attempt is lost. :meth:`top` answers "the k most frequent outcomes so far"
-    from the counted outcomes' top candidates plus the partial ones: exact, and independent of
-    how many distinct outcomes the circuit has.
+    again when an attempt is lost (its chunks are added back negated). :meth:`top` answers "the
+    k most frequent outcomes so far" from both, merged once per change and selected before
+    anything is formatted.
     """
 
-    counted: dict[str, int] = field(default_factory=dict)
-    partial: dict[str, int] = field(default_factory=dict)
-    shots: int = 0
-    partial_shots: int = 0
-    leaders: TopOutcomes = field(default_factory=lambda: TopOutcomes(Totals.TRACKED))
+    width: int
+    counted: OutcomeTotals = field(init=False)
+    partial: OutcomeTotals = field(init=False)
+    _version: int = 0
+    _top: tuple[int, int, Outcomes] | None = None
+    _leaders: tuple[int, Outcomes] | None = None
 
     TRACKED = 256
-    """Most outcomes a progress update can ask for at O(k) cost; more costs a full sort."""
+    """Most outcomes a progress update can ask for without merging every outcome."""
 
-    def add_counted(self, counts: Iterable[tuple[str, int]]) -> None:
-        counted, leaders = self.counted, self.leaders
-        for key, value in counts:
-            total = counted[key] = counted.get(key, 0) + int(value)
-            self.shots += int(value)
-            leaders.update(key, total)
+    def __post_init__(self) -> None:
+        self.counted = OutcomeTotals(self.width)
+        self.partial = OutcomeTotals(self.width)
 
-    def add_partial(self, counts: Iterable[tuple[str, int]], sign: int = 1) -> None:
-        partial = self.partial
-        for key, value in counts:
-            total = partial.get(key, 0) + sign * int(value)
-            self.partial_shots += sign * int(value)
-            if total:
-                partial[key] = total
-            else:
-                partial.pop(key, None)
+    def add_counted(self, outcomes: Outcomes) -> None:
+        self.counted.add(outcomes)
+        self._version += 1
 
-    def top(self, k: int) -> dict[str, int]:
-        """The ``k`` most frequent outcomes, partial chunks included (``k <= 0``: all of them)."""
-        counted, partial = self.counted, self.partial
-        if k <= 0 or k > self.leaders.capacity:
-            merged = dict(counted)
-            merge_counts(merged, partial.items())
-            if k <= 0 or len(merged) <= k:
-                return merged
-            return dict(heapq.nlargest(k, merged.items(), key=lambda kv: kv[1]))
-        candidates = {key: counted.get(key, 0) + partial.get(key, 0)
-                      for key in (*self.leaders.members, *partial)}
-        if len(candidates) <= k:
-            return candidates
-        return dict(heapq.nlargest(k, candidates.items(), key=lambda kv: kv[1]))
+    def add_partial(self, outcomes: Outcomes, sign: int = 1) -> None:
+        self.partial.add(outcomes if sign > 0 else outcomes.negated())
+        self._version += 1
+
+    def top(self, k: int) -> Outcomes:
+        """The ``k`` most frequent outcomes, partial chunks included (``k <= 0``: all of them).
+
+        For ``k <= TRACKED`` only the counted outcomes' ``TRACKED`` leaders (chosen once per
+        counted shard) and the partial ones are candidates: exact, since an outcome outside
+        both has no more than the least of the leaders. Cached until the next change."""
+        if self._top is not None and self._top[:2] == (self._version, k):
+            return self._top[2]
+        counted, partial = self.counted.merged(), self.partial.merged()
+        if k <= 0 or k > self.TRACKED:
+            top = Outcomes.merge([counted, partial], self.width).top(k)
+        else:
+            if self._leaders is None or self._leaders[0] != self.counted.shots:
+                self._leaders = (self.counted.shots, counted.top(self.TRACKED))
+            keys = np.union1d(self._leaders[1].keys, partial.keys)
+            totals = counted.counts_of(keys) + partial.counts_of(keys)
+            seen = totals != 0  # (a lost attempt's chunk taken out again)
+            top = Outcomes(self.width, keys[seen], totals[seen]).top(k)
+        self._top = (self._version, k, top)
+        return top
+
+    @property
+    def shots(self) -> int:
+        return self.counted.shots
 
     @property
     def progress_shots(self) -> int:
-        return self.shots + self.partial_shots
+        return self.counted.shots + self.partial.shots
 
 
 @dataclass(eq=False)
@@ -199,8 +173,8 @@ class Job:
     accepted: float = 0.0
     """Monotonic time the coordinator accepted (or recovered) it."""
     shards: list[Shard] = field(default_factory=list)
-    counts: list[list[dict[str, int]]] = field(default_factory=list)
-    """Counted hex counts per circuit, per parameter set."""
+    set_outcomes: list[list[OutcomeTotals]] = field(default_factory=list)
+    """Counted outcomes per circuit, per parameter set."""
     totals: list[Totals] = field(default_factory=list)
     """Per circuit: merged over its parameter sets, incrementally (progress and results)."""
     set_shots: list[list[int]] = field(default_factory=list)
@@ -231,11 +205,12 @@ class Job:
     def start(self, plan: tuple[ShardPlan, ...], done: dict[int, list[common_pb2.CircuitCounts]]) -> None:
         """Lay out the shards of ``plan`` and count the results already stored for some of them."""
         self.shards = [Shard(p) for p in plan]
-        self.totals = [Totals() for _ in self.infos]
-        # A circuit with one parameter set: its set's counts are its merged counts (one dict); an
-        # estimator job has no counts (its values are in `values`).
-        self.counts = [[self.totals[c].counted] if k == 1 or self.estimator else [{} for _ in range(k)]
-                       for c, k in enumerate(self.num_sets)]
+        self.totals = [Totals(outcome_width(info.num_clbits)) for info in self.infos]
+        # A circuit with one parameter set: its set's outcomes are its merged outcomes (one
+        # object); an estimator job has no outcomes (its values are in `values`).
+        self.set_outcomes = [[self.totals[c].counted] if k == 1 or self.estimator else
+                             [OutcomeTotals(self.totals[c].width) for _ in range(k)]
+                             for c, k in enumerate(self.num_sets)]
         self.set_shots = [[0] * k for k in self.num_sets]
         self.values = [np.full((k, len(o)), np.nan) for k, o in zip(self.num_sets, self.observables)]
         self.shots_done = self.shards_done = 0
@@ -257,9 +232,10 @@ class Job:
                 rows = self.values[c][result.set_index : result.set_index + result.set_count]
                 rows[:] = block.reshape(rows.shape)
                 continue
-            self.totals[c].add_counted(result.counts.items())
-            if len(self.counts[c]) > 1:
-                merge_counts(self.counts[c][result.set_index], result.counts.items())
+            outcomes = Outcomes.from_proto(result.outcomes)
+            self.totals[c].add_counted(outcomes)
+            if len(self.set_outcomes[c]) > 1:
+                self.set_outcomes[c][result.set_index].add(outcomes)
             if self.memory:
                 self.memory_parts.setdefault((c, result.set_index), []).append((shard.plan.index, result.memory))
         shard.status = "done"
@@ -291,7 +267,7 @@ class Job:
             return  # progress of an estimator job is its shards and experiments done
         for chunk in chunks:
             for result in chunk:
-                self.totals[result.circuit_index].add_partial(result.counts.items(), sign)
+                self.totals[result.circuit_index].add_partial(Outcomes.from_proto(result.outcomes), sign)
 
     @property
     def num_sets(self) -> list[int]:
@@ -309,9 +285,9 @@ class Job:
     def shards_running(self) -> int:
         return sum(1 for s in self.shards if s.status == "running")
 
-    def circuit_counts(self, index: int) -> dict[str, int]:
-        """Counted hex counts of a circuit, merged over its parameter sets."""
-        return self.totals[index].counted
+    def circuit_outcomes(self, index: int) -> Outcomes:
+        """Counted outcomes of a circuit, merged over its parameter sets."""
+        return self.totals[index].counted.merged()
 
     def set_memory(self, index: int, set_index: int) -> bytes:
         """Per-shot memory of one parameter set, in shot order (shards in plan order)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from qscale.circuits import CircuitInfo
 from qscale.coordinator.decisions import FinishJob, RecordShard
 from qscale.coordinator.jobs import QUEUED, Job
+from qscale.coordinator.migrations import migrate
 from qscale.coordinator.planner import PlanningPolicy
 from qscale.errors import FailedPreconditionError
 from qscale.proto.v1 import common_pb2
@@ -34,7 +35,7 @@ Results = dict[int, list[common_pb2.CircuitCounts]]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -112,9 +113,8 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
-            if tables and version == 1:  # schema 2 added the observables of estimator jobs
-                self._db.execute("ALTER TABLE circuits ADD COLUMN observables TEXT")
-                version = 2
+            if tables:
+                version = migrate(self._db, version, SCHEMA_VERSION)
             if tables and version != SCHEMA_VERSION:
                 raise FailedPreconditionError(
                     f"the state in {self.path} has schema {version}, this qscale uses {SCHEMA_VERSION}; "

@@ -1,10 +1,10 @@
-"""Domain records -> protobuf replies. Counts are turned from Aer's hexadecimal keys into
-Qiskit bitstrings here, once per reply, and a progress update formats only the outcomes it
-shows: its cost does not grow with the number of distinct outcomes."""
+"""Domain records -> protobuf replies. A result carries its outcomes packed, as the coordinator
+holds them; a progress update (read by people) selects the outcomes it shows first and formats
+only those as Qiskit bitstrings."""
 
 from __future__ import annotations
 
-from qscale.circuits import format_counts, memory_width
+from qscale.circuits import memory_width
 from qscale.coordinator.jobs import Job
 from qscale.coordinator.nodes import Node
 from qscale.proto.v1 import jobs_pb2
@@ -33,8 +33,8 @@ def job_progress(job: Job, include_counts: bool, max_outcomes: int) -> jobs_pb2.
     if include_counts:
         for index, totals in enumerate(job.totals):
             info = job.infos[index]
-            progress.counts.add(circuit_index=index, counts=format_counts(totals.top(max_outcomes), info.num_clbits,
-                                                                          info.creg_sizes),
+            progress.counts.add(circuit_index=index,
+                                counts=totals.top(max_outcomes).to_dict(info.num_clbits, info.creg_sizes),
                                 shots=totals.progress_shots)
     return progress
 
@@ -52,7 +52,7 @@ def job_result(job: Job) -> jobs_pb2.JobResult:
         circuit = result.results.add(
             circuit_index=index,
             name=info.name,
-            counts=format_counts(job.circuit_counts(index), info.num_clbits, info.creg_sizes),
+            outcomes=job.circuit_outcomes(index).to_proto() if not job.estimator else None,
             shots=sum(job.set_shots[index]),
             num_qubits=info.num_qubits,
             num_clbits=info.num_clbits,
@@ -64,11 +64,11 @@ def job_result(job: Job) -> jobs_pb2.JobResult:
             circuit.observables.extend(job.observables[index])
             circuit.expectation_values = job.values[index].astype("<f8").tobytes()
             continue
-        single = len(job.counts[index]) == 1  # its counts are the circuit's: not sent twice
-        for set_index, counts in enumerate(job.counts[index]):
+        single = len(job.set_outcomes[index]) == 1  # its outcomes are the circuit's: not sent twice
+        for set_index, outcomes in enumerate(job.set_outcomes[index]):
             circuit.sets.add(
                 set_index=set_index,
-                counts={} if single else format_counts(counts, info.num_clbits, info.creg_sizes),
+                outcomes=None if single else outcomes.merged().to_proto(),
                 shots=job.set_shots[index][set_index],
                 memory=job.set_memory(index, set_index) if job.memory else b"",
             )

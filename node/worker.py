@@ -82,8 +82,8 @@ class WorkerInfo:
 @dataclass(frozen=True)
 class ChunkOutcome:
     """Results of one finished chunk: one :class:`CircuitCounts` per experiment (circuit,
-    parameter set) in the chunk's order, with Aer's hexadecimal counts summing to the chunk's
-    shots and, when the shard asked for it, packed per-shot memory."""
+    parameter set) in the chunk's order, with packed outcomes (:class:`~qscale.outcomes.Outcomes`)
+    adding up to the chunk's shots and, when the shard asked for it, packed per-shot memory."""
 
     chunk_index: int
     counts: list[common_pb2.CircuitCounts]
@@ -781,6 +781,7 @@ def _worker_expectation_values(state: _WorkerState, assignment: Any, chunk: Any,
 def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> None:
     """Run every chunk of a shard and report each one; then done, or failed with a short error."""
     from qscale.circuits import memory_width, pack_memory, unpack_parameter_values
+    from qscale.outcomes import Outcomes
 
     t0 = time.perf_counter()
     try:
@@ -843,15 +844,16 @@ def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> Non
                     circuit = state.circuit(assignment.job_id, circuit_index, payloads)
                     _worker_check_unwritten_clbits(circuit, circuit_index)
                     item = out.results.add(circuit_index=circuit_index, set_index=set_index,
-                                           counts={"0x0": chunk.shots})
+                                           outcomes=Outcomes.of(width, 0, chunk.shots).to_proto())
                     if assignment.memory:
                         item.memory = bytes(width * chunk.shots)
                     continue
-                c = data_i["counts"]  # Aer's own {hex: count} dict, no copy
-                total = sum(c.values())
-                if total != chunk.shots:
-                    raise ValueError(f"circuit {circuit_index}: counts sum to {total}, expected {chunk.shots} shots")
-                item = out.results.add(circuit_index=circuit_index, set_index=set_index, counts=c)
+                outcomes = Outcomes.from_hex_counts(data_i["counts"], width)  # packed once, here
+                if outcomes.shots != chunk.shots:
+                    raise ValueError(f"circuit {circuit_index}: counts sum to {outcomes.shots}, "
+                                     f"expected {chunk.shots} shots")
+                item = out.results.add(circuit_index=circuit_index, set_index=set_index,
+                                       outcomes=outcomes.to_proto())
                 if assignment.memory:
                     item.memory = pack_memory(data_i["memory"], width)
             conn.send(("chunk", chunk_index, out.SerializeToString(), time.perf_counter() - tc))

@@ -23,6 +23,7 @@ from qscale._version import __version__
 from qscale.circuits import METHODS
 from qscale.client import Client, Job, check_shots
 from qscale.errors import InvalidArgumentError
+from qscale.outcomes import Outcomes
 from qscale.results import CircuitResult, JobResult, JobState
 
 __all__ = ["QScaleBackend", "QScaleBackendJob", "DEFAULT_NUM_QUBITS"]
@@ -141,19 +142,14 @@ class QScaleBackendJob(JobV1):
         return self.qscale_job.cancel().state == JobState.CANCELLED
 
 
-def _hex_counts(result: CircuitResult) -> dict[str, int]:
-    return {hex(int(key.replace(" ", ""), 2)): value for key, value in result.counts.items()}
-
-
 def _hex_memory(result: CircuitResult) -> list[str]:
-    memory, width = result.sets[0].memory, result.memory_width
-    return [hex(int.from_bytes(memory[i : i + width], "little")) for i in range(0, len(memory), width)]
+    return list(map(hex, Outcomes.from_memory(result.sets[0].memory, result.memory_width).integers()))
 
 
 def _to_qiskit_result(backend: BackendV2, result: JobResult, circuits: list[QuantumCircuit]) -> Result:
     experiments = []
     for circuit, r in zip(circuits, result.results):
-        data: dict[str, Any] = {"counts": _hex_counts(r)}
+        data: dict[str, Any] = {"counts": r.outcomes.hex_dict()}  # Aer's keys, from the packed outcomes
         if r.sets and r.sets[0].memory:
             data["memory"] = _hex_memory(r)
         experiments.append({

@@ -14,7 +14,7 @@ import math
 import re
 import struct
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from qiskit.circuit import Barrier, ControlFlowOp, Instruction, Store
 from qiskit.circuit.library import Initialize, UnitaryGate, get_standard_gate_name_mapping
 
 from qscale.errors import InvalidArgumentError
+from qscale.outcomes import outcome_width
 
 __all__ = [
     "METHODS",
@@ -38,9 +39,7 @@ __all__ = [
     "MIN_QPY_VERSION",
     "estimate_memory_bytes",
     "max_statevector_qubits",
-    "format_counts",
     "memory_width",
-    "split_registers",
     "pack_memory",
     "unpack_memory_bits",
     "pack_parameter_values",
@@ -557,13 +556,15 @@ def max_statevector_qubits(memory_bytes: int) -> int:
     return int(math.floor(math.log2(memory_bytes / _STATE_BYTES_PER_AMPLITUDE)))
 
 
-def memory_width(num_clbits: int) -> int:
-    """Bytes per shot of packed per-shot memory."""
-    return max(1, -(-num_clbits // 8))
+memory_width = outcome_width
+"""Bytes per shot of packed per-shot memory (the width of an outcome)."""
 
 
-def pack_memory(hex_outcomes: Iterable[str], width: int) -> bytes:
+def pack_memory(hex_outcomes: Sequence[str], width: int) -> bytes:
     """Aer's per-shot hexadecimal outcomes as ``width`` little-endian bytes each."""
+    if width <= 8:
+        values = np.fromiter((int(h, 16) for h in hex_outcomes), dtype="<u8", count=len(hex_outcomes))
+        return values.view(np.uint8).reshape(-1, 8)[:, :width].tobytes()
     return b"".join(int(h, 16).to_bytes(width, "little") for h in hex_outcomes)
 
 
@@ -612,34 +613,3 @@ def check_pauli_labels(labels: Iterable[str], num_qubits: int) -> tuple[str, ...
             raise InvalidArgumentError(f"observable {i} ({shown}) is not a Pauli label of {num_qubits} letters "
                                        "from IXYZ, qubit 0 rightmost")
     return out
-
-
-def split_registers(bits: str, creg_sizes: Sequence[tuple[str, int]]) -> str:
-    """Insert Qiskit's register separators into a bitstring (last register first)."""
-    parts = []
-    end = len(bits)
-    for _, size in creg_sizes:
-        parts.append(bits[end - size : end])
-        end -= size
-    return " ".join(reversed(parts))
-
-
-def format_counts(
-    hex_counts: Mapping[str, int], num_clbits: int, creg_sizes: Sequence[tuple[str, int]]
-) -> dict[str, int]:
-    """Aer's hexadecimal counts as Qiskit bitstrings: clbit 0 rightmost, registers separated
-    by spaces, last register first (what ``Result.get_counts()`` returns)."""
-    split = len(creg_sizes) > 1 and sum(size for _, size in creg_sizes) == num_clbits
-    out: dict[str, int] = {}
-    for key, value in hex_counts.items():
-        bits = format(int(key, 16), "b").zfill(num_clbits) if num_clbits else ""
-        if split:
-            bits = split_registers(bits, creg_sizes)
-        out[bits] = out.get(bits, 0) + int(value)
-    return out
-
-
-def merge_counts(target: dict[str, int], counts: Iterable[tuple[str, int]]) -> None:
-    """Add ``counts`` into ``target`` in place."""
-    for key, value in counts:
-        target[key] = target.get(key, 0) + int(value)

@@ -196,6 +196,30 @@ def _flat_values(pub: SamplerPub) -> np.ndarray:
     return np.asarray(array, dtype=float).reshape(num_sets, pub.circuit.num_parameters)
 
 
+def _register_bytes(rows: np.ndarray, positions: list[int]) -> np.ndarray:
+    """One register's bits of every shot in ``BitArray``'s layout (``ceil(k / 8)`` bytes a shot,
+    big-endian, register bit 0 the lowest), from per-shot memory ``rows`` (one row of
+    little-endian bytes a shot, clbit 0 the lowest). A register of consecutive clbits, the usual
+    case, is shifted or sliced out of the packed bytes; only another layout unpacks bits."""
+    k, width = len(positions), rows.shape[1]
+    start = positions[0] if positions else 0
+    nbytes = -(-k // 8)
+    if positions == list(range(start, start + k)):
+        if width <= 8:  # the whole outcome fits in a uint64: shift and mask
+            padded = np.zeros((rows.shape[0], 8), dtype=np.uint8)
+            padded[:, :width] = rows
+            mask = np.uint64((1 << k) - 1)
+            values = (padded.view("<u8").ravel() >> np.uint64(start)) & mask
+            return values.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - nbytes:]
+        if start % 8 == 0:
+            part = rows[:, start // 8 : start // 8 + nbytes].copy()
+            if k % 8:
+                part[:, -1] &= (1 << (k % 8)) - 1
+            return part[:, ::-1]
+    bits = np.unpackbits(rows, axis=1, bitorder="little")[:, positions].astype(bool)
+    return BitArray.from_bool_array(bits, order="little").array
+
+
 def _sampler_result(pubs: list[SamplerPub], sampled: list[int], result: JobResult | None, job_id: str,
                     seed: int | None) -> PrimitiveResult[SamplerPubResult]:
     """The primitive result: ``result`` holds the circuits of the pubs ``sampled``, in order
@@ -209,11 +233,12 @@ def _sampler_result(pubs: list[SamplerPub], sampled: list[int], result: JobResul
             for creg in pub.circuit.cregs:  # none, or only registers of no bits
                 data[creg.name] = BitArray(np.zeros((*pub.shape, pub.shots, 0), dtype=np.uint8), 0)
         else:
-            bits = np.stack([circuit_result.memory_bits(k) for k in range(len(circuit_result.sets))])
+            width = circuit_result.memory_width
+            rows = np.frombuffer(b"".join(x.memory for x in circuit_result.sets), dtype=np.uint8).reshape(-1, width)
             for creg in pub.circuit.cregs:
                 positions = [pub.circuit.find_bit(bit).index for bit in creg]
-                array = BitArray.from_bool_array(bits[..., positions], order="little")
-                data[creg.name] = array.reshape(pub.shape)
+                packed = _register_bytes(rows, positions)
+                data[creg.name] = BitArray(packed.reshape(*pub.shape, pub.shots, packed.shape[-1]), len(positions))
         pub_results.append(SamplerPubResult(DataBin(**data, shape=pub.shape),
                                             metadata={"shots": pub.shots, "circuit_metadata": pub.circuit.metadata}))
     if result is None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from qscale.circuits import split_registers, unpack_memory_bits
+from qscale.circuits import unpack_memory_bits
+from qscale.outcomes import Outcomes
 from qscale.proto.v1 import common_pb2, jobs_pb2
 
 __all__ = ["JobState", "JobStatus", "Progress", "SetResult", "CircuitResult", "AttemptRecord", "JobResult",
@@ -85,23 +87,33 @@ class Progress:
 
 @dataclass(frozen=True)
 class SetResult:
-    """Counts of one parameter set of a circuit, and its per-shot memory if the job asked."""
+    """Outcomes of one parameter set of a circuit, and its per-shot memory if the job asked."""
 
     index: int
-    counts: dict[str, int]
+    outcomes: Outcomes = field(repr=False)
+    """The distinct outcomes and their counts, packed (see :class:`~qscale.outcomes.Outcomes`)."""
     shots: int
     memory: bytes = field(default=b"", repr=False)
     """Every shot's outcome in shot order, ``memory_width`` bytes each, little-endian."""
+    num_clbits: int = field(default=0, repr=False)
+    registers: tuple[tuple[str, int], ...] = field(default=(), repr=False)
+
+    @cached_property
+    def counts(self) -> dict[str, int]:
+        """``{bitstring: count}`` (clbit 0 rightmost, registers separated by spaces), formatted
+        on first use."""
+        return self.outcomes.to_dict(self.num_clbits, self.registers)
 
 
 @dataclass(frozen=True)
 class CircuitResult:
-    """Merged counts of one circuit (over all its parameter sets). Keys are Qiskit bitstrings
-    (clbit 0 rightmost, registers separated by spaces); the values add up to ``shots``."""
+    """Merged outcomes of one circuit (over all its parameter sets). :attr:`counts` gives them
+    as Qiskit bitstrings (clbit 0 rightmost, registers separated by spaces) adding up to
+    ``shots``; :attr:`outcomes` as the packed arrays they travel in."""
 
     index: int
     name: str
-    counts: dict[str, int]
+    outcomes: Outcomes = field(repr=False)
     shots: int
     num_qubits: int
     num_clbits: int
@@ -117,25 +129,31 @@ class CircuitResult:
     """Estimator jobs: exact expectation values, shape (parameter sets, observables); None for
     sampler jobs."""
 
+    @cached_property
+    def counts(self) -> dict[str, int]:
+        """``{bitstring: count}`` over every parameter set, formatted on first use."""
+        return self.outcomes.to_dict(self.num_clbits, self.registers)
+
     def most_frequent(self, n: int = 10) -> list[tuple[str, int]]:
-        """The ``n`` most frequent outcomes, most frequent first."""
-        return sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+        """The ``n`` most frequent outcomes, most frequent first (only those are formatted)."""
+        top = self.outcomes.top(n)
+        return list(zip(top.bitstrings(self.num_clbits, self.registers), top.counts.tolist()))
 
     def memory_bits(self, set_index: int = 0) -> np.ndarray:
         """Per-shot outcomes of one parameter set as bools, shape (shots, num_clbits), column j
         is clbit j. Needs a job submitted with ``memory=True``."""
-        memory = self.sets[set_index].memory
-        if not memory:
-            raise ValueError("no per-shot memory: submit the job with memory=True")
-        return unpack_memory_bits(memory, self.memory_width, self.num_clbits)
+        return unpack_memory_bits(self._memory(set_index), self.memory_width, self.num_clbits)
 
     def memory(self, set_index: int = 0) -> list[str]:
         """Per-shot outcomes of one parameter set as Qiskit bitstrings, in shot order."""
-        bits = self.memory_bits(set_index)
-        flat = ["".join("1" if b else "0" for b in row[::-1]) for row in bits]
-        if len(self.registers) > 1 and sum(size for _, size in self.registers) == self.num_clbits:
-            return [split_registers(b, self.registers) for b in flat]
-        return flat
+        shots = Outcomes.from_memory(self._memory(set_index), self.memory_width)
+        return shots.bitstrings(self.num_clbits, self.registers)
+
+    def _memory(self, set_index: int) -> bytes:
+        memory = self.sets[set_index].memory
+        if not memory:
+            raise ValueError("no per-shot memory: submit the job with memory=True")
+        return memory
 
 
 @dataclass(frozen=True)
@@ -179,12 +197,7 @@ class JobResult:
         return cls(
             job_id=msg.status.job_id,
             status=JobStatus.from_proto(msg.status),
-            results=[CircuitResult(r.circuit_index, r.name, dict(r.counts), r.shots, r.num_qubits, r.num_clbits,
-                                   [SetResult(x.set_index, dict(x.counts) if len(r.sets) > 1 else dict(r.counts),
-                                              x.shots, x.memory) for x in r.sets],
-                                   [(g.name, g.size) for g in r.registers], list(r.register_clbits),
-                                   r.memory_width or 1, list(r.observables), _expectation_values(r))
-                     for r in msg.results],
+            results=[_circuit_result(r) for r in msg.results],
             seed=msg.seed,
             method=msg.method,
             nodes_used=list(msg.nodes_used),
@@ -217,6 +230,17 @@ class JobResult:
                 "wall_time_s": self.wall_time_s,
             },
         }
+
+
+def _circuit_result(msg: jobs_pb2.CircuitResult) -> CircuitResult:
+    width = msg.memory_width or 1
+    outcomes = Outcomes.from_proto(msg.outcomes) if msg.HasField("outcomes") else Outcomes.empty(width)
+    registers = tuple((g.name, g.size) for g in msg.registers)
+    sets = [SetResult(x.set_index, Outcomes.from_proto(x.outcomes) if x.HasField("outcomes") else outcomes,
+                      x.shots, x.memory, msg.num_clbits, registers) for x in msg.sets]
+    return CircuitResult(msg.circuit_index, msg.name, outcomes, msg.shots, msg.num_qubits, msg.num_clbits, sets,
+                         list(registers), list(msg.register_clbits), width, list(msg.observables),
+                         _expectation_values(msg))
 
 
 def _expectation_values(msg: jobs_pb2.CircuitResult) -> np.ndarray | None:

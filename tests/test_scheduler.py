@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import uuid
 from collections import Counter
 from dataclasses import replace
 
 import pytest
+from google.protobuf import message_factory
 from qiskit import QuantumCircuit
 
 from qscale.circuits import describe, dump_qpy, qpy_version
-from qscale.coordinator import messages
+from qscale.coordinator import messages, migrations
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.decisions import CloseStream, FinishJob, Notify, RecordShard, Send
 from qscale.coordinator.jobs import Job, Totals
@@ -22,6 +24,7 @@ from qscale.coordinator.runtime import JobEvents, Runtime
 from qscale.coordinator.scheduler import CANCELLED, DONE, FAILED, Scheduler
 from qscale.coordinator.store import Store
 from qscale.errors import FailedPreconditionError, NoCapableNodeError
+from qscale.outcomes import Outcomes
 from qscale.proto.v1 import common_pb2, node_pb2
 
 
@@ -85,7 +88,8 @@ class Cluster:
 
     def complete(self, node_id: str, a: node_pb2.ShardAssignment, now: float, key: str = "0x0") -> None:
         for k, chunk in enumerate(a.chunks):
-            counts = [common_pb2.CircuitCounts(circuit_index=e.circuit_index, set_index=s, counts={key: chunk.shots})
+            counts = [common_pb2.CircuitCounts(circuit_index=e.circuit_index, set_index=s,
+                                               outcomes=_packed({key: chunk.shots}))
                       for e in chunk.entries for s in range(e.set_start, e.set_start + e.set_count)]
             self.apply(self.core.chunk_result(node_id, node_pb2.ChunkResult(
                 attempt_token=a.attempt_token, chunk_index=k, counts=counts), now))
@@ -114,6 +118,15 @@ def make_job(circuit: QuantumCircuit, shots: int, seed: int = 7, policy: Plannin
 def _caps(name: str, slots: int = 1, memory: int = 1 << 30) -> node_pb2.NodeCapabilities:
     return node_pb2.NodeCapabilities(name=name, hostname="host-" + name, slots=slots, cores=1,
                                      memory_budget_bytes=memory, methods=["statevector", "stabilizer"])
+
+
+def _packed(hex_counts: dict[str, int]) -> common_pb2.Outcomes:
+    return Outcomes.from_hex_counts(hex_counts, 1).to_proto()
+
+
+def _set_counts(job: Job) -> list[list[dict[str, int]]]:
+    """Counted outcomes per circuit and parameter set, as Aer's hexadecimal counts."""
+    return [[totals.merged().hex_dict() for totals in sets] for sets in job.set_outcomes]
 
 
 def _ghz(n: int = 3) -> QuantumCircuit:
@@ -154,7 +167,7 @@ def test_silent_node_is_suspected_then_lost_and_late_results_are_dropped(c: Clus
     c.complete(a_id, first, 6.5, key="0x7")  # the zombie comes back: ignored
     assert job.stale_dropped == len(first.chunks) + 1
     c.complete(b_id, backup, 7.0)
-    assert job.state == DONE and job.counts == [[{"0x0": 200}]] and job.shots_done == 200
+    assert job.state == DONE and _set_counts(job) == [[{"0x0": 200}]] and job.shots_done == 200
     assert [a.outcome for a in job.attempts] == ["lost", "done", "done"]
 
 
@@ -219,6 +232,26 @@ def test_a_node_whose_stream_broke_for_good_is_lost_even_if_it_heartbeats(c: Clu
     c.heartbeat(a_id, 5.6)
     c.tick(5.6)
     assert a_id not in c.core.nodes
+
+
+def test_a_heartbeat_counts_only_on_the_nodes_current_stream(c: Cluster) -> None:
+    a_id, a = c.node("a")
+    assert c.core.heartbeat(a_id, 1.0, [], stream=a) == (True, [])
+    c.apply(c.core.detach_stream(a_id, a, 1.5, "work stream closed"))
+    node, _, decisions = c.core.register(_caps("a"), 1.6, a_id, [])  # it resumes on a new stream
+    c.apply(decisions)
+    a2 = Stream("a2")
+    c.apply(c.core.attach_stream(a_id, a2, 1.7))
+    # A heartbeat late on the old stream is not the node speaking: that session should register again.
+    assert c.core.heartbeat(a_id, 2.0, [], stream=a) == (False, [])
+    assert node.last_heard == 1.7 and node.last_heartbeat == 1.0
+    assert c.core.heartbeat(a_id, 2.1, [], stream=a2) == (True, [])
+    assert node.last_heard == 2.1 and node.last_heartbeat == 2.1
+    # Declared lost, its stream stays open; heartbeats on it are answered "unknown".
+    c.tick(5.0)
+    c.tick(9.0)
+    assert a_id not in c.core.nodes and not a2.closed
+    assert c.core.heartbeat(a_id, 9.1, [], stream=a2) == (False, [])
 
 
 def test_resume_drops_what_the_node_no_longer_holds(c: Cluster) -> None:
@@ -530,12 +563,12 @@ def test_a_chunk_resent_after_a_resume_is_counted_once(c: Cluster) -> None:
     job = c.submit(_ghz(), shots=100)
     (x,) = a.assignments()
     msg = node_pb2.ChunkResult(attempt_token=x.attempt_token, chunk_index=0, counts=[
-        common_pb2.CircuitCounts(circuit_index=0, set_index=0, counts={"0x0": 100})])
+        common_pb2.CircuitCounts(circuit_index=0, set_index=0, outcomes=_packed({"0x0": 100}))])
     c.apply(c.core.chunk_result(a_id, msg, 0.1))
     c.apply(c.core.chunk_result(a_id, msg, 0.2))
     assert job.totals[0].progress_shots == 100
     c.apply(c.core.shard_done(a_id, x.attempt_token, 0.3))
-    assert job.state == DONE and job.counts == [[{"0x0": 100}]]
+    assert job.state == DONE and _set_counts(job) == [[{"0x0": 100}]]
     (record,) = [w for w in c.writes if isinstance(w, RecordShard)]
     assert record.job_id == job.job_id and record.shard_index == 0
 
@@ -551,34 +584,36 @@ def test_progress_shows_one_copy_of_each_running_shard(c: Cluster) -> None:
 
     def chunk(token: str) -> node_pb2.ChunkResult:
         return node_pb2.ChunkResult(attempt_token=token, chunk_index=0, counts=[
-            common_pb2.CircuitCounts(circuit_index=0, set_index=0, counts={"0x0": 60, "0x7": 40})])
+            common_pb2.CircuitCounts(circuit_index=0, set_index=0, outcomes=_packed({"0x0": 60, "0x7": 40}))])
 
     c.apply(c.core.chunk_result(b_id, chunk(y.attempt_token), 2.6))
     c.apply(c.core.chunk_result(a_id, chunk(x.attempt_token), 2.7))
-    assert job.totals[0].top(0) == {"0x0": 60, "0x7": 40}  # b's copy, not both
+    assert job.totals[0].top(0).hex_dict() == {"0x0": 60, "0x7": 40}  # b's copy, not both
     c.tick(20.0)  # a is lost; b's chunk still shows
-    assert job.totals[0].top(0) == {"0x0": 60, "0x7": 40}
+    assert job.totals[0].top(0).hex_dict() == {"0x0": 60, "0x7": 40}
     c.apply(c.core.shard_done(b_id, y.attempt_token, 20.1))
-    assert job.totals[0].top(1) == {"0x0": 60} and job.totals[0].partial == {}
+    assert job.totals[0].top(1).hex_dict() == {"0x0": 60} and len(job.totals[0].partial.merged()) == 0
 
 
 def test_top_outcomes_are_exact_at_any_number_of_outcomes() -> None:
     rng = random.Random(5)
-    totals = Totals()
+    totals = Totals(2)
     truth: Counter[str] = Counter()
     for _ in range(60):
         counts = {hex(rng.randrange(2000)): rng.randrange(1, 50) for _ in range(rng.randrange(1, 200))}
+        outcomes = Outcomes.from_hex_counts(counts, 2)
         if rng.random() < 0.7:
-            totals.add_counted(counts.items())
+            totals.add_counted(outcomes)
             truth.update(counts)
         else:
-            totals.add_partial(counts.items())
+            totals.add_partial(outcomes)
             truth.update(counts)
             if rng.random() < 0.5:
-                totals.add_partial(counts.items(), -1)
+                totals.add_partial(outcomes, -1)
                 truth.subtract(counts)
-        for k in (1, 5, 50):
-            got = totals.top(k)
+        assert totals.top(0).hex_dict() == dict(+truth)
+        for k in (1, 5, 50, 300):
+            got = totals.top(k).hex_dict()
             assert len(got) == min(k, len(+truth))
             assert all(truth[key] == value for key, value in got.items())
             floor = min(got.values())
@@ -632,6 +667,46 @@ def test_restart_recovers_unfinished_jobs(tmp_path) -> None:
     asyncio.run(run())
 
 
+def test_a_schema_2_store_is_upgraded_with_its_counted_results(tmp_path) -> None:
+    """Schema 2 stored counts as a map of hexadecimal keys: opening it rewrites them as packed
+    outcomes, and a job half done before the upgrade finishes with exact totals."""
+    async def run() -> None:
+        store = Store(tmp_path / "s")
+        c = Cluster(prefetch_per_slot=0)
+        runtime = Runtime(c.core, store, asyncio.get_running_loop())
+        c.apply = lambda decisions: runtime.apply(decisions) or decisions  # type: ignore[method-assign]
+        a_id, a = c.node("a", slots=2)
+        job = make_job(_ghz(), 300)
+        assert store.insert_job(job)
+        c.apply(c.core.accept(job, c.core.plan(job), 0.0))
+        first, _ = a.assignments()
+        c.complete(a_id, first, 1.0, key="0x7")
+        await runtime.writer.settled()
+        runtime.close()
+        store.close()
+        # Turn it into what schema 2 wrote.
+        db = sqlite3.connect(tmp_path / "s" / "state.sqlite3")
+        legacy = migrations._hex_shard_result()
+        hex_counts = message_factory.GetMessageClass(legacy.DESCRIPTOR.fields_by_name["results"].message_type)
+        old = legacy(results=[hex_counts(circuit_index=0, set_index=0, counts={"0x7": 100})])
+        db.execute("UPDATE shard_results SET result = ?", (old.SerializeToString(),))
+        db.execute("PRAGMA user_version=2")
+        db.commit()
+        db.close()
+
+        store = Store(tmp_path / "s")
+        core = Scheduler(CoordinatorConfig(prefetch_per_slot=0, policy=PlanningPolicy(shots_per_shard=100)))
+        runtime = Runtime(core, store, asyncio.get_running_loop())
+        assert runtime.recover(2.0) == 1
+        again = runtime.get_job(job.job_id)
+        assert again.shards_done == 1 and _set_counts(again) == [[{"0x7": 100}]]
+        runtime.close()
+        store.close()
+        assert sqlite3.connect(tmp_path / "s" / "state.sqlite3").execute("PRAGMA user_version").fetchone()[0] == 3
+
+    asyncio.run(run())
+
+
 def test_old_finished_jobs_leave_memory_but_stay_readable(tmp_path) -> None:
     async def run() -> None:
         store = Store(tmp_path / "s")
@@ -649,7 +724,7 @@ def test_old_finished_jobs_leave_memory_but_stay_readable(tmp_path) -> None:
         await runtime.writer.settled()
         assert [j.job_id in c.core.jobs for j in jobs] == [False, False, True, True]
         again = runtime.get_job(jobs[0].job_id)
-        assert again.state == DONE and again.counts == [[{"0x0": 10}]] and again.shots_done == 10
+        assert again.state == DONE and _set_counts(again) == [[{"0x0": 10}]] and again.shots_done == 10
         runtime.close()
         store.close()
 

@@ -19,6 +19,7 @@ from qiskit_aer import AerSimulator
 from conftest import bell
 from qscale.circuits import dump_qpy, pack_parameter_values
 from qscale.node.worker import _worker_run_shard, _worker_warm_up, _WorkerState
+from qscale.outcomes import Outcomes
 from qscale.proto.v1 import common_pb2, node_pb2
 
 
@@ -60,6 +61,10 @@ def _results(sent: list[tuple[Any, ...]]) -> list[common_pb2.ShardResult]:
     return [common_pb2.ShardResult.FromString(m[2]) for m in sent if m[0] == "chunk"]
 
 
+def _hex(result: common_pb2.CircuitCounts) -> dict[str, int]:
+    return Outcomes.from_proto(result.outcomes).hex_dict()
+
+
 def test_aer_gives_no_counts_for_unmeasured_bits() -> None:
     """The premise: Aer leaves counts and memory out when nothing is measured."""
     qc = QuantumCircuit(2, 2)
@@ -71,11 +76,11 @@ def test_unmeasured_bits_give_all_zero_counts_and_memory(state: _WorkerState) ->
     idle = QuantumCircuit(2, 10)  # two bytes of memory per shot
     idle.h(0)
     chunks = _results(_run(state, idle, [(6, 1), (4, 2)]))
-    assert [[(r.circuit_index, dict(r.counts)) for r in c.results] for c in chunks] == [[(0, {"0x0": 6})],
-                                                                                       [(0, {"0x0": 4})]]
+    assert [[(r.circuit_index, _hex(r)) for r in c.results] for c in chunks] == [[(0, {"0x0": 6})],
+                                                                                [(0, {"0x0": 4})]]
     assert [c.results[0].memory for c in chunks] == [bytes(12), bytes(8)]
     without_memory = _results(_run(state, idle, [(5, 1)], memory=False))
-    assert dict(without_memory[0].results[0].counts) == {"0x0": 5} and without_memory[0].results[0].memory == b""
+    assert _hex(without_memory[0].results[0]) == {"0x0": 5} and without_memory[0].results[0].memory == b""
 
 
 def test_unmeasured_bits_of_every_parameter_set(state: _WorkerState) -> None:
@@ -83,13 +88,13 @@ def test_unmeasured_bits_of_every_parameter_set(state: _WorkerState) -> None:
     swept = QuantumCircuit(1, 1)
     swept.rx(theta, 0)
     (chunk,) = _results(_run(state, swept, [(3, 1)], sets=3, values=np.array([[0.1], [0.2], [0.3]])))
-    assert [(r.set_index, dict(r.counts), r.memory) for r in chunk.results] == [(s, {"0x0": 3}, bytes(3))
-                                                                                for s in range(3)]
+    assert [(r.set_index, _hex(r), r.memory) for r in chunk.results] == [(s, {"0x0": 3}, bytes(3))
+                                                                         for s in range(3)]
 
 
 def test_measured_circuits_still_use_aer_counts(state: _WorkerState) -> None:
     (chunk,) = _results(_run(state, bell(), [(50, 1)]))
-    counts = dict(chunk.results[0].counts)
+    counts = _hex(chunk.results[0])
     assert sum(counts.values()) == 50 and set(counts) <= {"0x0", "0x3"} and len(counts) == 2
 
 

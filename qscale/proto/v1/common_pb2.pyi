@@ -52,28 +52,31 @@ class Chunk(_message.Message):
     seed: int
     def __init__(self, entries: _Optional[_Iterable[_Union[ChunkEntry, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
-class CircuitCounts(_message.Message):
-    __slots__ = ("circuit_index", "counts", "set_index", "memory", "set_count", "expectation_values")
-    class CountsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: int
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
-    CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+class Outcomes(_message.Message):
+    __slots__ = ("width", "values", "counts")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    values: bytes
+    counts: bytes
+    def __init__(self, width: _Optional[int] = ..., values: _Optional[bytes] = ..., counts: _Optional[bytes] = ...) -> None: ...
+
+class CircuitCounts(_message.Message):
+    __slots__ = ("circuit_index", "set_index", "memory", "set_count", "expectation_values", "outcomes")
+    CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SET_INDEX_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     SET_COUNT_FIELD_NUMBER: _ClassVar[int]
     EXPECTATION_VALUES_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     circuit_index: int
-    counts: _containers.ScalarMap[str, int]
     set_index: int
     memory: bytes
     set_count: int
     expectation_values: bytes
-    def __init__(self, circuit_index: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., set_index: _Optional[int] = ..., memory: _Optional[bytes] = ..., set_count: _Optional[int] = ..., expectation_values: _Optional[bytes] = ...) -> None: ...
+    outcomes: Outcomes
+    def __init__(self, circuit_index: _Optional[int] = ..., set_index: _Optional[int] = ..., memory: _Optional[bytes] = ..., set_count: _Optional[int] = ..., expectation_values: _Optional[bytes] = ..., outcomes: _Optional[_Union[Outcomes, _Mapping]] = ...) -> None: ...
 
 class ShardResult(_message.Message):
     __slots__ = ("results",)

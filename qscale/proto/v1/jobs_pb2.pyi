@@ -156,17 +156,10 @@ class JobResult(_message.Message):
     def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ..., results: _Optional[_Iterable[_Union[CircuitResult, _Mapping]]] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., nodes_used: _Optional[_Iterable[str]] = ..., attempts: _Optional[_Iterable[_Union[AttemptInfo, _Mapping]]] = ..., stale_results_dropped: _Optional[int] = ..., wall_time_s: _Optional[float] = ...) -> None: ...
 
 class CircuitResult(_message.Message):
-    __slots__ = ("circuit_index", "name", "counts", "shots", "num_qubits", "num_clbits", "sets", "registers", "memory_width", "register_clbits", "observables", "expectation_values")
-    class CountsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: int
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    __slots__ = ("circuit_index", "name", "outcomes", "shots", "num_qubits", "num_clbits", "sets", "registers", "memory_width", "register_clbits", "observables", "expectation_values")
     CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
-    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     NUM_QUBITS_FIELD_NUMBER: _ClassVar[int]
     NUM_CLBITS_FIELD_NUMBER: _ClassVar[int]
@@ -178,7 +171,7 @@ class CircuitResult(_message.Message):
     EXPECTATION_VALUES_FIELD_NUMBER: _ClassVar[int]
     circuit_index: int
     name: str
-    counts: _containers.ScalarMap[str, int]
+    outcomes: _common_pb2.Outcomes
     shots: int
     num_qubits: int
     num_clbits: int
@@ -188,26 +181,19 @@ class CircuitResult(_message.Message):
     register_clbits: _containers.RepeatedScalarFieldContainer[int]
     observables: _containers.RepeatedScalarFieldContainer[str]
     expectation_values: bytes
-    def __init__(self, circuit_index: _Optional[int] = ..., name: _Optional[str] = ..., counts: _Optional[_Mapping[str, int]] = ..., shots: _Optional[int] = ..., num_qubits: _Optional[int] = ..., num_clbits: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[SetResult, _Mapping]]] = ..., registers: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., memory_width: _Optional[int] = ..., register_clbits: _Optional[_Iterable[int]] = ..., observables: _Optional[_Iterable[str]] = ..., expectation_values: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, circuit_index: _Optional[int] = ..., name: _Optional[str] = ..., outcomes: _Optional[_Union[_common_pb2.Outcomes, _Mapping]] = ..., shots: _Optional[int] = ..., num_qubits: _Optional[int] = ..., num_clbits: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[SetResult, _Mapping]]] = ..., registers: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., memory_width: _Optional[int] = ..., register_clbits: _Optional[_Iterable[int]] = ..., observables: _Optional[_Iterable[str]] = ..., expectation_values: _Optional[bytes] = ...) -> None: ...
 
 class SetResult(_message.Message):
-    __slots__ = ("set_index", "counts", "shots", "memory")
-    class CountsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: int
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    __slots__ = ("set_index", "outcomes", "shots", "memory")
     SET_INDEX_FIELD_NUMBER: _ClassVar[int]
-    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     set_index: int
-    counts: _containers.ScalarMap[str, int]
+    outcomes: _common_pb2.Outcomes
     shots: int
     memory: bytes
-    def __init__(self, set_index: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., shots: _Optional[int] = ..., memory: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, set_index: _Optional[int] = ..., outcomes: _Optional[_Union[_common_pb2.Outcomes, _Mapping]] = ..., shots: _Optional[int] = ..., memory: _Optional[bytes] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("name", "size")

@@ -1,0 +1,263 @@
+"""Measured outcomes, packed: the distinct outcomes of an experiment and their counts as arrays.
+
+This is the one encoding of counts from a node's simulator to the client's edge (the
+``Outcomes`` message of ``common.proto``). A node turns Aer's counts into it once; the
+coordinator checks it with vectorised tests, merges it as arrays and stores it as bytes; the
+client formats Qiskit bitstrings (or Aer's hexadecimal keys) only when asked for a ``counts``
+dict, and only for the outcomes it shows.
+
+In memory an outcome is a *key*: a ``uint64`` when it fits in 8 bytes (64 classical bits or
+fewer), otherwise a ``numpy.void`` of its bytes in big-endian order, so that sorting keys sorts
+outcomes by value either way. Keys are kept distinct and in ascending order; counts are
+``int64`` (signed, so progress can take a chunk of a lost attempt out again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from qscale.proto.v1 import common_pb2
+
+__all__ = ["Outcomes", "OutcomeTotals", "check_outcomes", "outcome_width"]
+
+
+def outcome_width(num_clbits: int) -> int:
+    """Bytes per outcome (and per shot of per-shot memory) of a circuit with ``num_clbits`` bits."""
+    return max(1, -(-num_clbits // 8))
+
+
+def _keys_from_le(raw: np.ndarray, width: int) -> np.ndarray:
+    """Keys of ``raw`` (n x width uint8 rows, little-endian)."""
+    if width <= 8:
+        if width == 8:
+            return np.ascontiguousarray(raw).view("<u8").ravel().astype(np.uint64, copy=False)
+        padded = np.zeros((raw.shape[0], 8), dtype=np.uint8)
+        padded[:, :width] = raw
+        return padded.view("<u8").ravel().astype(np.uint64, copy=False)
+    return np.ascontiguousarray(raw[:, ::-1]).view(f"V{width}").ravel()
+
+
+def _le_from_keys(keys: np.ndarray, width: int) -> np.ndarray:
+    """The n x width little-endian uint8 rows of ``keys``."""
+    if width <= 8:
+        return keys.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :width]
+    return keys.view(np.uint8).reshape(-1, width)[:, ::-1]
+
+
+def _be_bytes(keys: np.ndarray, width: int) -> np.ndarray:
+    """The n x width big-endian uint8 rows of ``keys`` (most significant byte first)."""
+    if width <= 8:
+        return keys.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - width:]
+    return keys.view(np.uint8).reshape(-1, width)
+
+
+def _distinct_sorted(keys: np.ndarray) -> bool:
+    if keys.size < 2:
+        return True
+    if keys.dtype == np.uint64:
+        return bool(np.all(keys[1:] > keys[:-1]))
+    order = np.argsort(keys, kind="stable")
+    return bool(np.all(order == np.arange(keys.size))) and bool(np.all(keys[1:] != keys[:-1]))
+
+
+class Outcomes:
+    """Distinct outcomes of an experiment (ascending) and how often each occurred.
+
+    Attributes:
+        width: bytes per outcome.
+        keys: the outcomes (see the module docstring), distinct, ascending.
+        counts: int64 counts, one per key.
+    """
+
+    __slots__ = ("width", "keys", "counts")
+
+    def __init__(self, width: int, keys: np.ndarray, counts: np.ndarray) -> None:
+        self.width = int(width)
+        self.keys = keys
+        self.counts = counts
+
+    # ---- making one
+
+    @classmethod
+    def empty(cls, width: int) -> Outcomes:
+        keys = np.zeros(0, dtype=np.uint64 if width <= 8 else f"V{width}")
+        return cls(width, keys, np.zeros(0, dtype=np.int64))
+
+    @classmethod
+    def of(cls, width: int, value: int, count: int) -> Outcomes:
+        """One outcome (an integer, clbit 0 the lowest bit) seen ``count`` times."""
+        raw = np.frombuffer(int(value).to_bytes(width, "little"), dtype=np.uint8).reshape(1, width)
+        return cls(width, _keys_from_le(raw, width), np.array([count], dtype=np.int64))
+
+    @classmethod
+    def from_hex_counts(cls, counts: Mapping[str, int], width: int) -> Outcomes:
+        """Aer's ``{"0x5": count}`` dict, packed and sorted (on the node, once per experiment)."""
+        n = len(counts)
+        values = np.fromiter(counts.values(), dtype=np.int64, count=n)
+        if width <= 8:
+            keys = np.fromiter((int(k, 16) for k in counts), dtype=np.uint64, count=n)
+        else:
+            raw = np.frombuffer(b"".join(int(k, 16).to_bytes(width, "big") for k in counts), dtype=np.uint8)
+            keys = raw.reshape(n, width).view(f"V{width}").ravel()
+        order = np.argsort(keys, kind="stable")
+        return cls(width, keys[order], values[order])
+
+    @classmethod
+    def from_memory(cls, memory: bytes, width: int) -> Outcomes:
+        """Per-shot memory (``width`` little-endian bytes a shot) as one outcome per shot, in
+        shot order, each counted once: not distinct, but formatted the same way."""
+        raw = np.frombuffer(memory, dtype=np.uint8).reshape(-1, width)
+        return cls(width, _keys_from_le(raw, width), np.ones(raw.shape[0], dtype=np.int64))
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.Outcomes) -> Outcomes:
+        """Decode a message (checked by :func:`check_outcomes` where it came from a peer)."""
+        width = max(1, msg.width)
+        raw = np.frombuffer(msg.values, dtype=np.uint8).reshape(-1, width)
+        return cls(width, _keys_from_le(raw, width), np.frombuffer(msg.counts, dtype="<u8").astype(np.int64))
+
+    def to_proto(self) -> common_pb2.Outcomes:
+        return common_pb2.Outcomes(width=self.width, values=_le_from_keys(self.keys, self.width).tobytes(),
+                                   counts=self.counts.astype("<u8").tobytes())
+
+    # ---- reading one
+
+    def __len__(self) -> int:
+        return int(self.keys.size)
+
+    @property
+    def shots(self) -> int:
+        """Sum of the counts."""
+        return int(self.counts.sum())
+
+    def integers(self) -> list[int]:
+        """The outcomes as Python integers, clbit 0 the lowest bit."""
+        if self.width <= 8:
+            return self.keys.tolist()
+        return [int.from_bytes(row.tobytes(), "big") for row in _be_bytes(self.keys, self.width)]
+
+    def top(self, k: int) -> Outcomes:
+        """The ``k`` most frequent outcomes, most frequent first, ties in ascending order
+        (``k <= 0``: all of them, in that order). O(n) to select, O(k log k) to order."""
+        n = len(self)
+        if 0 < k < n:
+            threshold = np.partition(self.counts, n - k)[n - k]
+            above = np.flatnonzero(self.counts > threshold)
+            tied = np.flatnonzero(self.counts == threshold)[: k - above.size]
+            picked = np.concatenate([above, tied])
+        else:
+            picked = np.arange(n)
+        order = picked[np.lexsort((picked, -self.counts[picked]))]
+        return Outcomes(self.width, self.keys[order], self.counts[order])
+
+    def bitstrings(self, num_clbits: int, creg_sizes: Sequence[tuple[str, int]] = ()) -> list[str]:
+        """Qiskit bitstrings: clbit 0 rightmost; registers (when they cover every clbit) last
+        first, separated by spaces. Vectorised: no Python work per bit."""
+        n = len(self)
+        if num_clbits <= 0:
+            return [""] * n
+        bits = np.unpackbits(_be_bytes(self.keys, self.width), axis=1)[:, 8 * self.width - num_clbits:]
+        chars = bits + np.uint8(ord("0"))
+        sizes = [size for _, size in creg_sizes]
+        if len(sizes) > 1 and sum(sizes) == num_clbits:
+            cuts = np.cumsum(sizes[::-1])[:-1]  # column of each separator, last register first
+            chars = np.insert(chars, cuts, np.uint8(ord(" ")), axis=1)
+        text = np.ascontiguousarray(chars).view(f"S{chars.shape[1]}").ravel()
+        return text.astype(f"U{chars.shape[1]}").tolist()
+
+    def to_dict(self, num_clbits: int, creg_sizes: Sequence[tuple[str, int]] = ()) -> dict[str, int]:
+        """``{bitstring: count}`` as ``Result.get_counts()`` gives it."""
+        return dict(zip(self.bitstrings(num_clbits, creg_sizes), self.counts.tolist()))
+
+    def hex_dict(self) -> dict[str, int]:
+        """``{"0x5": count}``: Aer's own keys, as a Qiskit ``Result`` holds them."""
+        return dict(zip(map(hex, self.integers()), self.counts.tolist()))
+
+    def counts_of(self, keys: np.ndarray) -> np.ndarray:
+        """The count of each of ``keys`` (0 for one not here), by binary search."""
+        if not len(self):
+            return np.zeros(keys.size, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self) - 1)
+        return np.where(self.keys[pos] == keys, self.counts[pos], 0)
+
+    # ---- combining
+
+    @staticmethod
+    def merge(parts: Iterable[Outcomes], width: int) -> Outcomes:
+        """The sum of ``parts`` (outcomes whose counts add up to zero are dropped)."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Outcomes.empty(width)
+        if len(parts) == 1:
+            return parts[0]
+        keys = np.concatenate([p.keys for p in parts])
+        counts = np.concatenate([p.counts for p in parts])
+        order = np.argsort(keys, kind="stable")
+        keys, counts = keys[order], counts[order]
+        starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+        keys, counts = keys[starts], np.add.reduceat(counts, starts)
+        keep = counts != 0
+        if not keep.all():
+            keys, counts = keys[keep], counts[keep]
+        return Outcomes(width, keys, counts)
+
+    def negated(self) -> Outcomes:
+        return Outcomes(self.width, self.keys, -self.counts)
+
+
+class OutcomeTotals:
+    """Outcomes merged incrementally: parts are added as they come and folded into the merged
+    arrays once they hold as many outcomes as those (amortised O(n log n) over a job, however
+    many parts). Reading :meth:`merged` folds what is pending."""
+
+    __slots__ = ("width", "_merged", "_pending", "_pending_size", "shots")
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self._merged = Outcomes.empty(width)
+        self._pending: list[Outcomes] = []
+        self._pending_size = 0
+        self.shots = 0
+
+    def add(self, outcomes: Outcomes) -> None:
+        self.shots += outcomes.shots
+        self._pending.append(outcomes)
+        self._pending_size += len(outcomes)
+        if self._pending_size >= max(len(self._merged), 1024):
+            self.merged()
+
+    def merged(self) -> Outcomes:
+        if self._pending:
+            self._merged = Outcomes.merge([self._merged, *self._pending], self.width)
+            self._pending, self._pending_size = [], 0
+        return self._merged
+
+
+def check_outcomes(msg: common_pb2.Outcomes, num_clbits: int, shots: int) -> str:
+    """What is wrong with outcomes a peer sent for ``shots`` shots of a circuit with
+    ``num_clbits`` classical bits, or ``""``: their width, sizes, order (distinct, ascending),
+    counts (each at least 1, adding up to ``shots``) and range (below ``2**num_clbits``).
+    Vectorised: the cost is a few passes over the arrays."""
+    width = outcome_width(num_clbits)
+    if msg.width != width:
+        return f"outcomes are {msg.width} bytes wide, expected {width} for {num_clbits} classical bits"
+    if len(msg.counts) % 8 or len(msg.values) != len(msg.counts) // 8 * width:
+        return f"outcomes hold {len(msg.values)} bytes of values for {len(msg.counts)} bytes of counts"
+    n = len(msg.counts) // 8
+    if n > shots:
+        return f"{n} distinct outcomes for {shots} shots"
+    counts = np.frombuffer(msg.counts, dtype="<u8")
+    if n and (counts.min() < 1 or counts.max() > shots):
+        return "an outcome has a count below 1 or above the shots"
+    if int(counts.sum(dtype=np.uint64)) != shots or counts.sum(dtype=np.float64) > 2.0 * shots:  # (wrapped)
+        return f"counts add up to {int(counts.sum(dtype=np.uint64))}, expected {shots}"
+    raw = np.frombuffer(msg.values, dtype=np.uint8).reshape(n, width)
+    spare = 8 * width - num_clbits
+    if n and spare and int(raw[:, width - 1].max()) >> (8 - spare):
+        return f"an outcome does not fit in {num_clbits} classical bits"
+    if not _distinct_sorted(_keys_from_le(raw, width)):
+        return "outcomes are not distinct and in ascending order"
+    return ""
+
