@@ -1,28 +1,61 @@
-"""qscale benchmark: the project's workloads through qscale, plain qiskit-aer and the seed's pool.
+"""qscale benchmark: the project's workloads through qscale, in-process qiskit-aer and a
+multiprocessing pool of Qiskit BasicSimulator processes; and, delegated to estimator.py, the
+estimator workloads.
 
 What is measured
 ----------------
 Wall-clock seconds, end to end, to get the counts of a whole workload (every circuit, every shot):
 
-* W1  the seed's circuit (``examples/hadamard24.qasm``: 24 qubits, H on each, all measured),
-      10 copies x 1,000 shots;
+* W1  ``examples/hadamard24.qasm`` (24 qubits, H on each, all measured), 10 copies x 1,000 shots;
 * W2  200 random 12-qubit depth-10 circuits x 1,000 shots;
 * W3  one random 20-qubit depth-20 circuit x 100,000 shots;
 * W4  one random 12-qubit depth-10 circuit with a depolarising noise model, 20,000 shots;
 * W5  8 random 22-qubit depth-20 circuits x 1,000 shots;
-* W6  10,000 one-qubit circuits (``rx(theta_i)`` + measure) x 10 shots (pure overhead).
+* W6  10,000 one-qubit circuits (``rx(theta_i)`` + measure) x 10 shots (pure overhead);
+* W7  one 20-qubit circuit, H on every qubit, all measured, 1,000,000 shots: ~645,000 distinct
+      outcomes (2^20 equally likely), so the cost is the counts (building, shipping, merging them).
 
-through these configurations:
+``--quick`` shrinks them (W7: 16 qubits x 100,000 shots, ~51,000 outcomes) for a smoke run.
 
-* ``qscale-1node``   ``LocalCluster(nodes=1, cores_per_node=1)``; the timed region is
-                     ``cluster.client.submit(...).result()`` (QPY encoding, gRPC, planning,
-                     simulation on the node, merging, fetching the result);
-* ``qscale-2nodes``  the same with ``LocalCluster(nodes=2, cores_per_node=1)``;
-* ``aer-1thread``    ``AerSimulator().run(..., max_parallel_threads=1).result()`` in this process;
-* ``aer-default``    ``AerSimulator().run(...).result()`` in this process, Aer's defaults;
-* ``pool-basic``     the seed document's approach: ``multiprocessing.Pool(os.cpu_count())``, each
-                     worker runs ``BasicSimulator().run(circuit, shots=...)`` on one circuit at a
-                     time (``pool.map`` over the circuits).
+``--only E1,E2,C1,C2`` (or ``all``) also runs benchmarks/estimator.py's workloads (EstimatorV2 exact
+expectation values, E1/E2, and circuit cutting, C1/C2; see its docstring for what each measures)
+through estimator.py's own code, configurations, checks and targets (``estimator.run``,
+``print_report``, ``report``): their tables and target ratios are printed after the W ones.
+``--repeat``, ``--quick``, ``--job-timeout``, ``--c2-cap`` and ``--profile`` are passed on;
+``--configs`` applies to the W workloads only.
+
+Configurations
+--------------
+* ``qscale-1node``       ``LocalCluster(nodes=1, cores_per_node=1)``; the timed region is
+                         ``cluster.client.submit(circuits, ...).result()`` (QPY encoding, gRPC,
+                         planning, simulation on the node, merging, fetching the counts);
+* ``qscale-2nodes``      the same with ``LocalCluster(nodes=2, cores_per_node=1)``;
+* ``qscale-1node-all``   the same with ``LocalCluster(nodes=1, slots_per_node=1, cores_per_node=<all
+                         the cores this process may use>)``: one node whose single slot (one
+                         simulation at a time) runs Aer with all the cores, to compare with
+                         ``aer-default``;
+* ``qscale-2nodes-raw``  as ``qscale-2nodes``, but submitting the circuits AS BUILT (untranspiled,
+                         with the gates Aer lacks): the nodes transpile what Aer needs (their
+                         worker: ``optimization_level=0``, only circuits with a gate Aer does not
+                         know), inside the timed region;
+* ``aer-1thread``        ``AerSimulator().run(circuits, max_parallel_threads=1).result()
+                         .get_counts()`` in this process;
+* ``aer-default``        ``AerSimulator().run(circuits).result().get_counts()`` in this process,
+                         Aer's defaults (all cores);
+* ``aer-default-transpile``  ``transpile(circuits as built, simulator, seed_transpiler=0)`` then
+                         ``simulator.run(...).result().get_counts()``, both timed, in this process,
+                         Aer's and Qiskit's defaults (``optimization_level`` 2, Qiskit's default;
+                         ``--aer-transpile-level 0`` does the same transpiling work as the nodes);
+                         the transpile / run split is printed and in the JSON;
+* ``pool-basic``         ``multiprocessing.Pool(os.cpu_count())`` of Qiskit ``BasicSimulator``
+                         processes: each worker runs ``BasicSimulator().run(circuit, shots=...)`` on
+                         one circuit at a time (``pool.map`` over the circuits).
+
+Each workload runs its own list of configurations unless ``--configs`` names some (then those run
+on every chosen W workload): ``qscale-1node``, ``qscale-2nodes``, ``aer-1thread`` and
+``aer-default`` everywhere; ``qscale-1node-all`` on W1, W2, W3, W6 and W7 (on W4 and W5 it would add
+~3 minutes that no target needs); ``pool-basic`` on W1 only (on W5 alone it takes ~8 minutes);
+``qscale-2nodes-raw`` and ``aer-default-transpile`` on W2 only.
 
 Fairness
 --------
@@ -30,13 +63,19 @@ Fairness
   generated (``random_circuit(..., measure=True, seed=...)`` with fixed seeds) before anything is
   timed. ``random_circuit`` emits gates Aer does not know (``iswap``, ``xx_plus_yy``, ``rccx`` ...);
   those circuits are transpiled ONCE, up front, to ``AerSimulator``'s target with
-  ``optimization_level=0``, and every configuration receives the transpiled circuits.
+  ``optimization_level=0``, and every configuration receives the transpiled circuits, except the
+  two "as built" ones (``qscale-2nodes-raw``, ``aer-default-transpile``), which receive the
+  circuits as generated and include, each, the transpiling its side needs in the timed region.
+* Every timed region ends with the counts of every circuit as ``{bitstring: count}`` dicts: what
+  qscale's ``result().counts`` holds, Aer's ``result.get_counts()`` (included in its time: with
+  W7's outcomes it is seconds), the pool workers' ``get_counts()``.
 * A cluster is started once per cluster configuration, warmed up with a tiny job, and kept running
   for all its workloads and repetitions; its start-up is not timed. Only one cluster is alive at a
   time, and none while Aer or the pool is timed (the configurations run one after the other).
 * Aer runs in this process (no subprocess, no serialisation); its simulator is built and warmed up
-  before timing. The pool is created (``spawn`` context: this process has run gRPC threads) and
-  warmed up before timing, and closed afterwards.
+  (and, for ``aer-default-transpile``, the transpiler too, on a tiny circuit) before timing. The
+  pool is created (``spawn`` context: this process has run gRPC threads) and warmed up before
+  timing, and closed afterwards.
 * Every result is checked: the counts of every circuit must add up to its shots. A qscale result
   whose totals are off is reported as an error and the script exits with status 1.
 
@@ -46,17 +85,36 @@ the pool's size, chosen after timing one circuit) and scales the time linearly t
 workload; such figures are marked as extrapolated (``~`` in the tables, ``"extrapolated": true`` in
 the JSON). A one-circuit workload always runs whole (its cost is the statevector, not the shots).
 
+Targets
+-------
+Ratios of medians (``--repeat``, default 3; a ratio from fewer than 3 runs on a side is flagged
+as indicative only), each printed with its target and PASS/MISS:
+
+* overhead, all cores:  W3 and W7 ``qscale-1node-all / aer-default`` <= 1.10 and <= 1.25;
+* overhead, one thread: W2 ``qscale-1node / aer-1thread`` <= 1.10, W3 <= 1.05;
+* scaling:              W2 and W5 ``qscale-1node / qscale-2nodes`` >= 1.85;
+* vs Aer, each transpiling: W2 ``qscale-2nodes-raw / aer-default-transpile`` <= 0.70 (two
+  one-thread nodes, the nodes transpiling, vs Aer with all cores after ``transpile()``);
+* throughput:           W6 circuits / ``qscale-2nodes`` seconds >= 5,000 circuits/s;
+* vs the BasicSimulator pool: W1 ``pool-basic / qscale-2nodes`` >= 100.
+
 Usage::
 
-    python benchmarks/bench.py                      # everything, 3 repetitions (long)
+    python benchmarks/bench.py                      # W1-W7, 3 repetitions (~25 minutes on 2 cores)
+    python benchmarks/bench.py --only E1,E2,C1,C2   # the estimator workloads (~12 minutes on 2 cores)
     python benchmarks/bench.py --quick              # smoke mode: small workloads, 1 repetition
     python benchmarks/bench.py --only W2,W5 --configs qscale-1node,aer-1thread --repeat 5
+    python benchmarks/bench.py --only W4,W5 --configs qscale-1node-all,aer-default
+
+A full run prints an estimated duration first (from the figures of a 2-core Xeon, in
+``REFERENCE_SECONDS``; not in quick mode) and the time it took at the end.
 
 Results: a table of medians and the target ratios on the console; everything (machine, versions,
-every repetition) as JSON plus the Markdown table, in ``--output`` (a directory: ``results.json`` and
-``results.md`` in it, so ``--output benchmarks`` updates the tracked files; or a ``.json`` file, the
-``.md`` beside it). Without ``--output`` they go to a new directory under the system's temporary
-directory (printed at the end): a run writes nothing inside the checkout unless told to.
+every repetition) as JSON plus the Markdown table, in ``--output``: a directory (``results.json``,
+``results.md`` and, with estimator workloads, ``estimator-results.json`` in it, so ``--output
+benchmarks`` updates the tracked files) or a ``.json`` file (the others beside it). Without
+``--output`` they go to a new directory under the system's temporary directory (printed at the
+end): a run writes nothing inside the checkout unless told to.
 """
 
 from __future__ import annotations
