@@ -88,6 +88,10 @@ rows on a 2-core Xeon), which is the point of E2.
 
 Nothing is written unless ``--output PATH`` is given (JSON: machine, versions, every run, the
 breakdowns, the cutting figures, the checks).
+
+bench.py runs these workloads too (``python benchmarks/bench.py --only E1,E2,C1,C2``), through this
+module's :func:`run`, :func:`print_report` and :func:`report`; there its ``--output`` decides where
+the JSON goes (``estimator-results.json`` in that directory).
 """
 
 from __future__ import annotations
