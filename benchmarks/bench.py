@@ -644,8 +644,12 @@ def run_config(config: str, workloads: dict[str, Workload], args: argparse.Names
         simulator.run(warm, shots=100, seed_simulator=1,
                       **({"max_parallel_threads": threads} if threads else {})).result()
         for key, wl in workloads.items():
-            cells.append(_timed_cell(key, config, wl, args.repeat, lambda cell, wl=wl: run_aer_once(
-                simulator, wl, threads, cell, transpile_options), log))
+            cell = _timed_cell(key, config, wl, args.repeat, lambda cell, wl=wl: run_aer_once(
+                simulator, wl, threads, cell, transpile_options), log)
+            if cell.runs:
+                cell.notes.append("transpile + run and counts, per run: " + ", ".join(
+                    f"{r['transpile_s']:.3f} + {r['run_and_counts_s']:.3f} s" for r in cell.runs))
+            cells.append(cell)
     elif config == "pool-basic":
         workers = os.cpu_count() or 1
         ctx = multiprocessing.get_context("spawn")
@@ -829,7 +833,7 @@ def write_markdown(path: Path, report: dict[str, Any], workloads: dict[str, Work
     m = report["machine"]
     lines = [
         f"Wall seconds, median of {repeat} run(s) (min-max); `~` = extrapolated from a subset, "
-        f"n/a = not possible on that configuration."
+        f"n/a = not possible on that configuration, - = not run."
         + (" **Quick (smoke) mode: shrunk workloads.**" if report["quick"] else ""),
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}, "
@@ -1053,7 +1057,7 @@ def print_tables(console: Any, workloads: dict[str, Workload], configs: Sequence
     from rich.table import Table
 
     log = console.print
-    table = Table(title=f"Wall seconds, median of {args.repeat} (min-max); ~ = extrapolated; - = not run"
+    table = Table(title=f"Wall s, median of {args.repeat} (min-max); ~ extrapolated; - not run"
                         + (" [quick mode]" if args.quick else ""))
     table.add_column("Workload", no_wrap=True)
     for config in configs:
@@ -1071,10 +1075,6 @@ def print_tables(console: Any, workloads: dict[str, Workload], configs: Sequence
             log(f"  n/a {cell.workload} {cell.config}: {cell.na_reason}")
         for note in cell.notes:
             log(f"  ~ {cell.workload} {cell.config}: {note}")
-        if cell.runs and "transpile_s" in cell.runs[0]:
-            split = cell.runs[len(cell.runs) // 2]
-            log(f"  {cell.workload} {cell.config} (run {len(cell.runs) // 2 + 1}): transpile "
-                f"{split['transpile_s']:.3f} s + run and counts {split['run_and_counts_s']:.3f} s")
     if ratios:
         rt = Table(title="Targets" + (" (quick mode: shrunk workloads, figures not meaningful)" if args.quick else ""))
         for name in ("Ratio", "Workload", "Expression", "Value", "Target", "Result"):
