@@ -27,8 +27,9 @@ through estimator.py's own code, configurations, checks and targets (``estimator
 Configurations
 --------------
 * ``qscale-1node``       ``LocalCluster(nodes=1, cores_per_node=1)``; the timed region is
-                         ``cluster.client.submit(circuits, ...).result()`` (QPY encoding, gRPC,
-                         planning, simulation on the node, merging, fetching the counts);
+                         ``cluster.client.submit(circuits, ...).result().counts`` (QPY encoding,
+                         gRPC, planning, simulation on the node, merging, fetching the outcomes,
+                         formatting them as bitstrings);
 * ``qscale-2nodes``      the same with ``LocalCluster(nodes=2, cores_per_node=1)``;
 * ``qscale-1node-all``   the same with ``LocalCluster(nodes=1, slots_per_node=1, cores_per_node=<all
                          the cores this process may use>)``: one node whose single slot (one
@@ -66,9 +67,10 @@ Fairness
   ``optimization_level=0``, and every configuration receives the transpiled circuits, except the
   two "as built" ones (``qscale-2nodes-raw``, ``aer-default-transpile``), which receive the
   circuits as generated and include, each, the transpiling its side needs in the timed region.
-* Every timed region ends with the counts of every circuit as ``{bitstring: count}`` dicts: what
-  qscale's ``result().counts`` holds, Aer's ``result.get_counts()`` (included in its time: with
-  W7's outcomes it is seconds), the pool workers' ``get_counts()``.
+* Every timed region ends with the counts of every circuit as ``{bitstring: count}`` dicts:
+  qscale's ``result().counts`` (its result holds the outcomes packed and formats the bitstrings
+  on first use: that is timed), Aer's ``result.get_counts()``, the pool workers' ``get_counts()``.
+  With W7's ~645,000 outcomes this formatting takes seconds on either side.
 * A cluster is started once per cluster configuration, warmed up with a tiny job, and kept running
   for all its workloads and repetitions; its start-up is not timed. Only one cluster is alive at a
   time, and none while Aer or the pool is timed (the configurations run one after the other).
@@ -454,7 +456,7 @@ def _check_counts(label: str, counts_per_circuit: Sequence[dict[str, int]], work
 
 def run_qscale_once(cluster: LocalCluster, workload: Workload, job_timeout: float, cell: Cell,
                     as_built: bool = False) -> float:
-    """One timed submit + result on a running cluster (of the circuits as built if ``as_built``,
+    """One timed submit + result + counts on a running cluster (of the circuits as built if ``as_built``,
     else of the ones transpiled up front); checks every total and records the job's shards, nodes
     and failed attempts in ``cell.runs`` (and a note if any attempt failed)."""
     circuits = workload.raw_circuits if as_built else workload.circuits
@@ -462,6 +464,7 @@ def run_qscale_once(cluster: LocalCluster, workload: Workload, job_timeout: floa
     job = cluster.client.submit(circuits, shots=workload.shots, seed=workload.seed,
                                 noise_model=workload.noise_model)
     result = job.result(timeout=job_timeout)
+    counts = result.counts  # {bitstring: count} per circuit: formatted on first use, so timed here
     elapsed = time.perf_counter() - start
     label = f"qscale job {job.job_id}"
     failed = [a for a in result.attempts if a.outcome != "done"]
@@ -479,7 +482,7 @@ def run_qscale_once(cluster: LocalCluster, workload: Workload, job_timeout: floa
     for r in result.results:
         if r.shots != workload.shots:
             raise BenchmarkError(f"{label}: circuit {r.index} reports {r.shots} shots, asked {workload.shots}")
-    _check_counts(label, result.counts, workload)
+    _check_counts(label, counts, workload)
     return elapsed
 
 
