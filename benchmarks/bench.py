@@ -510,7 +510,8 @@ def run_aer_once(simulator: Any, workload: Workload, threads: int | None, cell: 
     if counts is None:
         raise BenchmarkError(f"aer run failed: {result.status}")
     if transpile_options is not None:
-        cell.runs.append({"transpile_s": round(transpiled - start, 6), "run_and_counts_s": round(elapsed - (transpiled - start), 6)})
+        cell.runs.append({"transpile_s": round(transpiled - start, 6),
+                          "run_and_counts_s": round(start + elapsed - transpiled, 6)})
     _check_counts("aer", counts if isinstance(counts, list) else [counts], workload)
     return elapsed
 
