@@ -547,6 +547,9 @@ def _worker_die_with_parent(ppid: int) -> None:
 class _WorkerState:
     sim: Any
     supported: frozenset[str]
+    pass_manager: Any
+    """Level-0 transpilation to what Aer runs, built once: ``transpile(backend=sim)`` rebuilds it
+    each call (0.19 s, against 1 ms to run it on a 12-qubit circuit)."""
     threads: int
     max_memory_mb: int
     cache_entries: int
@@ -559,8 +562,6 @@ class _WorkerState:
     def circuit(self, job_id: str, index: int, payloads: Mapping[int, bytes]) -> Any:
         """The circuit ``index`` of the job, decoded and (only if needed) transpiled, via the LRU."""
         import hashlib
-
-        from qiskit import transpile
 
         from qscale.circuits import load_qpy
         from qscale.errors import InvalidArgumentError
@@ -578,7 +579,7 @@ class _WorkerState:
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"circuit {index}: {exc}") from None
         if _needs_transpile(circuit, self.supported):
-            circuit = transpile(circuit, backend=self.sim, optimization_level=0, seed_transpiler=0)
+            circuit = self.pass_manager.run(circuit)
         self.cache[key] = (circuit, len(data))
         self.cached_bytes += len(data)
         while self.cache and (len(self.cache) > self.cache_entries or self.cached_bytes > self.cache_bytes):
@@ -632,8 +633,9 @@ def _worker_warm_up(threads: int, memory_budget_bytes: int) -> tuple[_WorkerStat
     t0 = time.perf_counter()
     import qiskit
     import qiskit_aer
-    from qiskit import QuantumCircuit, qpy, transpile
+    from qiskit import QuantumCircuit, qpy
     from qiskit.circuit.library import QFTGate
+    from qiskit.transpiler import generate_preset_pass_manager
     from qiskit_aer import AerSimulator
 
     from qscale.circuits import METHODS, dump_qpy, load_qpy, max_statevector_qubits
@@ -647,7 +649,8 @@ def _worker_warm_up(threads: int, memory_budget_bytes: int) -> tuple[_WorkerStat
     probe.append(QFTGate(3), [0, 1, 2])
     probe.measure_all()
     probe = load_qpy(dump_qpy(probe))
-    probe = transpile(probe, backend=sim, optimization_level=0, seed_transpiler=0)
+    pass_manager = generate_preset_pass_manager(optimization_level=0, backend=sim, seed_transpiler=0)
+    probe = pass_manager.run(probe)
     result = sim.run(probe, shots=8, seed_simulator=1, max_parallel_threads=threads).result()
     if not result.success:
         raise RuntimeError(f"Aer failed its warm-up run: {result.status}")
@@ -662,7 +665,7 @@ def _worker_warm_up(threads: int, memory_budget_bytes: int) -> tuple[_WorkerStat
         "warmup_s": time.perf_counter() - t0,
     }
     state = _WorkerState(
-        sim=sim, supported=supported, threads=threads, max_memory_mb=max_memory_mb,
+        sim=sim, supported=supported, pass_manager=pass_manager, threads=threads, max_memory_mb=max_memory_mb,
         cache_entries=0, cache_bytes=0,
     )
     return state, info

@@ -19,6 +19,7 @@ from qiskit.circuit.library import QFTGate
 from conftest import bell, dense_circuit, uniform
 from qscale.circuits import dump_qpy
 from qscale.node.worker import ChunkOutcome, ShardOutcome, WorkerSlot, describe_exit
+from qscale.outcomes import Outcomes
 from qscale.proto.v1 import common_pb2, node_pb2
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,7 +49,7 @@ def _assignment(
 
 
 def _pairs(chunk: ChunkOutcome) -> list[tuple[int, dict[str, int]]]:
-    return [(c.circuit_index, dict(c.counts)) for c in chunk.counts]
+    return [(c.circuit_index, Outcomes.from_proto(c.outcomes).hex_dict()) for c in chunk.counts]
 
 
 def _run(
@@ -110,7 +111,7 @@ def test_worker_reports_what_it_runs(ready_slot: WorkerSlot) -> None:
     assert info.warmup_s > 0
 
 
-def test_shard_of_two_chunks_returns_hex_counts_per_chunk(ready_slot: WorkerSlot) -> None:
+def test_shard_of_two_chunks_returns_packed_outcomes_per_chunk(ready_slot: WorkerSlot) -> None:
     a = _assignment(
         "bell-1",
         {0: dump_qpy(bell()), 1: dump_qpy(uniform())},
