@@ -10,7 +10,7 @@ import numpy as np
 from qscale.circuits import memory_width
 from qscale.coordinator.jobs import Job
 from qscale.coordinator.planner import Entry, ShardPlan
-from qscale.outcomes import check_outcomes
+from qscale.outcomes import check_many
 from qscale.proto.v1 import node_pb2
 
 __all__ = ["check_chunk"]
@@ -27,14 +27,15 @@ def check_chunk(job: Job, plan: ShardPlan, msg: node_pb2.ChunkResult) -> str:
     got = sorted((c.circuit_index, c.set_index) for c in msg.counts)
     if got != expected:
         return f"chunk {msg.chunk_index} has results for {len(got)} experiments, not the {len(expected)} planned"
-    for c in msg.counts:
-        num_clbits = job.infos[c.circuit_index].num_clbits
-        problem = check_outcomes(c.outcomes, num_clbits, chunk.shots)
-        if problem:
-            return f"circuit {c.circuit_index}: {problem}"
-        width = memory_width(num_clbits)
-        if job.memory and len(c.memory) != chunk.shots * width:
-            return f"circuit {c.circuit_index} sent {len(c.memory)} bytes of memory, expected {chunk.shots * width}"
+    bad, problem = check_many([(c.outcomes, job.infos[c.circuit_index].num_clbits) for c in msg.counts],
+                              chunk.shots)
+    if problem:
+        return f"circuit {msg.counts[bad].circuit_index}: {problem}"
+    if job.memory:
+        for c in msg.counts:
+            size = chunk.shots * memory_width(job.infos[c.circuit_index].num_clbits)
+            if len(c.memory) != size:
+                return f"circuit {c.circuit_index} sent {len(c.memory)} bytes of memory, expected {size}"
     return ""
 
 

@@ -9,7 +9,7 @@ only for the few outcomes a progress update shows (:mod:`qscale.coordinator.view
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,12 +108,12 @@ class Totals:
         self.counted = OutcomeTotals(self.width)
         self.partial = OutcomeTotals(self.width)
 
-    def add_counted(self, outcomes: Outcomes) -> None:
-        self.counted.add(outcomes)
+    def add_counted(self, outcomes: Outcomes | common_pb2.Outcomes, shots: int | None = None) -> None:
+        self.counted.add(outcomes, shots=shots)
         self._version += 1
 
-    def add_partial(self, outcomes: Outcomes, sign: int = 1) -> None:
-        self.partial.add(outcomes if sign > 0 else outcomes.negated())
+    def add_partial(self, outcomes: Outcomes | common_pb2.Outcomes, sign: int = 1) -> None:
+        self.partial.add(outcomes, sign)
         self._version += 1
 
     def top(self, k: int) -> Outcomes:
@@ -219,25 +219,30 @@ class Job:
                 self.count(shard, done[shard.plan.index])
         self.shards_queued = sum(1 for s in self.shards if s.status == "queued")
 
-    def count(self, shard: Shard, results: Iterable[common_pb2.CircuitCounts]) -> None:
-        """Count a shard's results (once: the caller checked it is not done yet)."""
+    def count(self, shard: Shard, results: Sequence[common_pb2.CircuitCounts]) -> None:
+        """Count a shard's results (once: the caller checked it is not done yet). ``results``
+        are those of its chunks in order, as checked (:func:`~qscale.coordinator.checks.check_chunk`)."""
+        position = 0
         for chunk in shard.plan.chunks:
             for entry in chunk.entries:
                 for s in range(entry.set_start, entry.set_start + entry.set_count):
                     self.set_shots[entry.circuit][s] += chunk.shots
-        for result in results:
-            c = result.circuit_index
             if self.estimator:
-                block = np.frombuffer(result.expectation_values, dtype="<f8")
-                rows = self.values[c][result.set_index : result.set_index + result.set_count]
-                rows[:] = block.reshape(rows.shape)
                 continue
-            outcomes = Outcomes.from_proto(result.outcomes)
-            self.totals[c].add_counted(outcomes)
-            if len(self.set_outcomes[c]) > 1:
-                self.set_outcomes[c][result.set_index].add(outcomes)
-            if self.memory:
-                self.memory_parts.setdefault((c, result.set_index), []).append((shard.plan.index, result.memory))
+            experiments = sum(entry.set_count for entry in chunk.entries)
+            for result in results[position:position + experiments]:
+                c = result.circuit_index
+                self.totals[c].add_counted(result.outcomes, chunk.shots)  # (decoded when read)
+                if len(self.set_outcomes[c]) > 1:
+                    self.set_outcomes[c][result.set_index].add(result.outcomes, shots=chunk.shots)
+                if self.memory:
+                    self.memory_parts.setdefault((c, result.set_index), []).append((shard.plan.index, result.memory))
+            position += experiments
+        if self.estimator:
+            for result in results:
+                block = np.frombuffer(result.expectation_values, dtype="<f8")
+                rows = self.values[result.circuit_index][result.set_index : result.set_index + result.set_count]
+                rows[:] = block.reshape(rows.shape)
         shard.status = "done"
         self.shards_done += 1
         self.shots_done += shard.plan.shots
@@ -267,7 +272,7 @@ class Job:
             return  # progress of an estimator job is its shards and experiments done
         for chunk in chunks:
             for result in chunk:
-                self.totals[result.circuit_index].add_partial(Outcomes.from_proto(result.outcomes), sign)
+                self.totals[result.circuit_index].add_partial(result.outcomes, sign)
 
     @property
     def num_sets(self) -> list[int]:
@@ -285,9 +290,9 @@ class Job:
     def shards_running(self) -> int:
         return sum(1 for s in self.shards if s.status == "running")
 
-    def circuit_outcomes(self, index: int) -> Outcomes:
-        """Counted outcomes of a circuit, merged over its parameter sets."""
-        return self.totals[index].counted.merged()
+    def circuit_outcomes(self, index: int) -> common_pb2.Outcomes:
+        """Counted outcomes of a circuit, merged over its parameter sets, as a message."""
+        return self.totals[index].counted.message()
 
     def set_memory(self, index: int, set_index: int) -> bytes:
         """Per-shot memory of one parameter set, in shot order (shards in plan order)."""

@@ -52,7 +52,7 @@ def job_result(job: Job) -> jobs_pb2.JobResult:
         circuit = result.results.add(
             circuit_index=index,
             name=info.name,
-            outcomes=job.circuit_outcomes(index).to_proto() if not job.estimator else None,
+            outcomes=job.circuit_outcomes(index) if not job.estimator else None,
             shots=sum(job.set_shots[index]),
             num_qubits=info.num_qubits,
             num_clbits=info.num_clbits,
@@ -68,7 +68,7 @@ def job_result(job: Job) -> jobs_pb2.JobResult:
         for set_index, outcomes in enumerate(job.set_outcomes[index]):
             circuit.sets.add(
                 set_index=set_index,
-                outcomes=None if single else outcomes.merged().to_proto(),
+                outcomes=None if single else outcomes.message(),
                 shots=job.set_shots[index][set_index],
                 memory=job.set_memory(index, set_index) if job.memory else b"",
             )
