@@ -158,12 +158,13 @@ class Scheduler:
                 adopted.append(token)
         return adopted
 
-    def heartbeat(self, node_id: str, now: float, in_hand: Sequence[str] | None = None
-                  ) -> tuple[bool, list[Decision]]:
-        """A node's heartbeat, with the attempts it holds. False: the node is unknown (lost, or
-        from before a restart) and should register again."""
+    def heartbeat(self, node_id: str, now: float, in_hand: Sequence[str] | None = None, *,
+                  stream: object | None = None) -> tuple[bool, list[Decision]]:
+        """A node's heartbeat, with the attempts it holds, on its Work ``stream`` (when given).
+        False: the node is unknown (lost, or from before a restart), or the stream is not its
+        current one (it registered again since): that session should register again."""
         node = self.nodes.get(node_id)
-        if node is None:
+        if node is None or (stream is not None and node.stream is not stream):
             return False, []
         if node.last_heartbeat:
             self.metrics.heartbeat_lag.observe(max(0.0, now - node.last_heartbeat))

@@ -118,7 +118,8 @@ def _streaming(method: _F) -> _F:
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
-    """Register, Heartbeat and the node-initiated Work stream."""
+    """Register and the node-initiated Work stream, which also carries the node's heartbeats and
+    their replies."""
 
     def __init__(self, runtime: Runtime, config: CoordinatorConfig, clock: Callable[[], float]) -> None:
         self.runtime = runtime
@@ -134,14 +135,6 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self.runtime.apply(decisions)
         return node_pb2.RegisterReply(node_id=node.node_id, heartbeat_interval_s=self.config.heartbeat_interval_s,
                                       heartbeat_timeout_s=self.config.heartbeat_timeout_s, adopted_attempts=adopted)
-
-    @_unary
-    async def Heartbeat(self, request: node_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
-                        ) -> node_pb2.HeartbeatReply:
-        known, decisions = self.core.heartbeat(request.node_id, self.clock(), request.running_attempts)
-        self.runtime.apply(decisions)
-        return node_pb2.HeartbeatReply(known=known, heartbeat_interval_s=self.config.heartbeat_interval_s,
-                                       heartbeat_timeout_s=self.config.heartbeat_timeout_s)
 
     @_streaming
     async def Work(self, request_iterator: AsyncIterator[node_pb2.NodeMessage], context: grpc.aio.ServicerContext
@@ -165,15 +158,23 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
 
     async def _read(self, node_id: str, requests: AsyncIterator[node_pb2.NodeMessage],
                     outbox: asyncio.Queue[node_pb2.CoordinatorMessage | None]) -> None:
-        core, apply = self.core, self.runtime.apply
+        core, apply, clock = self.core, self.runtime.apply, self.clock
+        interval, timeout = self.config.heartbeat_interval_s, self.config.heartbeat_timeout_s
         try:
             async for msg in requests:
                 if msg is MALFORMED:
                     log.warning("node %s sent a message that does not decode; closing its stream", node_id)
                     break
                 kind = msg.WhichOneof("kind")
-                now = self.clock()
-                if kind == "chunk":
+                now = clock()
+                if kind == "heartbeat":
+                    beat = msg.heartbeat
+                    known, decisions = core.heartbeat(node_id, now, beat.attempts_in_hand, stream=outbox)
+                    apply(decisions)
+                    outbox.put_nowait(node_pb2.CoordinatorMessage(heartbeat_reply=node_pb2.HeartbeatReply(
+                        sequence=beat.sequence, known=known, heartbeat_interval_s=interval,
+                        heartbeat_timeout_s=timeout)))
+                elif kind == "chunk":
                     apply(core.chunk_result(node_id, msg.chunk, now))
                 elif kind == "done":
                     apply(core.shard_done(node_id, msg.done.attempt_token, now))

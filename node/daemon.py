@@ -6,20 +6,30 @@ Threads of a running :class:`NodeDaemon` (all in the parent process, which never
 * the caller of :meth:`NodeDaemon.run`: the control loop. It registers (with backoff while the
   coordinator is away), opens the Work stream, re-registers when a session ends, drains, and
   watches the parent process;
-* a heartbeat thread: ``Heartbeat`` every ``heartbeat_interval_s`` of the latest reply, whatever
-  the simulations are doing (they run in other processes);
-* a stream reader per session: assignments go to a local queue, cancels abort;
+* a heartbeat thread: a ``heartbeat`` message (attempts in hand, free slots, a sequence number)
+  on the Work stream every ``heartbeat_interval_s`` of the latest reply, whatever the
+  simulations are doing (they run in other processes); it ends the session when a heartbeat
+  went unanswered (no ``heartbeat_reply`` echoing its sequence number or a later one) for the
+  heartbeat timeout;
+* a stream reader per session: assignments go to a local queue, cancels abort, heartbeat replies
+  renew the session (interval, timeout, and ``known``: false ends it, and the node registers
+  again);
 * one thread per slot: takes queued assignments, runs them on its :class:`WorkerSlot` and puts
   the results in the outbox.
 
 Everything the node sends after the ``hello`` goes through one outbox that outlives sessions.
+A heartbeat does not queue behind results: the outbox holds the latest one apart and hands it to
+the stream first (an unsent heartbeat is replaced by the next one, and dropped when the node
+registers again).
+
 When a session ends (the stream broke, the coordinator forgot the node, heartbeats went
 unanswered) the node keeps its attempts for as long as its lease lasts (the heartbeat timeout since
-the coordinator was last heard from) and registers again, presenting its previous node id and the
-attempts in hand; the coordinator's reply names those it adopts. The node keeps those (and sends
-their chunk results again, in case the old stream lost some in flight) and drops or aborts the
-others; results of those already produced still go out, and the coordinator drops and counts them
-as stale (it decides what counts). When the lease runs out first, it abandons them all.
+the coordinator was last heard from: any message on the stream, a heartbeat reply included) and
+registers again, presenting its previous node id and the attempts in hand; the coordinator's reply
+names those it adopts. The node keeps those (and sends their chunk results again, in case the old
+stream lost some in flight) and drops or aborts the others; results of those already produced
+still go out, and the coordinator drops and counts them as stale (it decides what counts). When
+the lease runs out first, it abandons them all.
 """
 
 from __future__ import annotations
@@ -76,10 +86,14 @@ class _Outbox:
     stream that breaks may have lost them in flight. :meth:`resume` puts them back in front.
     They are bounded by ``sent_budget`` bytes: an attempt whose kept chunks would pass it keeps
     none (it is *overflowed*, and the node does not present it for adoption).
+
+    The latest heartbeat waits apart (:meth:`beat`): it goes out before the queued messages and
+    is never kept for another session.
     """
 
     def __init__(self, sent_budget: int = _SENT_CHUNKS_BYTES) -> None:
         self._items: collections.deque[node_pb2.NodeMessage] = collections.deque()
+        self._beat: node_pb2.NodeMessage | None = None
         self._cond = threading.Condition()
         self._sent: dict[str, list[node_pb2.NodeMessage]] = {}  # tracked token -> chunks sent
         self._sent_size: dict[str, int] = {}  # their bytes, per tracked token
@@ -92,13 +106,25 @@ class _Outbox:
             self._items.append(msg)
             self._cond.notify()
 
-    def get(self, timeout: float, closed: Callable[[], bool]) -> node_pb2.NodeMessage | None:
-        """The next message for a stream, noted as sent; None when there is none within
-        ``timeout`` or the stream is ``closed()`` (the messages then stay queued)."""
+    def beat(self, msg: node_pb2.NodeMessage) -> None:
+        """Send heartbeat ``msg`` next, in place of one not sent yet."""
         with self._cond:
-            if not self._items and not closed():
+            self._beat = msg
+            self._cond.notify()
+
+    def get(self, timeout: float, closed: Callable[[], bool]) -> node_pb2.NodeMessage | None:
+        """The next message for a stream (the waiting heartbeat first), noted as sent; None
+        when there is none within ``timeout`` or the stream is ``closed()`` (the messages then
+        stay queued)."""
+        with self._cond:
+            if not self._items and self._beat is None and not closed():
                 self._cond.wait(timeout)
-            if not self._items or closed():
+            if closed():
+                return None
+            if self._beat is not None:
+                msg, self._beat = self._beat, None
+                return msg
+            if not self._items:
                 return None
             msg = self._items.popleft()
             self._note_sent(msg)
@@ -129,8 +155,10 @@ class _Outbox:
         """After registering again: put the chunk results already sent of the attempts in
         ``keep`` back in front (they are kept again when sent), and stop tracking the others.
         Queued messages of attempts not kept still go out: the coordinator drops them as stale
-        and counts them, so its count of late results stays true (it decides what counts)."""
+        and counts them, so its count of late results stays true (it decides what counts). A
+        heartbeat not sent yet is dropped: it was about the old session."""
         with self._cond:
+            self._beat = None
             resend = [m for t, sent in self._sent.items() if t in keep for m in sent]
             self._items = collections.deque(resend + list(self._items))
             for token in list(self._sent):
@@ -176,7 +204,7 @@ class _Outbox:
 
 
 def _token_of(msg: node_pb2.NodeMessage) -> str:
-    """The attempt token a message is about; empty for ``hello`` and ``draining``."""
+    """The attempt token a message is about; empty for ``hello``, ``draining`` and ``heartbeat``."""
     kind = msg.WhichOneof("kind")
     return getattr(msg, kind).attempt_token if kind in ("chunk", "done", "failed") else ""
 
@@ -199,9 +227,12 @@ class _Session:
         self.interval = interval
         self.timeout = timeout
         self.started = now
-        self.last_heartbeat_ok = now
         self.last_heard = now  # a reply or a stream message from the coordinator: the lease starts
         self.next_heartbeat = now
+        self.sequence = 0  # of the last heartbeat sent
+        self.answered = 0  # the highest sequence number the coordinator echoed (set by the reader)
+        self.unanswered: collections.deque[tuple[int, float]] = collections.deque()
+        """(sequence, when sent) of heartbeats not answered yet, oldest first (heartbeat thread)"""
         self.call: Any = None
         self.reader: threading.Thread | None = None
         self.ended = threading.Event()
@@ -661,6 +692,8 @@ class NodeDaemon:
                     self._on_cancel(session, msg.cancel)
                 elif kind == "forget":
                     self._forget_job(msg.forget.job_id)
+                elif kind == "heartbeat_reply":
+                    self._on_heartbeat_reply(session, msg.heartbeat_reply)
                 else:
                     logger.warning("node %s: unknown message on the work stream: %r", session.node_id, kind)
         except grpc.RpcError as err:
@@ -674,45 +707,46 @@ class NodeDaemon:
     # ---- heartbeats -----------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
+        """A heartbeat on the session's stream every interval; the session ends when a heartbeat
+        went unanswered for the heartbeat timeout (the coordinator, or the way to it, is gone or
+        stuck)."""
         while not self._stopped.is_set():
             session = self._session
-            now = time.monotonic()
             if session is None or session.ended.is_set():
+                self._stopped.wait(_TICK_S / 2)
+                continue
+            now = time.monotonic()
+            unanswered = session.unanswered
+            while unanswered and unanswered[0][0] <= session.answered:  # a reply answers the earlier ones too
+                unanswered.popleft()
+            if unanswered and now - unanswered[0][1] > session.timeout:
+                if session.end(f"no heartbeat reply for {now - unanswered[0][1]:.1f} s"):
+                    session.cancel_call()
+                continue
+            if session.graceful:  # the stream is closing: it ends once the outbox is empty
                 self._stopped.wait(_TICK_S / 2)
                 continue
             if now < session.next_heartbeat:
                 self._stopped.wait(min(_TICK_S / 2, session.next_heartbeat - now))
                 continue
             running, free = self._load()
-            assert self._stub is not None
-            sent = time.monotonic()
-            try:
-                reply = self._stub.Heartbeat(
-                    node_pb2.HeartbeatRequest(node_id=session.node_id, running_attempts=running, free_slots=free),
-                    timeout=max(1.0, min(session.interval, 10.0)),
-                )
-            except grpc.RpcError as err:
-                silent = time.monotonic() - session.last_heartbeat_ok
-                if silent > session.timeout:
-                    if session.end(f"no heartbeat reply for {silent:.1f} s ({_rpc_error_text(err)})"):
-                        session.cancel_call()
-                else:
-                    logger.debug("node %s: heartbeat failed: %s", session.node_id, _rpc_error_text(err))
-                session.next_heartbeat = time.monotonic() + min(session.interval, 1.0)
-                continue
-            session.last_heartbeat_ok = session.last_heard = time.monotonic()
-            if reply.heartbeat_interval_s > 0:
-                session.interval = reply.heartbeat_interval_s
-            if reply.heartbeat_timeout_s > 0:
-                session.timeout = reply.heartbeat_timeout_s
-            session.next_heartbeat = sent + session.interval
-            if not reply.known:
-                reason = (
-                    f"the coordinator does not know node {session.node_id} "
-                    "(it restarted, or declared the node lost)"
-                )
-                if session.end(reason):
-                    session.cancel_call()
+            session.sequence += 1
+            unanswered.append((session.sequence, now))
+            self._outbox.beat(node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat(
+                sequence=session.sequence, attempts_in_hand=running, free_slots=free)))
+            session.next_heartbeat = now + session.interval
+
+    def _on_heartbeat_reply(self, session: _Session, reply: node_pb2.HeartbeatReply) -> None:
+        """The coordinator answered a heartbeat of this session (from the stream reader)."""
+        session.answered = max(session.answered, reply.sequence)
+        if reply.heartbeat_interval_s > 0:
+            session.interval = reply.heartbeat_interval_s
+        if reply.heartbeat_timeout_s > 0:
+            session.timeout = reply.heartbeat_timeout_s
+        if not reply.known:
+            reason = f"the coordinator does not know node {session.node_id} (it restarted, or declared the node lost)"
+            if session.end(reason):
+                session.cancel_call()
 
     def _load(self) -> tuple[list[str], int]:
         """Attempt tokens in hand (queued and running) and slots free for more work."""

@@ -3,7 +3,7 @@
 Two roles hold separate credentials::
 
     role     token                           may call
-    node     a join token (QSCALE_NODE_*)    /qscale.v1.NodeService/*   (Register, Heartbeat, Work)
+    node     a join token (QSCALE_NODE_*)    /qscale.v1.NodeService/*   (Register, Work)
     client   an API token (QSCALE_CLIENT_*)  /qscale.v1.JobService/*    (Submit, GetJob, Watch, ...)
     (none)   -                               /grpc.health.v1.Health/*   (probes)
 
@@ -176,7 +176,7 @@ class Tokens:
     checks only one side would leave the other open."""
 
     node: frozenset[str] = field(default=frozenset(), repr=False)
-    """Join tokens: may call NodeService (register a node, heartbeat, hold a work stream)."""
+    """Join tokens: may call NodeService (register a node, hold a work stream and heartbeat on it)."""
     client: frozenset[str] = field(default=frozenset(), repr=False)
     """API tokens: may call JobService (submit, read, watch, cancel jobs; list nodes)."""
 

@@ -157,7 +157,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 # ------------------------------------------------- (a) every RPC, every wrong credential
 
 _METHODS: dict[str, tuple[type, str]] = {
-    "Register": (NodeServicer, "node"), "Heartbeat": (NodeServicer, "node"), "Work": (NodeServicer, "node"),
+    "Register": (NodeServicer, "node"), "Work": (NodeServicer, "node"),
     "Submit": (JobServicer, "client"), "GetJob": (JobServicer, "client"), "Watch": (JobServicer, "client"),
     "GetResult": (JobServicer, "client"), "Cancel": (JobServicer, "client"), "ListJobs": (JobServicer, "client"),
     "ListNodes": (JobServicer, "client"),
@@ -255,11 +255,11 @@ def _call(channel: grpc.Channel, method: str, coord: AuthCoordinator) -> None:
         jobs.ListNodes(jobs_pb2.ListNodesRequest(), timeout=t)
     elif method == "Register":
         nodes.Register(node_pb2.RegisterRequest(capabilities=_capabilities()), timeout=t)
-    elif method == "Heartbeat":
-        nodes.Heartbeat(node_pb2.HeartbeatRequest(node_id=coord.node_id), timeout=t)
     elif method == "Work":
         hello = node_pb2.NodeMessage(hello=node_pb2.StreamHello(node_id=coord.node_id))
-        list(nodes.Work(iter([hello]), timeout=t))
+        beat = node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat(sequence=1))
+        replies = list(nodes.Work(iter([hello, beat]), timeout=t))
+        assert [r.heartbeat_reply.known for r in replies if r.WhichOneof("kind") == "heartbeat_reply"] == [True]
     else:  # pragma: no cover
         raise AssertionError(method)
 
@@ -356,9 +356,9 @@ def test_right_tokens_reach_every_client_method(auth_coord: AuthCoordinator) -> 
         _call(channel, "Cancel", auth_coord)
         _call(channel, "Watch", auth_coord)  # returns once the job is final (cancelled)
     with make_channel(auth_coord.address, token=NODE_TOKEN) as channel:
-        _call(channel, "Heartbeat", auth_coord)
+        _call(channel, "Work", auth_coord)  # a work stream with a heartbeat (the job is cancelled: nothing runs)
     assert all(auth_coord.calls[m] > 0 for m in ("GetJob", "ListJobs", "ListNodes", "GetResult", "Cancel",
-                                                  "Watch", "Heartbeat", "Register", "Submit"))
+                                                  "Watch", "Work", "Register", "Submit"))
 
 
 # ------------------------------------------------------- (b) an authenticated cluster

@@ -82,7 +82,10 @@ class _Stream:
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
-        self.received: list[node_pb2.NodeMessage] = []
+        self.received: list[node_pb2.NodeMessage] = []  # everything but heartbeats
+        self.heartbeats: list[node_pb2.Heartbeat] = []
+        self.answer_heartbeats = True
+        self.known = True  # what its heartbeat replies say
         self.outgoing: queue.Queue[node_pb2.CoordinatorMessage] = queue.Queue()
         self.broken = threading.Event()
         self.reader: threading.Thread | None = None
@@ -92,8 +95,9 @@ class _Stream:
 
 
 class FakeCoordinator(node_pb2_grpc.NodeServiceServicer):
-    """Answers Register, Heartbeat and Work as the test says: ``resume`` gives a node its
-    previous id back, ``adopt`` adopts every attempt it presents, ``away`` refuses every call."""
+    """Answers Register and Work (and the heartbeats on it) as the test says: ``resume`` gives a
+    node its previous id back, ``adopt`` adopts every attempt it presents, ``away`` refuses every
+    call and leaves heartbeats unanswered."""
 
     def __init__(self, heartbeat_timeout_s: float) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -103,7 +107,7 @@ class FakeCoordinator(node_pb2_grpc.NodeServiceServicer):
         self.resume = True
         self.adopt = True
         self.away = False
-        self.last_contact = 0.0  # when the coordinator last answered a heartbeat or sent on a stream
+        self.last_contact = 0.0  # when the coordinator last sent on a stream (a heartbeat reply included)
         self._ids = itertools.count(1)
 
     # ---- scripting
@@ -168,14 +172,6 @@ class FakeCoordinator(node_pb2_grpc.NodeServiceServicer):
         return node_pb2.RegisterReply(node_id=node_id, heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
                                       heartbeat_timeout_s=self.heartbeat_timeout_s, adopted_attempts=adopted)
 
-    def Heartbeat(self, request: node_pb2.HeartbeatRequest, context: grpc.ServicerContext
-                  ) -> node_pb2.HeartbeatReply:
-        self._refuse_if_away(context)
-        with self.cond:
-            self.last_contact = time.monotonic()
-        return node_pb2.HeartbeatReply(known=True, heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
-                                       heartbeat_timeout_s=self.heartbeat_timeout_s)
-
     def Work(self, request_iterator: Iterator[node_pb2.NodeMessage], context: grpc.ServicerContext
              ) -> Iterator[node_pb2.CoordinatorMessage]:
         self._refuse_if_away(context)
@@ -202,7 +198,15 @@ class FakeCoordinator(node_pb2_grpc.NodeServiceServicer):
         try:
             for msg in requests:
                 with self.cond:
-                    stream.received.append(msg)
+                    if msg.WhichOneof("kind") == "heartbeat":
+                        stream.heartbeats.append(msg.heartbeat)
+                        if not self.away and stream.answer_heartbeats:
+                            stream.send(node_pb2.CoordinatorMessage(heartbeat_reply=node_pb2.HeartbeatReply(
+                                sequence=msg.heartbeat.sequence, known=stream.known,
+                                heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
+                                heartbeat_timeout_s=self.heartbeat_timeout_s)))
+                    else:
+                        stream.received.append(msg)
                     self.cond.notify_all()
         except grpc.RpcError:
             pass  # the call ended
@@ -424,6 +428,47 @@ def test_attempts_are_abandoned_when_the_lease_runs_out(
     second.send(_assignment("t-c2", "job-c2", {0: bell()}, [([0], 10, 3)]))
     fake.received(second, "t-c2", "done")
     assert _about(second.received, "t-c") == []
+
+
+# ---- liveness on the stream -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("node_and_coordinator", [1.0], indirect=True)
+@pytest.mark.parametrize("coordinator", ["silent", "forgot the node"])
+def test_session_ends_when_stream_heartbeats_go_unanswered_or_the_node_is_unknown(
+    node_and_coordinator: tuple[NodeDaemon, GatedSlot, FakeCoordinator],
+    coordinator: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="qscale.node.daemon")
+    daemon, _, fake = node_and_coordinator
+    first = fake.stream(0)
+    # Answered, heartbeats keep the session for several timeouts: numbered 1, 2, 3, ... on the stream.
+    time.sleep(3 * fake.heartbeat_timeout_s)
+    assert len(fake.registers) == 1 and daemon.node_id == "node-1"
+    with fake.cond:
+        beats = [h.sequence for h in first.heartbeats]
+        if coordinator == "silent":
+            first.answer_heartbeats = False  # the stream stays open: only the replies stop
+        else:
+            first.known = False
+        changed_at = time.monotonic()
+    assert len(beats) >= 3 * fake.heartbeat_timeout_s / HEARTBEAT_INTERVAL_S / 2 and beats == list(range(1, len(beats) + 1)), beats
+
+    again = fake.register(1)
+    ended_after = time.monotonic() - changed_at
+    assert again.previous_node_id == "node-1"
+    if coordinator == "silent":
+        # The first heartbeat left unanswered was sent after the change, give or take the one on its way.
+        assert ended_after >= fake.heartbeat_timeout_s - 2 * HEARTBEAT_INTERVAL_S, ended_after
+        assert "session ended: no heartbeat reply for" in caplog.text
+    else:
+        assert ended_after < fake.heartbeat_timeout_s, ended_after  # at the first reply
+        assert "session ended: the coordinator does not know node node-1" in caplog.text
+    # The new session heartbeats on its own stream, numbered from 1 again.
+    second = fake.stream(1)
+    fake.wait_for(lambda: len(second.heartbeats) >= 2, "heartbeats on the new stream")
+    assert [h.sequence for h in second.heartbeats[:2]] == [1, 2]
 
 
 # ---- the outbox -------------------------------------------------------------------------------

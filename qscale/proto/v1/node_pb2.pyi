@@ -55,26 +55,6 @@ class RegisterReply(_message.Message):
     adopted_attempts: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., adopted_attempts: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "running_attempts", "free_slots")
-    NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    RUNNING_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
-    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
-    node_id: str
-    running_attempts: _containers.RepeatedScalarFieldContainer[str]
-    free_slots: int
-    def __init__(self, node_id: _Optional[str] = ..., running_attempts: _Optional[_Iterable[str]] = ..., free_slots: _Optional[int] = ...) -> None: ...
-
-class HeartbeatReply(_message.Message):
-    __slots__ = ("known", "heartbeat_interval_s", "heartbeat_timeout_s")
-    KNOWN_FIELD_NUMBER: _ClassVar[int]
-    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
-    HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
-    known: bool
-    heartbeat_interval_s: float
-    heartbeat_timeout_s: float
-    def __init__(self, known: _Optional[bool] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ...) -> None: ...
-
 class ShardAssignment(_message.Message):
     __slots__ = ("job_id", "shard_index", "attempt_token", "chunks", "circuits", "method", "memory_bytes", "memory", "noise_model", "noise_model_cached")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -129,15 +109,29 @@ class ForgetJob(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class HeartbeatReply(_message.Message):
+    __slots__ = ("sequence", "known", "heartbeat_interval_s", "heartbeat_timeout_s")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    known: bool
+    heartbeat_interval_s: float
+    heartbeat_timeout_s: float
+    def __init__(self, sequence: _Optional[int] = ..., known: _Optional[bool] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ...) -> None: ...
+
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("assign", "cancel", "forget")
+    __slots__ = ("assign", "cancel", "forget", "heartbeat_reply")
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     FORGET_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_REPLY_FIELD_NUMBER: _ClassVar[int]
     assign: ShardAssignment
     cancel: CancelAttempt
     forget: ForgetJob
-    def __init__(self, assign: _Optional[_Union[ShardAssignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAttempt, _Mapping]] = ..., forget: _Optional[_Union[ForgetJob, _Mapping]] = ...) -> None: ...
+    heartbeat_reply: HeartbeatReply
+    def __init__(self, assign: _Optional[_Union[ShardAssignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAttempt, _Mapping]] = ..., forget: _Optional[_Union[ForgetJob, _Mapping]] = ..., heartbeat_reply: _Optional[_Union[HeartbeatReply, _Mapping]] = ...) -> None: ...
 
 class StreamHello(_message.Message):
     __slots__ = ("node_id",)
@@ -179,16 +173,28 @@ class Draining(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Heartbeat(_message.Message):
+    __slots__ = ("sequence", "attempts_in_hand", "free_slots")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_IN_HAND_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    attempts_in_hand: _containers.RepeatedScalarFieldContainer[str]
+    free_slots: int
+    def __init__(self, sequence: _Optional[int] = ..., attempts_in_hand: _Optional[_Iterable[str]] = ..., free_slots: _Optional[int] = ...) -> None: ...
+
 class NodeMessage(_message.Message):
-    __slots__ = ("hello", "chunk", "done", "failed", "draining")
+    __slots__ = ("hello", "chunk", "done", "failed", "draining", "heartbeat")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     hello: StreamHello
     chunk: ChunkResult
     done: ShardDone
     failed: ShardFailed
     draining: Draining
-    def __init__(self, hello: _Optional[_Union[StreamHello, _Mapping]] = ..., chunk: _Optional[_Union[ChunkResult, _Mapping]] = ..., done: _Optional[_Union[ShardDone, _Mapping]] = ..., failed: _Optional[_Union[ShardFailed, _Mapping]] = ..., draining: _Optional[_Union[Draining, _Mapping]] = ...) -> None: ...
+    heartbeat: Heartbeat
+    def __init__(self, hello: _Optional[_Union[StreamHello, _Mapping]] = ..., chunk: _Optional[_Union[ChunkResult, _Mapping]] = ..., done: _Optional[_Union[ShardDone, _Mapping]] = ..., failed: _Optional[_Union[ShardFailed, _Mapping]] = ..., draining: _Optional[_Union[Draining, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...

@@ -39,11 +39,6 @@ class NodeServiceStub:
                 request_serializer=qscale_dot_proto_dot_v1_dot_node__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=qscale_dot_proto_dot_v1_dot_node__pb2.RegisterReply.FromString,
                 _registered_method=True)
-        self.Heartbeat = channel.unary_unary(
-                '/qscale.v1.NodeService/Heartbeat',
-                request_serializer=qscale_dot_proto_dot_v1_dot_node__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=qscale_dot_proto_dot_v1_dot_node__pb2.HeartbeatReply.FromString,
-                _registered_method=True)
         self.Work = channel.stream_stream(
                 '/qscale.v1.NodeService/Work',
                 request_serializer=qscale_dot_proto_dot_v1_dot_node__pb2.NodeMessage.SerializeToString,
@@ -61,15 +56,10 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Heartbeat(self, request, context):
-        """Liveness. A node silent past the timeout is declared lost.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Work(self, request_iterator, context):
-        """The node's work stream. The first message must be a `hello`.
+        """The node's work stream. The first message must be a `hello`. Liveness travels on it: the
+        node sends a `heartbeat` every heartbeat interval and the coordinator answers each with a
+        `heartbeat_reply`; a node silent past the timeout is declared lost.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,11 +72,6 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=qscale_dot_proto_dot_v1_dot_node__pb2.RegisterRequest.FromString,
                     response_serializer=qscale_dot_proto_dot_v1_dot_node__pb2.RegisterReply.SerializeToString,
-            ),
-            'Heartbeat': grpc.unary_unary_rpc_method_handler(
-                    servicer.Heartbeat,
-                    request_deserializer=qscale_dot_proto_dot_v1_dot_node__pb2.HeartbeatRequest.FromString,
-                    response_serializer=qscale_dot_proto_dot_v1_dot_node__pb2.HeartbeatReply.SerializeToString,
             ),
             'Work': grpc.stream_stream_rpc_method_handler(
                     servicer.Work,
@@ -121,33 +106,6 @@ class NodeService:
             '/qscale.v1.NodeService/Register',
             qscale_dot_proto_dot_v1_dot_node__pb2.RegisterRequest.SerializeToString,
             qscale_dot_proto_dot_v1_dot_node__pb2.RegisterReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Heartbeat(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/qscale.v1.NodeService/Heartbeat',
-            qscale_dot_proto_dot_v1_dot_node__pb2.HeartbeatRequest.SerializeToString,
-            qscale_dot_proto_dot_v1_dot_node__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,
