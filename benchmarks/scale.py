@@ -10,9 +10,12 @@ What runs
   ``--channels`` channels (one TCP connection each) and hosting ``--nodes / --procs`` *fake nodes*.
   A fake node speaks the real protocol: ``NodeService.Register`` with plausible capabilities
   (1 slot, 1 core, 1 GiB, every Aer method, 25-qubit statevectors, this Qiskit's QPY version),
-  a ``Heartbeat`` every ``heartbeat_interval_s`` of the replies (first one at a random phase,
-  then on a fixed schedule), and the bidirectional ``Work`` stream opened with a ``hello``. It
-  answers every ``ShardAssignment`` without simulating: after ``--shard-ms`` of sleep (modelled
+  then the bidirectional ``Work`` stream opened with a ``hello``, on which it sends a
+  ``heartbeat`` (sequence number, attempts in hand, free slots) every ``heartbeat_interval_s``
+  of the replies (first one at a random phase, then on a fixed schedule) and reads the
+  coordinator's ``heartbeat_reply`` to each. It writes on its stream one message at a time (a
+  heartbeat may wait for a result being written, as on a real node).
+  It answers every ``ShardAssignment`` without simulating: after ``--shard-ms`` of sleep (modelled
   work), one ``ChunkResult`` per chunk with one ``CircuitCounts`` per planned experiment, counts
   ``{"0x0": shots}`` (valid for any circuit with a classical bit), then ``ShardDone``. Shards are
   handled one at a time, like a 1-slot node; a cancelled attempt is skipped.
@@ -30,8 +33,10 @@ SIGTERM or errors; the coordinator, in its own session, also gets SIGTERM if thi
 
 What is measured (over the load window unless said otherwise)
 -------------------------------------------------------------
-* heartbeat latency: wall time of each ``Heartbeat`` RPC round trip, as seen by the fake node
-  (an RPC that failed counts with the time until it failed); p50 / p99 / max in ms;
+* heartbeat latency: round trip of each heartbeat, as seen by the fake node: from just before
+  it writes the ``heartbeat`` on its stream to the moment it reads the ``heartbeat_reply`` that
+  echoes its sequence number (a heartbeat left unanswered for the heartbeat timeout counts with
+  that wait, as error ``NO_REPLY``); p50 / p99 / max in ms;
 * false node losses: fake nodes that kept heartbeating but were declared lost: a heartbeat reply
   with ``known == False``, a ``Work`` stream closed or broken by the coordinator, or a node that
   ``ListNodes`` no longer shows as alive at the end. Counted over the whole run. The reasons the
@@ -191,7 +196,7 @@ class LoadStats:
 
 
 class FakeNode:
-    """One node: Register, heartbeat on schedule, answer shards on the Work stream."""
+    """One node: Register, then on the Work stream: heartbeat on schedule, answer shards."""
 
     def __init__(self, spec: LoadSpec, number: int, stub: Any, stats: LoadStats) -> None:
         self.spec = spec
@@ -208,6 +213,10 @@ class FakeNode:
         self.cancelled: set[str] = set()
         self.work: asyncio.Queue[Any] = asyncio.Queue()
         self.tasks: list[asyncio.Task[None]] = []
+        self.write_lock = asyncio.Lock()  # one write at a time on the stream
+        self.sequence = 0
+        self.unanswered: dict[int, tuple[float, float]] = {}
+        """sequence -> (sent, due) of each heartbeat not answered yet, oldest first"""
 
     def capabilities(self) -> Any:
         from qscale.proto.v1 import node_pb2
@@ -242,39 +251,60 @@ class FakeNode:
             self.lost = True
             self.stats.losses.append((self.node_id, why, time.monotonic()))
 
-    async def _heartbeats(self) -> None:
-        import grpc
+    async def _write(self, message: Any) -> None:
+        async with self.write_lock:
+            await self.call.write(message)
 
+    async def _heartbeats(self) -> None:
         from qscale.proto.v1 import node_pb2
 
         await asyncio.sleep(random.uniform(0.0, self.interval))
         due = time.monotonic()
         while not self.stopping and not self.lost:
             sent = time.monotonic()
-            request = node_pb2.HeartbeatRequest(node_id=self.node_id, running_attempts=list(self.in_hand),
-                                                free_slots=max(0, 1 - len(self.in_hand)))
+            self._expire(sent)
+            self.sequence += 1
+            self.unanswered[self.sequence] = (sent, due)
             self.stats.hb_sent += 1
             try:
-                reply = await self.stub.Heartbeat(request, timeout=self.timeout)
-            except grpc.aio.AioRpcError as exc:
-                if self.stopping:
-                    return
-                self.stats.hb_errors[exc.code().name] += 1
-                self._record_heartbeat(sent, due)
-            else:
-                self._record_heartbeat(sent, due)
-                self.stats.hb_ok += 1
-                if not reply.known:
-                    self.stats.hb_unknown += 1
-                    self._lose("heartbeat reply known=False")
-                    return
-                self.interval = reply.heartbeat_interval_s or self.interval
-                self.timeout = reply.heartbeat_timeout_s or self.timeout
+                await self._write(node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat(
+                    sequence=self.sequence, attempts_in_hand=list(self.in_hand),
+                    free_slots=max(0, 1 - len(self.in_hand)))))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a write on a closed stream
+                if not self.stopping:
+                    self.stats.write_errors += 1
+                    self._lose(f"work stream write failed: {type(exc).__name__}")
+                return
             due += self.interval
             now = time.monotonic()
-            if due < now:  # fell behind (a slow reply): keep the rate, do not burst
+            if due < now:  # fell behind (a slow write): keep the rate, do not burst
                 due = now
             await asyncio.sleep(due - now)
+
+    def _expire(self, now: float) -> None:
+        """Count the heartbeats unanswered for the timeout as failed (with the time waited)."""
+        while self.unanswered:
+            sequence, (sent, due) = next(iter(self.unanswered.items()))
+            if now - sent <= self.timeout:
+                return
+            del self.unanswered[sequence]
+            self.stats.hb_errors["NO_REPLY"] += 1
+            self._record_heartbeat(sent, due)
+
+    def _on_heartbeat_reply(self, reply: Any) -> None:
+        entry = self.unanswered.pop(reply.sequence, None)
+        if entry is None:
+            return  # counted as unanswered already
+        self._record_heartbeat(*entry)
+        self.stats.hb_ok += 1
+        if not reply.known:
+            self.stats.hb_unknown += 1
+            self._lose("heartbeat reply known=False")
+            return
+        self.interval = reply.heartbeat_interval_s or self.interval
+        self.timeout = reply.heartbeat_timeout_s or self.timeout
 
     def _record_heartbeat(self, sent: float, due: float) -> None:
         self.stats.hb_t.append(sent)
@@ -300,6 +330,8 @@ class FakeNode:
                     self.cancelled.add(msg.cancel.attempt_token)
                 elif kind == "forget":
                     self.stats.forgets += 1
+                elif kind == "heartbeat_reply":
+                    self._on_heartbeat_reply(msg.heartbeat_reply)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
@@ -330,10 +362,10 @@ class FakeNode:
                                                  memory=bytes(chunk.shots) if assignment.memory else b"")
                         for entry in chunk.entries for s in range(entry.set_start, entry.set_start + entry.set_count)
                     ]
-                    await self.call.write(node_pb2.NodeMessage(chunk=node_pb2.ChunkResult(
+                    await self._write(node_pb2.NodeMessage(chunk=node_pb2.ChunkResult(
                         attempt_token=token, chunk_index=index, counts=counts, seconds=time.monotonic() - started)))
                     self.stats.chunks_sent += 1
-                await self.call.write(node_pb2.NodeMessage(done=node_pb2.ShardDone(
+                await self._write(node_pb2.NodeMessage(done=node_pb2.ShardDone(
                     attempt_token=token, seconds=time.monotonic() - started)))
                 self.stats.shards_done += 1
                 self.stats.shard_done_t.append(time.monotonic())
