@@ -251,9 +251,20 @@ class FakeNode:
             self.lost = True
             self.stats.losses.append((self.node_id, why, time.monotonic()))
 
-    async def _write(self, message: Any) -> None:
-        async with self.write_lock:
-            await self.call.write(message)
+    async def _write(self, message: Any) -> bool:
+        """Write ``message`` on the stream (one write at a time); False when the stream is closed
+        (the node is then counted lost, unless it is stopping)."""
+        try:
+            async with self.write_lock:
+                await self.call.write(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a write on a closed stream
+            if not self.stopping:
+                self.stats.write_errors += 1
+                self._lose(f"work stream write failed: {type(exc).__name__}")
+            return False
+        return True
 
     async def _heartbeats(self) -> None:
         from qscale.proto.v1 import node_pb2
@@ -266,16 +277,9 @@ class FakeNode:
             self.sequence += 1
             self.unanswered[self.sequence] = (sent, due)
             self.stats.hb_sent += 1
-            try:
-                await self._write(node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat(
+            if not await self._write(node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat(
                     sequence=self.sequence, attempts_in_hand=list(self.in_hand),
-                    free_slots=max(0, 1 - len(self.in_hand)))))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a write on a closed stream
-                if not self.stopping:
-                    self.stats.write_errors += 1
-                    self._lose(f"work stream write failed: {type(exc).__name__}")
+                    free_slots=max(0, 1 - len(self.in_hand))))):
                 return
             due += self.interval
             now = time.monotonic()
@@ -362,20 +366,16 @@ class FakeNode:
                                                  memory=bytes(chunk.shots) if assignment.memory else b"")
                         for entry in chunk.entries for s in range(entry.set_start, entry.set_start + entry.set_count)
                     ]
-                    await self._write(node_pb2.NodeMessage(chunk=node_pb2.ChunkResult(
-                        attempt_token=token, chunk_index=index, counts=counts, seconds=time.monotonic() - started)))
+                    if not await self._write(node_pb2.NodeMessage(chunk=node_pb2.ChunkResult(
+                            attempt_token=token, chunk_index=index, counts=counts,
+                            seconds=time.monotonic() - started))):
+                        return
                     self.stats.chunks_sent += 1
-                await self._write(node_pb2.NodeMessage(done=node_pb2.ShardDone(
-                    attempt_token=token, seconds=time.monotonic() - started)))
+                if not await self._write(node_pb2.NodeMessage(done=node_pb2.ShardDone(
+                        attempt_token=token, seconds=time.monotonic() - started))):
+                    return
                 self.stats.shards_done += 1
                 self.stats.shard_done_t.append(time.monotonic())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a write on a closed stream
-                if not self.stopping:
-                    self.stats.write_errors += 1
-                    self._lose(f"work stream write failed: {type(exc).__name__}")
-                return
             finally:
                 self.in_hand.pop(token, None)
                 self.cancelled.discard(token)
