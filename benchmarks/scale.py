@@ -16,8 +16,8 @@ What runs
   coordinator's ``heartbeat_reply`` to each. It writes on its stream one message at a time (a
   heartbeat may wait for a result being written, as on a real node).
   It answers every ``ShardAssignment`` without simulating: after ``--shard-ms`` of sleep (modelled
-  work), one ``ChunkResult`` per chunk with one ``CircuitCounts`` per planned experiment, counts
-  ``{"0x0": shots}`` (valid for any circuit with a classical bit), then ``ShardDone``. Shards are
+  work), one ``ChunkResult`` per chunk with one ``CircuitCounts`` per planned experiment, packed
+  outcomes "outcome 0, ``shots`` times" (valid for the job driver's one-bit circuits), then ``ShardDone``. Shards are
   handled one at a time, like a 1-slot node; a cancelled attempt is skipped.
 * A job driver in this process: ``--jobs-in-flight`` threads sharing one ``qscale.Client``, each
   submitting a job of ``--circuits`` one-qubit circuits (``h``, ``measure``) x ``--shots`` shots,
@@ -362,7 +362,8 @@ class FakeNode:
                 for index, chunk in enumerate(assignment.chunks):
                     counts = [
                         common_pb2.CircuitCounts(circuit_index=entry.circuit_index, set_index=s,
-                                                 counts={"0x0": chunk.shots},
+                                                 outcomes=common_pb2.Outcomes(
+                                                     width=1, values=b"\x00", counts=chunk.shots.to_bytes(8, "little")),
                                                  memory=bytes(chunk.shots) if assignment.memory else b"")
                         for entry in chunk.entries for s in range(entry.set_start, entry.set_start + entry.set_count)
                     ]

@@ -715,12 +715,21 @@ def random_capabilities(rng: random.Random) -> node_pb2.NodeCapabilities:
     )
 
 
+def _packed(values: list[int], counts: list[int], width: int = 2) -> common_pb2.Outcomes:
+    """Outcomes as a node would send them, whatever they hold."""
+    return common_pb2.Outcomes(width=width, values=b"".join(v.to_bytes(width, "little") for v in values),
+                               counts=b"".join(c.to_bytes(8, "little") for c in counts))
+
+
 def random_node_message(rng: random.Random, tokens: list[str]) -> node_pb2.NodeMessage:
     token = rng.choice([*tokens, random_text(rng, rng.randrange(0, 80))])
     kind = rng.randrange(6)
     if kind == 0:
         counts = [common_pb2.CircuitCounts(circuit_index=rng.choice((0, -1, 1 << 30)), set_index=rng.choice((0, -1, 5)),
-                                           counts={random_text(rng, rng.randrange(0, 10)): rng.choice((0, 1, (1 << 64) - 1))})
+                                           outcomes=common_pb2.Outcomes(
+                                               width=rng.choice((0, 1, 2, -1, 1 << 30)),
+                                               values=rng.randbytes(rng.randrange(0, 20)),
+                                               counts=rng.randbytes(rng.randrange(0, 20))))
                   for _ in range(rng.randrange(0, 3))]
         return node_pb2.NodeMessage(chunk=node_pb2.ChunkResult(
             attempt_token=token, chunk_index=rng.choice((0, -1, 1 << 30)), counts=counts,
@@ -801,7 +810,7 @@ class HostileNode:
             if message.WhichOneof("kind") == "assign":
                 yield message.assign
 
-    def answer(self, shard: node_pb2.ShardAssignment, counts: dict[str, int], chunk_index: int = 0,
+    def answer(self, shard: node_pb2.ShardAssignment, outcomes: common_pb2.Outcomes, chunk_index: int = 0,
                seconds: float = 0.1) -> None:
         global tried
         tried += 1
@@ -809,7 +818,7 @@ class HostileNode:
         self.outgoing.put(node_pb2.NodeMessage(chunk=node_pb2.ChunkResult(
             attempt_token=shard.attempt_token, chunk_index=chunk_index, seconds=seconds,
             counts=[common_pb2.CircuitCounts(circuit_index=entry.circuit_index, set_index=entry.set_start,
-                                             counts=counts)])))
+                                             outcomes=outcomes)])))
         self.outgoing.put(node_pb2.NodeMessage(done=node_pb2.ShardDone(attempt_token=shard.attempt_token,
                                                                        seconds=seconds)))
 
@@ -831,11 +840,15 @@ def test_a_hostile_node_answering_real_work_with_garbage(cluster: LocalCluster, 
     try:
         for shard in node.assignments():
             shots = shard.chunks[0].shots
-            garbage = [({"0": shots}, 1 << 30), ({"0": shots}, -1), ({"0": shots - 1, "1": 1 << 63}, 0),
-                       ({"0": shots + 1}, 0), ({}, 0), ({"1": shots - 1}, 0)][answered % 6]
+            garbage = [(_packed([0], [shots]), 1 << 30), (_packed([0], [shots]), -1),
+                       (_packed([0, 1], [1 << 63, (1 << 63) + shots]), 0),  # wraps around to `shots`
+                       (_packed([0], [shots + 1]), 0), (common_pb2.Outcomes(), 0),
+                       (_packed([1, 0], [1, shots - 1]), 0),  # not in ascending order
+                       (_packed([0], [shots], width=1), 0),  # 16 clbits take 2 bytes
+                       (_packed([0, 0], [1, shots - 1]), 0)][answered % 8]
             node.answer(shard, garbage[0], garbage[1], seconds=float("nan"))
             answered += 1
-            if cluster.client.job(job.job_id).status().state.final or answered >= 12:
+            if cluster.client.job(job.job_id).status().state.final or answered >= 16:
                 break
     finally:
         node.close()
@@ -849,10 +862,11 @@ def test_malformed_count_keys_from_a_node_do_not_poison_a_result(cluster: LocalC
     node = HostileNode(stubs[1])
     job_ids = []
     try:
-        for keys in ({"zz": 100}, {"f" * 3000: 100}):
+        for outcomes in (_packed([0xFF], [100]), _packed([1 << 20000], [100], width=3000),
+                         common_pb2.Outcomes(width=1, values=b"\x00", counts=b"\x64")):
             job = cluster.client.submit(bell(), shots=100, seed=1)
             job_ids.append(job.job_id)
-            node.answer(next(node.assignments()), keys)
+            node.answer(next(node.assignments()), outcomes)
     finally:
         node.close()
     for job_id in job_ids:

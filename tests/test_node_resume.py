@@ -29,6 +29,7 @@ from qscale.circuits import dump_qpy
 from qscale.node.config import NodeConfig
 from qscale.node.daemon import NodeDaemon, _Outbox
 from qscale.node.worker import ChunkOutcome, ShardOutcome, WorkerSlot
+from qscale.outcomes import Outcomes
 from qscale.proto.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
@@ -354,7 +355,7 @@ def test_adopted_attempt_reports_on_the_new_stream(
     assert about == [("chunk", 0), ("chunk", 1), ("chunk", 2), ("done", -1)]
     assert ("done", -1) not in _about(first.received, "t-a")
     chunk0 = next(m.chunk for m in second.received if _token(m) == "t-a")
-    assert sum(chunk0.counts[0].counts.values()) == 100
+    assert Outcomes.from_proto(chunk0.counts[0].outcomes).shots == 100
     assert "node node-1: resumed: 1 attempt(s) adopted, 0 dropped" in caplog.text
 
     # Resumed under the same id, the node kept the job's circuits: a later shard may refer to them.
@@ -475,7 +476,7 @@ def test_session_ends_when_stream_heartbeats_go_unanswered_or_the_node_is_unknow
 
 
 def _chunk(token: str, index: int, payload: int = 0) -> node_pb2.NodeMessage:
-    counts = [common_pb2.CircuitCounts(circuit_index=0, counts={"0x0": 1})] * max(1, payload)
+    counts = [common_pb2.CircuitCounts(circuit_index=0, outcomes=Outcomes.of(1, 0, 1).to_proto())] * max(1, payload)
     return node_pb2.NodeMessage(chunk=node_pb2.ChunkResult(attempt_token=token, chunk_index=index, counts=counts))
 
 
