@@ -535,38 +535,75 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-class Coordinator:
-    """A ``qscale-coordinator serve`` subprocess in its own session (Ctrl-C reaches only us)."""
+class SessionProcess:
+    """A subprocess in its own session (Ctrl-C reaches only us), its environment cleared of
+    ``QSCALE_*`` variables (nothing from the caller's shell changes its settings), its output in
+    ``log_path``; it gets SIGTERM if this process dies."""
 
-    def __init__(self, workdir: Path, interval: float, timeout: float, log_level: str, log_path: Path,
-                 gc_trace: Path | None = None) -> None:
-        self.workdir = workdir
-        self.address_file = workdir / "address"
+    def __init__(self, command: list[str], log_path: Path) -> None:
+        self.command = command
         self.log_path = log_path
-        self.gc_trace = gc_trace
-        launch = ["-c", _GC_TRACE_CODE] if gc_trace is not None else ["-m", "qscale.coordinator"]
-        self.command = [sys.executable, *launch, "serve", "--listen", "127.0.0.1:0",
-                        "--state-dir", str(workdir / "state"), "--heartbeat-interval", str(interval),
-                        "--heartbeat-timeout", str(timeout), "--address-file", str(self.address_file),
-                        "--log-level", log_level]
         self.proc: subprocess.Popen[bytes] | None = None
-        self.address = ""
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> str:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QSCALE_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        if self.gc_trace is not None:
-            env["SCALE_BENCH_GC_TRACE"] = str(self.gc_trace)
-        (self.workdir / "state").mkdir(parents=True, exist_ok=True)
+    def launch(self, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``command`` in ``cwd``, with ``env`` added to the cleared environment."""
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("QSCALE_")}
+        full_env["PYTHONUNBUFFERED"] = "1"
+        full_env.update(env or {})
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, cwd=self.workdir, start_new_session=True,
+                                         env=full_env, cwd=cwd, start_new_session=True,
                                          preexec_fn=_terminate_with_parent)
+        return self.proc
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10.0)
+        # Its children (the coordinator's sandboxes) follow it; anything left of its session group goes now.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.returncode
+
+
+class Coordinator(SessionProcess):
+    """A ``qscale-coordinator serve`` subprocess in its own session (Ctrl-C reaches only us)."""
+
+    def __init__(self, workdir: Path, interval: float, timeout: float, log_level: str, log_path: Path,
+                 gc_trace: Path | None = None) -> None:
+        self.workdir = workdir
+        self.address_file = workdir / "address"
+        self.gc_trace = gc_trace
+        launch = ["-c", _GC_TRACE_CODE] if gc_trace is not None else ["-m", "qscale.coordinator"]
+        super().__init__([sys.executable, *launch, "serve", "--listen", "127.0.0.1:0",
+                          "--state-dir", str(workdir / "state"), "--heartbeat-interval", str(interval),
+                          "--heartbeat-timeout", str(timeout), "--address-file", str(self.address_file),
+                          "--log-level", log_level], log_path)
+        self.address = ""
+
+    def start(self) -> str:
+        (self.workdir / "state").mkdir(parents=True, exist_ok=True)
+        self.launch(self.workdir, {"SCALE_BENCH_GC_TRACE": str(self.gc_trace)} if self.gc_trace is not None else None)
+        assert self.proc is not None
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not self.address:
             if self.proc.poll() is not None:
@@ -599,29 +636,6 @@ class Coordinator:
                     raise BenchmarkError(f"the coordinator on {self.address} never reported SERVING:\n"
                                          f"{self.log_tail()}")
                 time.sleep(0.1)
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL; returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10.0)
-        # Its sandbox children follow it; anything left of its session group goes now.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        return self.proc.returncode
 
 
 class BenchmarkError(RuntimeError):
