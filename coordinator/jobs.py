@@ -108,11 +108,11 @@ class Totals:
         self.counted = OutcomeTotals(self.width)
         self.partial = OutcomeTotals(self.width)
 
-    def add_counted(self, outcomes: Outcomes | common_pb2.Outcomes, shots: int | None = None) -> None:
+    def add_counted(self, outcomes: Outcomes, shots: int | None = None) -> None:
         self.counted.add(outcomes, shots=shots)
         self._version += 1
 
-    def add_partial(self, outcomes: Outcomes | common_pb2.Outcomes, sign: int = 1) -> None:
+    def add_partial(self, outcomes: Outcomes, sign: int = 1) -> None:
         self.partial.add(outcomes, sign)
         self._version += 1
 
@@ -232,9 +232,10 @@ class Job:
             experiments = sum(entry.set_count for entry in chunk.entries)
             for result in results[position:position + experiments]:
                 c = result.circuit_index
-                self.totals[c].add_counted(result.outcomes, chunk.shots)  # (decoded when read)
+                outcomes = Outcomes.from_proto(result.outcomes)  # (checked; decoded when read)
+                self.totals[c].add_counted(outcomes, chunk.shots)
                 if len(self.set_outcomes[c]) > 1:
-                    self.set_outcomes[c][result.set_index].add(result.outcomes, shots=chunk.shots)
+                    self.set_outcomes[c][result.set_index].add(outcomes, shots=chunk.shots)
                 if self.memory:
                     self.memory_parts.setdefault((c, result.set_index), []).append((shard.plan.index, result.memory))
             position += experiments
@@ -272,7 +273,7 @@ class Job:
             return  # progress of an estimator job is its shards and experiments done
         for chunk in chunks:
             for result in chunk:
-                self.totals[result.circuit_index].add_partial(result.outcomes, sign)
+                self.totals[result.circuit_index].add_partial(Outcomes.from_proto(result.outcomes), sign)
 
     @property
     def num_sets(self) -> list[int]:
@@ -292,7 +293,7 @@ class Job:
 
     def circuit_outcomes(self, index: int) -> common_pb2.Outcomes:
         """Counted outcomes of a circuit, merged over its parameter sets, as a message."""
-        return self.totals[index].counted.message()
+        return self.totals[index].counted.merged().to_proto()
 
     def set_memory(self, index: int, set_index: int) -> bytes:
         """Per-shot memory of one parameter set, in shot order (shards in plan order)."""

@@ -68,7 +68,7 @@ def job_result(job: Job) -> jobs_pb2.JobResult:
         for set_index, outcomes in enumerate(job.set_outcomes[index]):
             circuit.sets.add(
                 set_index=set_index,
-                outcomes=None if single else outcomes.message(),
+                outcomes=None if single else outcomes.merged().to_proto(),
                 shots=job.set_shots[index][set_index],
                 memory=job.set_memory(index, set_index) if job.memory else b"",
             )

@@ -554,22 +554,22 @@ class _WorkerState:
     max_memory_mb: int
     cache_entries: int
     cache_bytes: int
-    cache: OrderedDict[tuple[str, int, bytes], tuple[Any, int]] = field(default_factory=OrderedDict)
+    cache: OrderedDict[tuple[bytes, ...], tuple[Any, int]] = field(default_factory=OrderedDict)
+    """Decoded circuits by their QPY's digest (and, for estimator work, with the digest of their
+    observables): a circuit submitted again, in this job or a later one, is not decoded again."""
     cached_bytes: int = 0
     noise: Any = None
     noise_key: str = ""
 
-    def circuit(self, job_id: str, index: int, payloads: Mapping[int, bytes]) -> Any:
-        """The circuit ``index`` of the job, decoded and (only if needed) transpiled, via the LRU."""
-        import hashlib
-
+    def circuit(self, index: int, payloads: Mapping[int, bytes]) -> Any:
+        """The circuit ``index`` of the shard, decoded and (only if needed) transpiled, via the LRU."""
         from qscale.circuits import load_qpy
         from qscale.errors import InvalidArgumentError
 
         if index not in payloads:
             raise InvalidArgumentError(f"the shard names circuit {index} but carries no QPY for it")
         data = payloads[index]
-        key = (job_id, index, hashlib.blake2b(data, digest_size=16).digest())
+        key = (_digest(data),)
         hit = self.cache.get(key)
         if hit is not None:
             self.cache.move_to_end(key)
@@ -587,16 +587,13 @@ class _WorkerState:
             self.cached_bytes -= size
         return circuit
 
-    def expectation_circuit(self, job_id: str, index: int, payloads: Mapping[int, bytes],
-                            labels: tuple[str, ...]) -> Any:
+    def expectation_circuit(self, index: int, payloads: Mapping[int, bytes], labels: tuple[str, ...]) -> Any:
         """The circuit with a ``save_expectation_value`` of every Pauli label (``e0``, ``e1``
-        ...) appended, built once per job and circuit and kept beside it in the LRU."""
-        import hashlib
-
+        ...) appended, built once per circuit and observables and kept beside it in the LRU."""
         from qiskit.quantum_info import Pauli
 
-        circuit = self.circuit(job_id, index, payloads)
-        key = (job_id, -1 - index, hashlib.blake2b("|".join(labels).encode(), digest_size=16).digest())
+        circuit = self.circuit(index, payloads)
+        key = (_digest(payloads[index]), _digest("|".join(labels).encode()))
         hit = self.cache.get(key)
         if hit is not None:
             self.cache.move_to_end(key)
@@ -615,6 +612,12 @@ class _WorkerState:
             saved.save_expectation_value(Pauli(label), qubits, label=f"e{j}")
         self.cache[key] = (saved, 0)
         return saved
+
+
+def _digest(data: bytes) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _needs_transpile(circuit: Any, supported: frozenset[str]) -> bool:
@@ -754,7 +757,7 @@ def _worker_expectation_values(state: _WorkerState, assignment: Any, chunk: Any,
         labels = observables.get(entry.circuit_index)
         if not labels:
             raise ValueError(f"circuit {entry.circuit_index} has no observables")
-        circuit = state.expectation_circuit(assignment.job_id, entry.circuit_index, payloads, labels)
+        circuit = state.expectation_circuit(entry.circuit_index, payloads, labels)
         binds = _worker_bindings(circuit, entry, values)
         result = state.sim.run(
             [circuit] if binds else [circuit] * entry.set_count,
@@ -812,7 +815,7 @@ def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> Non
             binds: list[dict[Any, list[float]]] = []
             experiments: list[tuple[int, int, int]] = []  # (circuit, set, memory width), Aer's result order
             for entry in chunk.entries:
-                circuit = state.circuit(assignment.job_id, entry.circuit_index, payloads)
+                circuit = state.circuit(entry.circuit_index, payloads)
                 sets = range(entry.set_start, entry.set_start + entry.set_count)
                 if circuit.parameters:
                     circuits.append(circuit)
@@ -844,7 +847,7 @@ def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> Non
                 if "counts" not in data_i:
                     # Aer reports counts only for circuits that measure: classical bits that
                     # nothing writes read all zeros (as in Qiskit's samplers and BasicSimulator).
-                    circuit = state.circuit(assignment.job_id, circuit_index, payloads)
+                    circuit = state.circuit(circuit_index, payloads)
                     _worker_check_unwritten_clbits(circuit, circuit_index)
                     item = out.results.add(circuit_index=circuit_index, set_index=set_index,
                                            outcomes=Outcomes.of(width, 0, chunk.shots).to_proto())

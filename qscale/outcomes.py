@@ -62,6 +62,10 @@ def _distinct_sorted(keys: np.ndarray) -> bool:
     return bool(np.all(order == np.arange(keys.size))) and bool(np.all(keys[1:] != keys[:-1]))
 
 
+_FEW = 16
+"""Up to this many outcomes, formatting one by one beats setting up arrays."""
+
+
 class Outcomes:
     """Distinct outcomes of an experiment (ascending) and how often each occurred.
 
@@ -69,14 +73,38 @@ class Outcomes:
         width: bytes per outcome.
         keys: the outcomes (see the module docstring), distinct, ascending.
         counts: int64 counts, one per key.
+
+    Made from a message (:meth:`from_proto`), the arrays are decoded on first use and
+    :meth:`to_proto` gives the message back as it came: outcomes that are only passed on cost
+    no array work.
     """
 
-    __slots__ = ("width", "keys", "counts")
+    __slots__ = ("width", "_keys", "_counts", "_message")
 
     def __init__(self, width: int, keys: np.ndarray, counts: np.ndarray) -> None:
         self.width = int(width)
-        self.keys = keys
-        self.counts = counts
+        self._keys: np.ndarray | None = keys
+        self._counts: np.ndarray | None = counts
+        self._message: common_pb2.Outcomes | None = None
+
+    @property
+    def keys(self) -> np.ndarray:
+        if self._keys is None:
+            self._decode()
+        return self._keys  # type: ignore[return-value]
+
+    @property
+    def counts(self) -> np.ndarray:
+        if self._counts is None:
+            self._decode()
+        return self._counts  # type: ignore[return-value]
+
+    def _decode(self) -> None:
+        msg = self._message
+        assert msg is not None
+        raw = np.frombuffer(msg.values, dtype=np.uint8).reshape(-1, self.width)
+        self._keys = _keys_from_le(raw, self.width)
+        self._counts = np.frombuffer(msg.counts, dtype="<u8").astype(np.int64)
 
     # ---- making one
 
@@ -113,18 +141,28 @@ class Outcomes:
 
     @classmethod
     def from_proto(cls, msg: common_pb2.Outcomes) -> Outcomes:
-        """Decode a message (checked by :func:`check_outcomes` where it came from a peer)."""
-        width = max(1, msg.width)
-        raw = np.frombuffer(msg.values, dtype=np.uint8).reshape(-1, width)
-        return cls(width, _keys_from_le(raw, width), np.frombuffer(msg.counts, dtype="<u8").astype(np.int64))
+        """Outcomes of a message (checked by :func:`check_outcomes` where it came from a peer),
+        decoded when first read."""
+        if len(msg.counts) % 8 or len(msg.values) != len(msg.counts) // 8 * max(1, msg.width):
+            raise ValueError(f"outcomes hold {len(msg.values)} bytes of values for {len(msg.counts)} bytes of counts")
+        outcomes = cls.__new__(cls)
+        outcomes.width = max(1, msg.width)
+        outcomes._keys = outcomes._counts = None
+        outcomes._message = msg
+        return outcomes
 
     def to_proto(self) -> common_pb2.Outcomes:
-        return common_pb2.Outcomes(width=self.width, values=_le_from_keys(self.keys, self.width).tobytes(),
-                                   counts=self.counts.astype("<u8").tobytes())
+        if self._message is None:
+            self._message = common_pb2.Outcomes(
+                width=self.width, values=_le_from_keys(self.keys, self.width).tobytes(),
+                counts=self.counts.astype("<u8").tobytes())
+        return self._message
 
     # ---- reading one
 
     def __len__(self) -> int:
+        if self._keys is None and self._message is not None:
+            return len(self._message.counts) // 8
         return int(self.keys.size)
 
     @property
@@ -154,15 +192,22 @@ class Outcomes:
 
     def bitstrings(self, num_clbits: int, creg_sizes: Sequence[tuple[str, int]] = ()) -> list[str]:
         """Qiskit bitstrings: clbit 0 rightmost; registers (when they cover every clbit) last
-        first, separated by spaces. Vectorised: no Python work per bit."""
+        first, separated by spaces. Vectorised for many outcomes; a few are formatted one by
+        one, which is cheaper than setting up the arrays."""
         n = len(self)
         if num_clbits <= 0:
             return [""] * n
+        sizes = [size for _, size in creg_sizes]
+        cuts = np.cumsum(sizes[::-1])[:-1] if len(sizes) > 1 and sum(sizes) == num_clbits else ()
+        if n <= _FEW and self.width <= 8:
+            texts = [format(key, f"0{num_clbits}b") for key in self.keys.tolist()]
+            if len(cuts):
+                bounds = [0, *cuts.tolist(), num_clbits]
+                texts = [" ".join(t[a:b] for a, b in zip(bounds, bounds[1:])) for t in texts]
+            return texts
         bits = np.unpackbits(_be_bytes(self.keys, self.width), axis=1)[:, 8 * self.width - num_clbits:]
         chars = bits + np.uint8(ord("0"))
-        sizes = [size for _, size in creg_sizes]
-        if len(sizes) > 1 and sum(sizes) == num_clbits:
-            cuts = np.cumsum(sizes[::-1])[:-1]  # column of each separator, last register first
+        if len(cuts):  # a space before the first bit of each register but the last one
             chars = np.insert(chars, cuts, np.uint8(ord(" ")), axis=1)
         text = np.ascontiguousarray(chars).view(f"S{chars.shape[1]}").ravel()
         return text.astype(f"U{chars.shape[1]}").tolist()
@@ -212,53 +257,37 @@ class OutcomeTotals:
     arrays once they hold as many outcomes as those (amortised O(n log n) over a job, however
     many parts). Reading :meth:`merged` folds what is pending.
 
-    A part may be a checked ``Outcomes`` message: it is decoded only when something reads the
-    totals, and totals made of one such message give it back as it came (:meth:`message`), so
-    a job of 10,000 one-shard circuits costs no array work per circuit on the coordinator."""
+    Parts made from messages are decoded only when something reads the totals, and totals of
+    one part give its message back as it came, so a job of 10,000 one-shard circuits costs no
+    array work per circuit on the coordinator."""
 
     __slots__ = ("width", "_merged", "_pending", "_pending_size", "shots")
 
     def __init__(self, width: int) -> None:
         self.width = width
         self._merged: Outcomes | None = None
-        self._pending: list[tuple[Outcomes | common_pb2.Outcomes, int]] = []
+        self._pending: list[tuple[Outcomes, int]] = []
         self._pending_size = 0
         self.shots = 0
 
-    def add(self, outcomes: Outcomes | common_pb2.Outcomes, sign: int = 1, *, shots: int | None = None) -> None:
-        """Add (``sign`` -1: take out again) decoded outcomes or a message :func:`check_outcomes`
-        passed (``shots``: what its counts add up to, when the caller knows)."""
-        if isinstance(outcomes, Outcomes):
-            size, shots = len(outcomes), outcomes.shots
-        else:
-            size = len(outcomes.counts) // 8
-            if shots is None:
-                shots = int(np.frombuffer(outcomes.counts, dtype="<u8").sum())
-        self.shots += sign * shots
+    def add(self, outcomes: Outcomes, sign: int = 1, *, shots: int | None = None) -> None:
+        """Add (``sign`` -1: take out again) ``outcomes`` (``shots``: what their counts add up
+        to, when the caller knows: nothing is decoded then)."""
+        self.shots += sign * (outcomes.shots if shots is None else shots)
         self._pending.append((outcomes, sign))
-        self._pending_size += size
+        self._pending_size += len(outcomes)
         if self._pending_size >= max(len(self._merged or ()), 4096):
             self.merged()
 
     def merged(self) -> Outcomes:
         if self._pending:
             parts = [] if self._merged is None else [self._merged]
-            for part, sign in self._pending:
-                decoded = part if isinstance(part, Outcomes) else Outcomes.from_proto(part)
-                parts.append(decoded if sign > 0 else decoded.negated())
+            parts.extend(part if sign > 0 else part.negated() for part, sign in self._pending)
             self._merged = Outcomes.merge(parts, self.width)
             self._pending, self._pending_size = [], 0
         if self._merged is None:
             self._merged = Outcomes.empty(self.width)
         return self._merged
-
-    def message(self) -> common_pb2.Outcomes:
-        """The totals as a message (the one message they are made of, when so)."""
-        if self._merged is None and len(self._pending) == 1:
-            part, sign = self._pending[0]
-            if sign > 0 and not isinstance(part, Outcomes):
-                return part
-        return self.merged().to_proto()
 
 
 def check_outcomes(msg: common_pb2.Outcomes, num_clbits: int, shots: int) -> str:

@@ -71,13 +71,15 @@ class JobStatus:
 class Progress:
     """One update from :meth:`qscale.Job.watch`: the status and, per circuit, the counts merged so
     far (counted shards plus the chunks of running shards; a chunk of a shard whose node is
-    lost disappears again)."""
+    lost disappears again). ``counts`` is empty in an update watched without counts."""
 
     status: JobStatus
     counts: list[dict[str, int]]
 
     @classmethod
     def from_proto(cls, msg: jobs_pb2.JobProgress) -> Progress:
+        if not msg.counts:  # (a job of 10,000 circuits: no 10,000 empty dicts per update)
+            return cls(JobStatus.from_proto(msg.status), [])
         counts: list[dict[str, int]] = [{} for _ in range(msg.status.num_circuits)]
         for c in msg.counts:
             if 0 <= c.circuit_index < len(counts):

@@ -24,9 +24,10 @@ def _random_hex_counts(rng: random.Random, num_clbits: int, n: int) -> dict[str,
 
 
 @pytest.mark.parametrize("num_clbits", [0, 1, 5, 8, 13, 64, 65, 130])
-def test_bitstrings_and_hex_keys_are_those_qiskit_gives(num_clbits: int) -> None:
+@pytest.mark.parametrize("many", [False, True])  # formatted one by one, or as arrays
+def test_bitstrings_and_hex_keys_are_those_qiskit_gives(num_clbits: int, many: bool) -> None:
     rng = random.Random(num_clbits)
-    counts = _random_hex_counts(rng, num_clbits, 300) if num_clbits else {"0x0": 4}
+    counts = _random_hex_counts(rng, num_clbits, 300 if many else 5) if num_clbits else {"0x0": 4}
     outcomes = Outcomes.from_hex_counts(counts, outcome_width(num_clbits))
     assert outcomes.hex_dict() == counts
     assert outcomes.shots == sum(counts.values())
@@ -40,8 +41,9 @@ def test_bitstrings_and_hex_keys_are_those_qiskit_gives(num_clbits: int) -> None
 
 
 @pytest.mark.parametrize("registers", REGISTERS)
-def test_registers_split_bitstrings_as_in_qiskit(registers: list[tuple[str, int]]) -> None:
-    counts = {"0x0": 1, "0x1b": 2, "0x5": 3}
+@pytest.mark.parametrize("many", [False, True])
+def test_registers_split_bitstrings_as_in_qiskit(registers: list[tuple[str, int]], many: bool) -> None:
+    counts = {hex(k): k + 1 for k in range(32)} if many else {"0x0": 1, "0x1b": 2, "0x5": 3}
     header = {"memory_slots": 5, "creg_sizes": [list(r) for r in registers]}
     assert Outcomes.from_hex_counts(counts, 1).to_dict(5, registers) == format_counts(counts, header)
 
@@ -49,6 +51,8 @@ def test_registers_split_bitstrings_as_in_qiskit(registers: list[tuple[str, int]
 def test_bits_outside_every_register_are_kept_unsplit() -> None:
     """Qiskit would drop clbits no register holds; qscale shows every bit and does not split."""
     assert Outcomes.from_hex_counts({"0x1b": 2}, 1).to_dict(5, [("a", 3)]) == {"11011": 2}
+    many = Outcomes.from_hex_counts({hex(k): 1 for k in range(32)}, 1)
+    assert many.to_dict(5, [("a", 3)]) == {format(k, "05b"): 1 for k in range(32)}
 
 
 def test_per_shot_memory_formats_like_counts() -> None:
