@@ -58,7 +58,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -77,10 +76,9 @@ from benchmarks.scale import (  # noqa: E402 - the repository root is on the pat
     Coordinator,
     MemorySampler,
     SessionProcess,
-    Terminated,
-    _on_sigterm,
     machine_info,
     proc_memory,
+    run_guarded,
 )
 
 QUBITS, SHOTS = 24, 1_031_000
@@ -352,16 +350,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        report = run(args)
-    except BenchmarkError as exc:
-        print(f"memory benchmark could not run: {exc}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, Terminated) as exc:
-        print(f"{'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}; everything was stopped",
-              file=sys.stderr)
-        return 130
+    report = run_guarded(run, args, "memory benchmark")
+    if isinstance(report, int):
+        return report
     print_report(report)
     if args.json:
         output = Path(args.json)

@@ -108,7 +108,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -648,6 +648,22 @@ class Terminated(BaseException):
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
+
+
+def run_guarded(run: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace, what: str
+                ) -> dict[str, Any] | int:
+    """``run(args)``, with SIGTERM unwinding like Ctrl-C: its report, or the exit code when it
+    could not finish (2: it could not run; 130: interrupted or terminated, everything stopped)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return run(args)
+    except BenchmarkError as exc:
+        print(f"{what} could not run: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Terminated) as exc:
+        print(f"{'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}; everything was stopped",
+              file=sys.stderr)
+        return 130
 
 
 def _terminate_with_parent() -> None:
@@ -1466,16 +1482,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        report = run(args)
-    except BenchmarkError as exc:
-        print(f"scale test could not run: {exc}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, Terminated) as exc:
-        print(f"{'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}; everything was stopped",
-              file=sys.stderr)
-        return 130
+    report = run_guarded(run, args, "scale test")
+    if isinstance(report, int):
+        return report
     print_report(report)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

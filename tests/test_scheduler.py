@@ -638,27 +638,37 @@ def test_job_events_keep_nothing_for_jobs_nobody_watches() -> None:
 # -------------------------------------------------------------------- store
 
 
+async def _one_shard_counted_then_stop(tmp_path, key: str = "0x0") -> Job:
+    """A 3-shard job in a store under ``tmp_path``, its first shard counted (outcome ``key``),
+    then the coordinator stops."""
+    store = Store(tmp_path / "s")
+    c = Cluster(prefetch_per_slot=0)
+    runtime = Runtime(c.core, store, asyncio.get_running_loop())
+    c.apply = lambda decisions: runtime.apply(decisions) or decisions  # type: ignore[method-assign]
+    a_id, a = c.node("a", slots=2)
+    job = make_job(_ghz(), 300)
+    assert store.insert_job(job)
+    c.apply(c.core.accept(job, c.core.plan(job), 0.0))
+    first, _ = a.assignments()
+    c.complete(a_id, first, 1.0, key=key)
+    await runtime.writer.settled()
+    runtime.close()
+    store.close()
+    return job
+
+
+def _restarted(tmp_path) -> tuple[Store, Runtime]:
+    store = Store(tmp_path / "s")
+    core = Scheduler(CoordinatorConfig(prefetch_per_slot=0, policy=PlanningPolicy(shots_per_shard=100)))
+    runtime = Runtime(core, store, asyncio.get_running_loop())
+    assert runtime.recover(2.0) == 1
+    return store, runtime
+
+
 def test_restart_recovers_unfinished_jobs(tmp_path) -> None:
     async def run() -> None:
-        config = CoordinatorConfig(prefetch_per_slot=0, policy=PlanningPolicy(shots_per_shard=100))
-        store = Store(tmp_path / "s")
-        c = Cluster(prefetch_per_slot=0)
-        runtime = Runtime(c.core, store, asyncio.get_running_loop())
-        c.apply = lambda decisions: runtime.apply(decisions) or decisions  # type: ignore[method-assign]
-        a_id, a = c.node("a", slots=2)
-        job = make_job(_ghz(), 300)
-        assert store.insert_job(job)
-        c.apply(c.core.accept(job, c.core.plan(job), 0.0))
-        first, second = a.assignments()
-        c.complete(a_id, first, 1.0)
-        await runtime.writer.settled()
-        runtime.close()
-        store.close()  # the coordinator dies here
-
-        store = Store(tmp_path / "s")
-        core = Scheduler(config)
-        runtime = Runtime(core, store, asyncio.get_running_loop())
-        assert runtime.recover(2.0) == 1
+        job = await _one_shard_counted_then_stop(tmp_path)  # the coordinator dies here
+        store, runtime = _restarted(tmp_path)
         again = runtime.get_job(job.job_id)
         assert again.shards_done == 1 and again.shots_done == 100 and again.state != DONE
         runtime.close()
@@ -671,19 +681,7 @@ def test_a_schema_2_store_is_upgraded_with_its_counted_results(tmp_path) -> None
     """Schema 2 stored counts as a map of hexadecimal keys: opening it rewrites them as packed
     outcomes, and a job half done before the upgrade finishes with exact totals."""
     async def run() -> None:
-        store = Store(tmp_path / "s")
-        c = Cluster(prefetch_per_slot=0)
-        runtime = Runtime(c.core, store, asyncio.get_running_loop())
-        c.apply = lambda decisions: runtime.apply(decisions) or decisions  # type: ignore[method-assign]
-        a_id, a = c.node("a", slots=2)
-        job = make_job(_ghz(), 300)
-        assert store.insert_job(job)
-        c.apply(c.core.accept(job, c.core.plan(job), 0.0))
-        first, _ = a.assignments()
-        c.complete(a_id, first, 1.0, key="0x7")
-        await runtime.writer.settled()
-        runtime.close()
-        store.close()
+        job = await _one_shard_counted_then_stop(tmp_path, key="0x7")
         # Turn it into what schema 2 wrote.
         db = sqlite3.connect(tmp_path / "s" / "state.sqlite3")
         legacy = migrations._hex_shard_result()
@@ -694,10 +692,7 @@ def test_a_schema_2_store_is_upgraded_with_its_counted_results(tmp_path) -> None
         db.commit()
         db.close()
 
-        store = Store(tmp_path / "s")
-        core = Scheduler(CoordinatorConfig(prefetch_per_slot=0, policy=PlanningPolicy(shots_per_shard=100)))
-        runtime = Runtime(core, store, asyncio.get_running_loop())
-        assert runtime.recover(2.0) == 1
+        store, runtime = _restarted(tmp_path)
         again = runtime.get_job(job.job_id)
         assert again.shards_done == 1 and _set_counts(again) == [[{"0x7": 100}]]
         runtime.close()
