@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class Shard:
         return len(self.failures) + self.losses + sum(self.refusals.values()) + self.backups
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Totals:
     """Merged outcomes of one circuit, kept incrementally as arrays.
 
@@ -101,7 +102,7 @@ class Totals:
     _top: tuple[int, int, Outcomes] | None = None
     _leaders: tuple[int, Outcomes] | None = None
 
-    TRACKED = 256
+    TRACKED: ClassVar[int] = 256
     """Most outcomes a progress update can ask for without merging every outcome."""
 
     def __post_init__(self) -> None:
