@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from qscale.local import LocalCluster
     from qscale.security import TLSConfig
     from qscale.results import CircuitResult, JobResult, JobState, JobStatus, NodeStatus, Progress, SetResult
+    from qscale.outcomes import Outcomes
 
 _LAZY = {
     "Client": "qscale.client",
@@ -60,6 +61,7 @@ _LAZY = {
     "JobState": "qscale.results",
     "Progress": "qscale.results",
     "NodeStatus": "qscale.results",
+    "Outcomes": "qscale.outcomes",
 }
 
 __all__ = [
