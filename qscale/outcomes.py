@@ -160,6 +160,15 @@ class Outcomes:
 
     # ---- reading one
 
+    def __eq__(self, other: object) -> bool:
+        """The same outcomes with the same counts."""
+        if not isinstance(other, Outcomes):
+            return NotImplemented
+        return self.width == other.width and np.array_equal(self.keys, other.keys) and \
+            np.array_equal(self.counts, other.counts)
+
+    __hash__ = None  # type: ignore[assignment]
+
     def __len__(self) -> int:
         if self._keys is None and self._message is not None:
             return len(self._message.counts) // 8

@@ -32,6 +32,7 @@ def test_bitstrings_and_hex_keys_are_those_qiskit_gives(num_clbits: int, many: b
     assert outcomes.hex_dict() == counts
     assert outcomes.shots == sum(counts.values())
     assert Outcomes.from_proto(outcomes.to_proto()).hex_dict() == counts
+    assert Outcomes.from_proto(outcomes.to_proto()) == outcomes != Outcomes.empty(outcomes.width)
     if not num_clbits:  # no classical bits: every shot reads the empty bitstring
         assert outcomes.to_dict(0) == {"": 4}
         return
