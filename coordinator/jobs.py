@@ -120,19 +120,19 @@ class Totals:
     def top(self, k: int) -> Outcomes:
         """The ``k`` most frequent outcomes, partial chunks included (``k <= 0``: all of them).
 
-        For ``k <= TRACKED`` only the counted outcomes' ``TRACKED`` leaders (chosen once per
-        counted shard) and the partial ones are candidates: exact, since an outcome outside
+        For ``k <= TRACKED`` the candidates are the counted outcomes' ``TRACKED`` leaders (chosen
+        again only when a shard is counted) and the partial ones: exact, since an outcome outside
         both has no more than the least of the leaders. Cached until the next change."""
         if self._top is not None and self._top[:2] == (self._version, k):
             return self._top[2]
-        counted, partial = self.counted.merged(), self.partial.merged()
+        counted, running = self.counted.merged(), self.partial.merged()
         if k <= 0 or k > self.TRACKED:
-            top = Outcomes.merge([counted, partial], self.width).top(k)
+            top = counted.plus(running).top(k)
         else:
-            if self._leaders is None or self._leaders[0] != self.counted.shots:
-                self._leaders = (self.counted.shots, counted.top(self.TRACKED))
-            keys = np.union1d(self._leaders[1].keys, partial.keys)
-            totals = counted.counts_of(keys) + partial.counts_of(keys)
+            if self._leaders is None or self._leaders[0] is not counted:
+                self._leaders = (counted, counted.top(self.TRACKED))
+            keys = np.union1d(self._leaders[1].keys, running.keys)
+            totals = counted.counts_of(keys) + running.counts_of(keys)
             seen = totals != 0  # (a lost attempt's chunk taken out again)
             top = Outcomes(self.width, keys[seen], totals[seen]).top(k)
         self._top = (self._version, k, top)
