@@ -54,10 +54,10 @@ def _be_bytes(keys: np.ndarray, width: int) -> np.ndarray:
 
 
 def _distinct_sorted(keys: np.ndarray) -> bool:
+    """Whether byte-string keys (more than 64 classical bits: no ``>`` on them) are distinct and
+    ascending."""
     if keys.size < 2:
         return True
-    if keys.dtype == np.uint64:
-        return bool(np.all(keys[1:] > keys[:-1]))
     order = np.argsort(keys, kind="stable")
     return bool(np.all(order == np.arange(keys.size))) and bool(np.all(keys[1:] != keys[:-1]))
 
