@@ -522,7 +522,7 @@ def _pool_init() -> None:
 
 
 def _basic_run(task: tuple[QuantumCircuit, int, int]) -> dict[str, int]:
-    """Pool task: the seed's approach, one circuit on BasicSimulator; returns its counts."""
+    """Pool task: one circuit on Qiskit's BasicSimulator in a pool worker; returns its counts."""
     from qiskit.providers.basic_provider import BasicSimulator
 
     circuit, shots, seed = task

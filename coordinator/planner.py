@@ -32,9 +32,10 @@ class PlanningPolicy:
     """How jobs are cut. Stored with each job, so a restart plans it the same way.
 
     Shard sizes come from a cost model (:func:`experiment_cost`) in *reference seconds*: one
-    simulation thread of the machine the constants were measured on (see DESIGN.md). The
-    figures only need to be right relative to each other; the plan depends on them and on the
-    job, never on the cluster.
+    simulation thread of the machine the constants were measured on (a 2-core x86-64 VM,
+    qiskit-aer 0.18). The figures only need to be right relative to each other; the plan
+    depends on them and on the job, never on the cluster (see the planner section of
+    ``docs/architecture.md``).
     """
 
     target_shards: int = 32
