@@ -6,6 +6,7 @@
     qscale-coordinator watch JOB [--top N] [--interval S]
     qscale-coordinator status|result|cancel JOB
     qscale-coordinator nodes|jobs
+    qscale-coordinator tls-init DIR --host NAME [--host NAME ...] [--client NAME] [--node NAME]
 
 Every client command takes ``--coordinator ADDR`` (default ``$QSCALE_COORDINATOR``),
 ``--json``, ``--token-file`` (default ``$QSCALE_CLIENT_TOKEN`` / ``$QSCALE_CLIENT_TOKEN_FILE``)
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_JOB, EXIT_INPUT, EXIT_UNAVAILABLE, EXIT_OTHER = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141  # stdout closed early, as a command killed by SIGPIPE reports it
 _BAR_TOP = 5  # outcomes per circuit under the bar of ``submit --wait`` and ``run``
 
 
@@ -132,6 +134,8 @@ def _client(args: argparse.Namespace) -> Any:
 def _render_result(result: Any, console: Console, top: int) -> None:
     for r in result.results:
         console.print(f"circuit {r.index} {escape(repr(r.name))}: {r.shots} shots, {len(r.outcomes)} distinct outcomes")
+        if top == 0:
+            continue
         table = Table()
         table.add_column("outcome", style="cyan")
         table.add_column("count", justify="right")
@@ -255,8 +259,6 @@ def _watch(args: argparse.Namespace) -> int:
     from qscale.progress import BarView, JsonLinesView, PlainView, ProgressView, follow
     from qscale.results import JobState
 
-    if args.top < 0:
-        raise errors.InvalidArgumentError("--top must be 0 or more")
     client = _client(args)
     job = client.job(args.job)  # fails at once on a wrong address or job id
     view: ProgressView
@@ -501,6 +503,19 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
+# --------------------------------------------------------------- tls-init
+
+def _tls_init(args: argparse.Namespace) -> int:
+    """``tls-init``: write a new CA, the coordinator's certificate and client and node
+    certificates into a directory, then print how to use them."""
+    from qscale.certificates import DEFAULT_CLIENTS, DEFAULT_NODES, usage_text, write_tls_files
+
+    files = write_tls_files(args.directory, args.host, clients=args.client or DEFAULT_CLIENTS,
+                            nodes=args.node or DEFAULT_NODES, days=args.days, force=args.force)
+    print(usage_text(files))
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------- parser
 
 # ``serve --max-*`` flags: Limits fields, with the defaults of qscale.coordinator.config.Limits.
@@ -526,6 +541,17 @@ def _count(text: str) -> int:
         return _parse_count(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _top(text: str) -> int:
+    """``--top N``: outcomes shown per circuit, 0 for none."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more (0: no outcomes shown), not {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -558,7 +584,7 @@ def _parser() -> argparse.ArgumentParser:
     job_opts.add_argument("--shots", type=int, required=True, help="shots per circuit")
     job_opts.add_argument("--seed", type=int, help="seed for reproducible counts")
     job_opts.add_argument("--method", help="Aer method (default: automatic)")
-    job_opts.add_argument("--top", type=int, default=10, help="outcomes to show per circuit (default 10)")
+    job_opts.add_argument("--top", type=_top, default=10, help="outcomes to show per circuit (default 10)")
     job_opts.add_argument("--timeout", type=float, help="seconds to wait for the result")
     job_opts.add_argument("--output", metavar="FILE.json", help="also write the result as JSON to this file")
     job_opts.add_argument("--plot", metavar="FILE.png", help="also write a histogram of the counts (needs matplotlib)")
@@ -662,7 +688,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "coordinator restarts. Exit 0 if the job is done, 1 if it failed or was "
                                    "cancelled, 130 on Ctrl-C (the job goes on).")
     p.add_argument("job", help="job id (as submit prints it)")
-    p.add_argument("--top", type=int, default=5, metavar="N",
+    p.add_argument("--top", type=_top, default=5, metavar="N",
                    help="most frequent outcomes shown per circuit, also in --json's 'top' (default 5; 0: none)")
     p.add_argument("--interval", type=float, metavar="SECONDS",
                    help="least seconds between two printed updates with --json or into a pipe or file "
@@ -675,7 +701,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish")
     p.add_argument("--timeout", type=float)
-    p.add_argument("--top", type=int, default=10, help="outcomes to show (and plot) per circuit (default 10)")
+    p.add_argument("--top", type=_top, default=10, help="outcomes to show (and plot) per circuit (default 10)")
     p.add_argument("--output", metavar="FILE.json", help="also write the result as JSON to this file")
     p.add_argument("--plot", metavar="FILE.png", help="write a histogram of the counts (needs matplotlib)")
     p.set_defaults(func=_result)
@@ -685,6 +711,30 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", parents=[client_opts], help="list recent jobs")
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=_jobs)
+
+    p = sub.add_parser("tls-init", help="write a CA and certificates for TLS and mutual TLS",
+                       description="Make a new CA and write, into DIR: ca.pem and ca-key.pem, the coordinator's "
+                                   "server.pem and server-key.pem naming every --host, and NAME.pem and "
+                                   "NAME-key.pem for each --client and --node (certificates they present to a "
+                                   "mutual-TLS coordinator). Keys are written with mode 600. Then prints the "
+                                   "flags and variables that use them. Refuses to replace existing files "
+                                   "unless --force is given.")
+    p.add_argument("directory", metavar="DIR", help="where to write the files (created with mode 700 if missing)")
+    p.add_argument("--host", action="append", required=True, metavar="NAME",
+                   help="a DNS name or IP address that nodes and clients dial to reach the coordinator; repeat "
+                        "for each (e.g. --host coordinator.example --host 10.0.0.5; add --host localhost "
+                        "--host 127.0.0.1 to dial it locally too). The certificate names exactly these")
+    p.add_argument("--client", action="append", metavar="NAME",
+                   help="write a client certificate NAME.pem and NAME-key.pem; repeat for more (default: one "
+                        "named client)")
+    p.add_argument("--node", action="append", metavar="NAME",
+                   help="write a node certificate NAME.pem and NAME-key.pem; repeat for more (default: one "
+                        "named node)")
+    p.add_argument("--days", type=int, default=365, metavar="N",
+                   help="validity of every certificate in days (default %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace files already in DIR (certificates signed by the old CA stop working)")
+    p.set_defaults(func=_tls_init)
     return parser
 
 
@@ -708,6 +758,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (``nodes --json | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return EXIT_PIPE
 
 
 if __name__ == "__main__":

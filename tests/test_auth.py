@@ -3,9 +3,7 @@ loopback-by-default rule, and secrets that never travel on a command line."""
 
 from __future__ import annotations
 
-import datetime
 import inspect
-import ipaddress
 import json
 import os
 import signal
@@ -21,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import bell, wait_until
+from qscale.certificates import write_tls_files
 from qscale.circuits import dump_qpy
 from qscale.client import Client
 from qscale.coordinator import cli as coordinator_cli
@@ -87,66 +86,14 @@ class PKI:
 
 
 def _make_pki(directory: Path) -> PKI:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write_key(key: ec.EllipticCurvePrivateKey, filename: str) -> str:
-        path = directory / filename
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-        path.chmod(0o600)
-        return str(path)
-
-    def write_cert(cert: x509.Certificate, filename: str) -> str:
-        path = directory / filename
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return str(path)
-
-    def make_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                             content_commitment=False, key_encipherment=False,
-                                             data_encipherment=False, key_agreement=False, encipher_only=False,
-                                             decipher_only=False), critical=True)
-                .sign(key, hashes.SHA256()))
-        return key, cert
-
-    def issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: str, usage: Any,
-              sans: list[x509.GeneralName]) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return key, builder.sign(ca_key, hashes.SHA256())
-
-    ca_key, ca_cert = make_ca("qscale test CA")
-    server_key, server_cert = issue(ca_key, ca_cert, "localhost", ExtendedKeyUsageOID.SERVER_AUTH,
-                                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    client_key, client_cert = issue(ca_key, ca_cert, "qscale-client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    rogue_ca_key, rogue_ca_cert = make_ca("some other CA")
-    rogue_key, rogue_cert = issue(rogue_ca_key, rogue_ca_cert, "qscale-client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    return PKI(
-        ca=write_cert(ca_cert, "ca.pem"),
-        server_cert=write_cert(server_cert, "server.pem"), server_key=write_key(server_key, "server.key"),
-        client_cert=write_cert(client_cert, "client.pem"), client_key=write_key(client_key, "client.key"),
-        rogue_cert=write_cert(rogue_cert, "rogue.pem"), rogue_key=write_key(rogue_key, "rogue.key"),
-    )
+    """A CA with a server certificate for localhost and 127.0.0.1 and a client certificate, and
+    a client certificate of another CA, written by ``tls-init``'s own code."""
+    ours = write_tls_files(directory / "ours", ["localhost", "127.0.0.1"], clients=["qscale-client"], nodes=[])
+    other = write_tls_files(directory / "other", ["localhost"], clients=["qscale-client"], nodes=[])
+    (client_cert, client_key), (rogue_cert, rogue_key) = ours.clients["qscale-client"], other.clients["qscale-client"]
+    return PKI(ca=str(ours.ca), server_cert=str(ours.server_cert), server_key=str(ours.server_key),
+               client_cert=str(client_cert), client_key=str(client_key), rogue_cert=str(rogue_cert),
+               rogue_key=str(rogue_key))
 
 
 @pytest.fixture(scope="module")

@@ -527,6 +527,7 @@ def test_the_programs_are_the_installed_console_scripts() -> None:
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     assert scripts.get("qscale-coordinator") == "qscale.coordinator.cli:main"
     assert scripts.get("qscale-node") == "qscale.node.cli:main"
+    assert scripts.get("qscale-healthcheck") == "qscale.healthcheck:main"
     for inv in systemd_invocations():
         exec_start = service_value(inv.extra["unit"], "ExecStart") or ""
         assert exec_start.startswith("/opt/qscale/bin/"), f"{inv.where}: ExecStart not from the /opt/qscale venv"
@@ -782,7 +783,8 @@ def test_dockerfile_base_user_volume_and_entrypoint() -> None:
     (entrypoint,) = [ins.exec_form() for ins in stage if ins.keyword == "ENTRYPOINT"]
     assert Path(entrypoint[0]).name == "tini" and "tini" in run, "tini is PID 1 and forwards SIGTERM"
     assert not any(ins.keyword == "HEALTHCHECK" for ins in stage), (
-        "the image also runs nodes, which serve no health endpoint: the healthcheck belongs in compose")
+        "the image also runs nodes, whose health service is off unless --health-port is given (and on another "
+        "port): the healthcheck belongs in compose")
 
 
 def test_dockerfile_bakes_in_no_secret_and_copies_only_the_package() -> None:
@@ -804,10 +806,19 @@ def test_dockerfile_bakes_in_no_secret_and_copies_only_the_package() -> None:
     assert not any("secrets" in s for s in sources)
 
 
-def test_healthcheck_is_installed_in_the_image() -> None:
-    copies = [shlex.split(ins.value) for ins in final_stage() if ins.keyword == "COPY"]
-    assert any("deploy/healthcheck.py" in c and c[-1] == "/usr/local/bin/qscale-healthcheck" for c in copies)
-    assert os.access(DEPLOY / "healthcheck.py", os.X_OK)
+def test_healthcheck_comes_with_the_package_into_the_image() -> None:
+    """``qscale-healthcheck`` is a console script of the package: the image gets it from
+    ``pip install .`` (its build stage runs it), not from a file copied in beside it."""
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("qscale-healthcheck") == "qscale.healthcheck:main"
+    copies = [shlex.split(ins.value) for ins in dockerfile() if ins.keyword == "COPY"]
+    assert not any("healthcheck" in arg for c in copies for arg in c), "qscale-healthcheck comes with the package"
+    run = " ".join(ins.value for ins in dockerfile() if ins.keyword == "RUN")
+    assert "/opt/qscale/bin/qscale-healthcheck" in run, "the build stage should run the installed qscale-healthcheck"
+    env = {k: v for ins in final_stage() if ins.keyword == "ENV" for k, v in _key_values(ins.value).items()}
+    assert env.get("PATH", "").split(":")[0] == "/opt/qscale/bin", "the console scripts must be on PATH"
 
 
 # ============================================================================ compose
@@ -828,6 +839,35 @@ def test_compose_tokens_come_from_secret_files() -> None:
             name = Path(path).name
             assert path == f"/run/secrets/{name}" and name in service_secrets and name in declared, (
                 f"{inv.where}: {var}={path} is not one of the service's compose secrets")
+
+
+def _published_host_ip(mapping: Any) -> str:
+    """The host address a compose port mapping binds ("" for every interface)."""
+    if isinstance(mapping, dict):
+        return str(mapping.get("host_ip", ""))
+    text = str(mapping).split("/")[0]
+    if text.startswith("["):  # "[::1]:50051:50051"
+        return text[1:text.index("]")]
+    parts = text.split(":")
+    return parts[0] if len(parts) == 3 else ""
+
+
+def test_compose_publishes_every_coordinator_port_on_loopback_only() -> None:
+    """gRPC (tokens in clear text without TLS), metrics and the status page: none is published
+    on every interface by default; compose.yaml says how to open 50051 once TLS is on."""
+    import ipaddress
+
+    ports = compose()["services"]["coordinator"].get("ports", [])
+    assert ports
+    for mapping in ports:
+        host_ip = _published_host_ip(mapping)
+        assert host_ip and ipaddress.ip_address(host_ip).is_loopback, (
+            f"deploy/compose.yaml publishes {mapping!r} on every interface: bind it to 127.0.0.1")
+    grpc_port = next(iter(port_observations()["grpc"].values()))
+    assert f"127.0.0.1:{grpc_port}:{grpc_port}" in [str(p) for p in ports]
+    text = COMPOSE.read_text()
+    assert "TLS" in text and f'"{grpc_port}:{grpc_port}"' in text, (
+        "compose.yaml should say how to publish the gRPC port to other machines, with TLS")
 
 
 def test_compose_coordinator_health_and_state() -> None:
@@ -1011,9 +1051,14 @@ def served_coordinator(tmp_path: Path) -> Iterator[str]:
                 proc.wait()
 
 
+HEALTHCHECK = Path(sys.executable).parent / "qscale-healthcheck"
+
+
 def _healthcheck(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), *args], capture_output=True, text=True,
-                          timeout=30)
+    """The installed ``qscale-healthcheck`` console script (beside this interpreter)."""
+    assert HEALTHCHECK.is_file() and os.access(HEALTHCHECK, os.X_OK), (
+        f"{HEALTHCHECK} is not installed: it is a console script of the package (pip install -e .)")
+    return subprocess.run([str(HEALTHCHECK), *args], capture_output=True, text=True, timeout=30)
 
 
 def test_healthcheck_against_a_real_coordinator(served_coordinator: str) -> None:
@@ -1035,3 +1080,7 @@ def test_healthcheck_fails_when_nothing_listens() -> None:
         port = s.getsockname()[1]
     result = _healthcheck(f"127.0.0.1:{port}", "--timeout", "2")
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
+    result = _healthcheck(f"127.0.0.1:{port}", "--tls-ca", str(DEPLOY / "missing-ca.pem"))
+    assert result.returncode == 1 and "missing-ca.pem" in result.stderr
+    result = _healthcheck(f"127.0.0.1:{port}", "--tls-cert", "client.pem")
+    assert result.returncode == 2 and "--tls-cert and --tls-key go together" in result.stderr
