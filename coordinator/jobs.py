@@ -49,6 +49,10 @@ class Attempt:
     started_at: float
     """Wall time of the dispatch (display only)."""
     ended_at: float = 0.0
+    running_at: float = 0.0
+    """Wall time it likely began to run on its node (display only; 0: still waiting in the node's
+    queue, or never ran): at dispatch to a free slot, else when an attempt ahead of it on that
+    node ended (a node runs what it holds in the order it got it), or at its first chunk."""
     outcome: str = "running"  # running, done, failed, refused, lost, cancelled, stale
     error: str = ""
     backup: bool = False

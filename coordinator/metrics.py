@@ -1,9 +1,10 @@
-"""Prometheus metrics of the coordinator (prometheus-client), served on ``--metrics-port``.
+"""Prometheus metrics of the coordinator (prometheus-client), served on ``--metrics-port`` by
+:func:`qscale.coordinator.http.metrics_app` on the coordinator's event loop.
 
 Each coordinator has its own :class:`~prometheus_client.CollectorRegistry`, so several
 embedded coordinators in one process (tests, notebooks) never clash. Counters and histograms
 are updated by the scheduler as things happen; gauges read plain integers the scheduler keeps
-(reads of an ``int`` or a ``len()`` are safe from the scrape thread).
+(scrapes run on the loop, like the scheduler).
 
 Names (all prefixed ``qscale_``):
 
@@ -32,9 +33,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["CoordinatorMetrics", "serve_metrics"]
+__all__ = ["CoordinatorMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,3 @@ class CoordinatorMetrics:
         }
         for name, read in gauges.items():
             targets[name].set_function(read)
-
-
-def serve_metrics(metrics: CoordinatorMetrics, host: str, port: int) -> tuple[Any, int]:
-    """Serve ``/metrics`` over HTTP from a daemon thread; returns (server, bound port)."""
-    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
-    bound = server.server_address[1]
-    log.info("metrics on http://%s:%d/metrics", host, bound)
-    return server, bound

@@ -373,6 +373,8 @@ class Scheduler:
         attempt = self._live_attempt(node_id, msg.attempt_token, now)
         if attempt is None or msg.chunk_index in attempt.partial:  # (resent after a resume)
             return self._take()
+        if not attempt.running_at:
+            attempt.running_at = self.wall()
         job = self.jobs[attempt.job_id]
         shard = job.shards[attempt.shard_index]
         problem = check_chunk(job, shard.plan, msg)
@@ -492,6 +494,10 @@ class Scheduler:
         node = self.nodes.get(attempt.node_id)
         if node is not None:
             node.running.pop(attempt.token, None)
+            if attempt.running_at:  # its slot takes the next attempt the node holds (display only)
+                waiting = next((a for a in node.running.values() if not a.running_at), None)
+                if waiting is not None:
+                    waiting.running_at = attempt.ended_at
             self.placement.file(node)
         job = self.jobs.get(attempt.job_id)
         if job is not None:
@@ -664,6 +670,8 @@ class Scheduler:
         adopted = bool(token)
         token = token or f"{job.job_id}:{shard.plan.index}:{secrets.token_hex(8)}"
         attempt = Attempt(token, job.job_id, shard.plan.index, node.node_id, now, self.wall(), backup=backup)
+        if adopted or sum(1 for a in node.running.values() if a.running_at) < node.caps.slots:
+            attempt.running_at = attempt.started_at
         if shard.status == "queued":
             job.shards_queued -= 1
         shard.status = "running"

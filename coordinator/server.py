@@ -21,7 +21,8 @@ from grpc_health.v1.health import aio as health_aio
 from qscale.coordinator import sandbox
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.dashboard import Dashboard
-from qscale.coordinator.metrics import CoordinatorMetrics, serve_metrics
+from qscale.coordinator.http import HttpServer, metrics_app
+from qscale.coordinator.metrics import CoordinatorMetrics
 from qscale.coordinator.runtime import Runtime
 from qscale.coordinator.scheduler import Scheduler
 from qscale.coordinator.servicers import JobServicer, NodeServicer, add_services
@@ -108,7 +109,7 @@ class CoordinatorServer:
         self.dashboard_port = 0
         """Bound port of the status page (0: off)."""
         self._dashboard: Dashboard | None = None
-        self._http: list[Any] = []  # HTTP servers (metrics, dashboard) to shut down
+        self._metrics_http: HttpServer | None = None
 
     async def start(self) -> str:
         """Open the state, recover unfinished jobs, and serve. Returns the bound ``host:port``.
@@ -146,31 +147,13 @@ class CoordinatorServer:
             raise FailedPreconditionError(f"cannot listen on {self.config.listen}: {exc}") from exc
         host = self.config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
-        if self.config.metrics_port:
-            try:
-                metrics_server, self.metrics_port = serve_metrics(self.metrics, _http_host(host),
-                                                                  self.config.metrics_port)
-            except OSError as exc:
-                runtime.close()
-                self.store.close()
-                raise FailedPreconditionError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}"
-                                              ) from exc
-            self._http.append(metrics_server)
-        if self.config.dashboard_port:
-            self._dashboard = Dashboard(
-                runtime, asyncio.get_running_loop(), host=_http_host(host), port=self.config.dashboard_port,
-                tokens=(lambda token: tokens.role_of(token) == CLIENT) if tokens.enabled else None, clock=self.wall,
-                monotonic=self.clock)
-            try:
-                self.dashboard_port = self._dashboard.start()
-            except OSError as exc:
-                for http in self._http:
-                    http.shutdown()
-                runtime.close()
-                self.store.close()
-                raise FailedPreconditionError(
-                    f"cannot serve the dashboard on port {self.config.dashboard_port}: {exc}") from exc
-            log.info("dashboard on http://%s:%d/", _http_host(host), self.dashboard_port)
+        try:
+            await self._serve_http(_http_host(host), runtime, tokens)
+        except BaseException:
+            await self._stop_http()
+            runtime.close()
+            self.store.close()
+            raise
         # Circuits are decoded in sandbox processes; they warm up in the background.
         self._sandbox = sandbox.open_pool(self.config.limits)
         await server.start()
@@ -180,6 +163,37 @@ class CoordinatorServer:
         self._ticker = asyncio.create_task(self._tick_forever())
         log.info("coordinator listening on %s (state in %s, %d job(s) recovered)", self.address, state_dir, recovered)
         return self.address
+
+    async def _serve_http(self, host: str, runtime: Runtime, tokens: Tokens) -> None:
+        """Metrics and dashboard (those configured), on this loop.
+
+        Raises:
+            FailedPreconditionError: a port cannot be bound.
+        """
+        if self.config.metrics_port:
+            self._metrics_http = HttpServer(metrics_app(self.metrics.registry), "metrics", "/metrics")
+            try:
+                self.metrics_port = await self._metrics_http.start(host, self.config.metrics_port)
+            except OSError as exc:
+                raise FailedPreconditionError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}"
+                                              ) from exc
+        if self.config.dashboard_port:
+            self._dashboard = Dashboard(
+                runtime, tokens=(lambda token: tokens.role_of(token) == CLIENT) if tokens.enabled else None,
+                clock=self.wall, monotonic=self.clock)
+            try:
+                self.dashboard_port = await self._dashboard.start(host, self.config.dashboard_port)
+            except OSError as exc:
+                raise FailedPreconditionError(
+                    f"cannot serve the dashboard on port {self.config.dashboard_port}: {exc}") from exc
+
+    async def _stop_http(self) -> None:
+        if self._metrics_http is not None:
+            await self._metrics_http.stop()
+            self._metrics_http = None
+        if self._dashboard is not None:
+            await self._dashboard.stop()
+            self._dashboard = None
 
     async def _tick_forever(self) -> None:
         """Liveness and backup copies, a few times per heartbeat interval: a silent node is
@@ -216,12 +230,7 @@ class CoordinatorServer:
                     node.stream.put_nowait(None)  # type: ignore[attr-defined]
         await self._server.stop(grace)
         self._server = None
-        for http in self._http:
-            http.shutdown()
-        self._http.clear()
-        if self._dashboard is not None:
-            self._dashboard.stop()
-            self._dashboard = None
+        await self._stop_http()
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self.runtime is not None:
             self.runtime.close()
