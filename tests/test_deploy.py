@@ -31,9 +31,10 @@ from typing import Any
 
 import pytest
 
-from qscale.coordinator.config import CoordinatorConfig, Limits
+from qscale.coordinator.config import CoordinatorConfig, Limits, Planning
 from qscale.errors import InvalidArgumentError, QScaleError
-from qscale.node.config import NodeConfig, parse_bytes
+from qscale.node.config import NodeConfig
+from qscale.settings import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -273,17 +274,15 @@ def _package_sources(role: str) -> list[Path]:
 @cache
 def known_env(program: str) -> frozenset[str]:
     """Every QSCALE_* variable ``program`` can read: named in its package source (its own
-    folder and the shared qscale package), in its parser's help, or (the coordinator) derived
-    from a :class:`Limits` field the way :meth:`Limits.from_env` derives it."""
+    folder and the shared qscale package), in its parser's help, or by a setting of its
+    configuration (:meth:`qscale.settings.Settings.settings`)."""
     pattern = re.compile(r"QSCALE_[A-Z0-9_]*[A-Z0-9]")
     names = {m for path in _package_sources(program) for m in pattern.findall(path.read_text())}
     parser = parser_for(program)
     texts = [parser.description or "", parser.epilog or ""] + [a.help or "" for a in parser._actions]
     names |= {m for text in texts for m in pattern.findall(text)}
-    if program == COORDINATOR:
-        from dataclasses import fields
-
-        names |= {"QSCALE_" + f.name.upper().removesuffix("_S") for f in fields(Limits)}
+    models = (CoordinatorConfig, Limits, Planning) if program == COORDINATOR else (NodeConfig,)
+    names |= {spec.env for model in models for spec in model.settings().values()}
     names.discard("QSCALE_")
     return frozenset(names)
 
@@ -436,7 +435,7 @@ def node_config(inv: Invocation) -> NodeConfig:
         coordinator=flags.get("--coordinator"),
         slots=int(flags["--slots"]) if "--slots" in flags else None,
         cores=int(flags["--cores"]) if "--cores" in flags else None,
-        memory_budget=parse_bytes(budget) if budget else None,
+        memory_budget=parse_size(budget) if budget else None,
         drain_grace_s=float(flags["--drain-grace"]) if "--drain-grace" in flags else None,
     )
 
@@ -702,7 +701,7 @@ def test_node_memory_budget_fits_the_memory_limit() -> None:
     limits = inv.extra["spec"]["deploy"]["resources"]["limits"]
     config = node_config(inv)
     assert "--memory-budget" in inv.flags(), f"{inv.where}: set --memory-budget to match the memory limit"
-    problems.append(_node_memory_rule(inv.where, config, parse_bytes(str(limits["memory"]))))
+    problems.append(_node_memory_rule(inv.where, config, parse_size(str(limits["memory"]))))
     if "cpus" in limits:
         assert config.cores == int(float(limits["cpus"])), f"{inv.where}: --cores differs from the CPU limit"
 
@@ -719,7 +718,7 @@ def test_node_memory_budget_fits_the_memory_limit() -> None:
     inv = _one("systemd", NODE)
     memory_max = service_value(inv.extra["unit"], "MemoryMax")
     if memory_max:
-        problems.append(_node_memory_rule(inv.where, node_config(inv), parse_bytes(memory_max)))
+        problems.append(_node_memory_rule(inv.where, node_config(inv), parse_size(memory_max)))
     assert not [p for p in problems if p], "\n".join(p for p in problems if p)
 
 
@@ -730,7 +729,7 @@ def test_coordinator_memory_limit_covers_its_decode_sandboxes() -> None:
 
     problems = []
     inv = _one("compose", COORDINATOR)
-    limit = parse_bytes(str(inv.extra["spec"]["deploy"]["resources"]["limits"]["memory"]))
+    limit = parse_size(str(inv.extra["spec"]["deploy"]["resources"]["limits"]["memory"]))
     if limit < need(inv):
         problems.append(f"{inv.where}: memory limit {limit / 2**30:.2f} GiB < {need(inv) / 2**30:.2f} GiB")
     inv = _one("k8s", COORDINATOR)
@@ -739,7 +738,7 @@ def test_coordinator_memory_limit_covers_its_decode_sandboxes() -> None:
         problems.append(f"{inv.where}: memory limit {limit / 2**30:.2f} GiB < {need(inv) / 2**30:.2f} GiB")
     inv = _one("systemd", COORDINATOR)
     memory_max = service_value(inv.extra["unit"], "MemoryMax")
-    if memory_max and parse_bytes(memory_max) < need(inv):
+    if memory_max and parse_size(memory_max) < need(inv):
         problems.append(f"{inv.where}: MemoryMax={memory_max} < {need(inv) / 2**30:.2f} GiB")
     assert not problems, "\n".join(problems)
 

@@ -119,7 +119,7 @@ def test_max_qubits_default_env_and_override() -> None:
     [
         ("many", r"QSCALE_NODE_MAX_QUBITS='many': not an integer"),
         ("1.5", r"QSCALE_NODE_MAX_QUBITS='1.5': not an integer"),
-        ("-1", r"max qubits must be >= 0 \(0: no cap\), got -1"),
+        ("-1", r"QSCALE_NODE_MAX_QUBITS='-1': max qubits must be >= 0, got -1"),
     ],
 )
 def test_max_qubits_bad_env(raw: str, match: str) -> None:

@@ -11,7 +11,8 @@ import pytest
 from qscale.errors import InvalidArgumentError
 from qscale.node import cli
 from qscale.node.capabilities import build_capabilities
-from qscale.node.config import NodeConfig, parse_bytes
+from qscale.node.config import NodeConfig
+from qscale.settings import parse_size
 from qscale.node.worker import WorkerInfo
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,14 +35,14 @@ pytestmark = pytest.mark.timeout(60)
         (12345, 12345),
     ],
 )
-def test_parse_bytes(text: str | int, expected: int) -> None:
-    assert parse_bytes(text) == expected
+def test_parse_size(text: str | int, expected: int) -> None:
+    assert parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "G", "4X", "-1G", "four", "4 G B", "1e3", "i", "5i", "nan"])
-def test_parse_bytes_rejects(text: str) -> None:
+def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(InvalidArgumentError, match="byte count"):
-        parse_bytes(text)
+        parse_size(text)
 
 
 def test_defaults() -> None:
