@@ -21,6 +21,9 @@ def check_chunk(job: Job, plan: ShardPlan, msg: node_pb2.ChunkResult) -> str:
     if not 0 <= msg.chunk_index < len(plan.chunks):
         return f"no chunk {msg.chunk_index}"
     chunk = plan.chunks[msg.chunk_index]
+    for c in msg.counts:  # a name, shown to users and stored: short, plain
+        if c.method and (len(c.method) > 64 or not c.method.isascii() or not c.method.replace("_", "").isalpha()):
+            return f"circuit {c.circuit_index}: a malformed simulation method name"
     if job.estimator:
         return _check_expectation_values(job, chunk.entries, msg)
     expected = sorted((e.circuit, s) for e in chunk.entries for s in range(e.set_start, e.set_start + e.set_count))

@@ -20,13 +20,16 @@ from qscale.circuits import METHODS, CircuitInfo, check_pauli_labels, pack_param
 from qscale.coordinator import sandbox
 from qscale.coordinator.config import Limits
 from qscale.coordinator.jobs import Job
-from qscale.coordinator.planner import PlanningPolicy
+from qscale.coordinator.planner import PlanningPolicy, shards_for_cap
 from qscale.errors import InvalidArgumentError
 from qscale.proto.v1 import common_pb2, jobs_pb2
 
-__all__ = ["prepare_job", "check_noise_model", "MAX_SEED"]
+__all__ = ["prepare_job", "check_noise_model", "MAX_SEED", "MAX_REQUESTED_SHARDS"]
 
 MAX_SEED = (1 << 63) - 1
+MAX_REQUESTED_SHARDS = 10_000
+"""Most shards a job's own ``shots_per_shard`` may cut it into (the planner alone cuts a job of
+hours of work into a few hundred): beyond, per-shard overhead and bookkeeping dominate."""
 
 
 def prepare_job(request: jobs_pb2.SubmitRequest, limits: Limits,
@@ -53,6 +56,9 @@ def prepare_job(request: jobs_pb2.SubmitRequest, limits: Limits,
         seed = request.seed
     else:
         seed = secrets.randbits(63)
+    if request.shots_per_shard < 0:
+        raise InvalidArgumentError(f"shots_per_shard must be 1 or more (0: the coordinator's setting), "
+                                   f"got {request.shots_per_shard}")
     if len(request.noise_model) > limits.max_noise_model_bytes:
         raise InvalidArgumentError(
             f"noise model is {len(request.noise_model)} bytes; the limit is {limits.max_noise_model_bytes}")
@@ -93,6 +99,14 @@ def prepare_job(request: jobs_pb2.SubmitRequest, limits: Limits,
         infos.append(result.info)
         payloads.append(source.qpy if result.qpy is None else result.qpy)
         params.append(values)
+    if request.shots_per_shard:
+        sets = [p.num_sets if p is not None else 1 for p in params]
+        shards = shards_for_cap(infos, shots, sets, method, request.shots_per_shard, noisy=bool(request.noise_model),
+                                estimator=estimator)
+        if shards > MAX_REQUESTED_SHARDS:
+            raise InvalidArgumentError(
+                f"shots_per_shard {request.shots_per_shard} would cut the job into {shards:,} shards; a job may ask "
+                f"for at most {MAX_REQUESTED_SHARDS:,} shards this way: give a larger value")
     return Job(uuid.uuid4().hex[:16], time.time(), seed, method, PlanningPolicy(), infos, shots, params, payloads,
                memory=request.memory, noise_model=request.noise_model, observables=observables)
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from qscale.circuits import CircuitInfo
-from qscale.coordinator.planner import PlanningPolicy, ShardPlan, plan_job
+from qscale.coordinator.planner import PlanExplanation, PlanningPolicy, ShardPlan, plan_and_explain
 from qscale.outcomes import Outcomes, OutcomeTotals, outcome_width
 from qscale.proto.v1 import common_pb2
 
@@ -196,6 +196,10 @@ class Job:
     values: list[np.ndarray] = field(default_factory=list)
     """Estimator jobs: per circuit, the counted expectation values (parameter sets x
     observables); rows of shards not counted yet are NaN."""
+    explanation: PlanExplanation | None = None
+    """Why the plan has as many shards as it has (set by :meth:`plan`)."""
+    methods_run: list[set[str]] = field(default_factory=list)
+    """Per circuit, the Aer methods its counted shards ran with (as the nodes reported them)."""
 
     @property
     def estimator(self) -> bool:
@@ -203,9 +207,11 @@ class Job:
         return bool(self.observables)
 
     def plan(self) -> tuple[ShardPlan, ...]:
-        return plan_job(self.infos, self.shots, self.num_sets, self.seed, self.method, self.policy,
-                        noisy=bool(self.noise_model), memory=self.memory,
-                        observables=[len(o) for o in self.observables] or None)
+        """The job's shards under its policy; keeps why they are that many in :attr:`explanation`."""
+        plan, self.explanation = plan_and_explain(
+            self.infos, self.shots, self.num_sets, self.seed, self.method, self.policy, noisy=bool(self.noise_model),
+            memory=self.memory, observables=[len(o) for o in self.observables] or None)
+        return plan
 
     def start(self, plan: tuple[ShardPlan, ...], done: dict[int, list[common_pb2.CircuitCounts]]) -> None:
         """Lay out the shards of ``plan`` and count the results already stored for some of them."""
@@ -217,6 +223,7 @@ class Job:
                              [OutcomeTotals(self.totals[c].width) for _ in range(k)]
                              for c, k in enumerate(self.num_sets)]
         self.set_shots = [[0] * k for k in self.num_sets]
+        self.methods_run = [set() for _ in self.infos]
         self.values = [np.full((k, len(o)), np.nan) for k, o in zip(self.num_sets, self.observables)]
         self.shots_done = self.shards_done = 0
         for shard in self.shards:
@@ -227,6 +234,8 @@ class Job:
     def count(self, shard: Shard, results: Sequence[common_pb2.CircuitCounts]) -> None:
         """Count a shard's results (once: the caller checked it is not done yet). ``results``
         are those of its chunks in order, as checked (:func:`~qscale.coordinator.checks.check_chunk`)."""
+        for result in results:  # (a node that does not say: the method the plan named)
+            self.methods_run[result.circuit_index].add(result.method or shard.plan.method)
         position = 0
         for chunk in shard.plan.chunks:
             for entry in chunk.entries:

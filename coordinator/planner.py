@@ -21,8 +21,8 @@ import numpy as np
 
 from qscale.circuits import CircuitInfo, estimate_memory_bytes, memory_width, resolved_method
 
-__all__ = ["PlanningPolicy", "Entry", "ChunkPlan", "ShardPlan", "plan_job", "chunk_seed", "splits_shots",
-           "choose_method", "experiment_cost"]
+__all__ = ["PlanningPolicy", "Entry", "ChunkPlan", "ShardPlan", "PlanExplanation", "plan_job", "plan_and_explain",
+           "chunk_seed", "splits_shots", "choose_method", "experiment_cost", "shards_for_cap", "LIMITS"]
 
 _SEED_MODULUS = 1 << 31  # Aer adds an offset per experiment to the seed; stay far from overflow
 
@@ -93,6 +93,16 @@ class PlanningPolicy:
             if not getattr(self, name) > 0:
                 raise ValueError(f"PlanningPolicy.{name} must be > 0")
 
+    def with_shots_per_shard(self, requested: int) -> PlanningPolicy:
+        """This policy with a job's own cap on shots per shard: where both are set the smaller
+        wins; ``requested`` 0 leaves the policy as it is."""
+        if requested < 0:
+            raise ValueError("shots per shard must be >= 0")
+        if not requested:
+            return self
+        cap = min(self.shots_per_shard, requested) if self.shots_per_shard else requested
+        return dataclasses.replace(self, shots_per_shard=cap)
+
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> PlanningPolicy:
         """A policy from its stored form; fields this version does not know are ignored."""
@@ -153,6 +163,78 @@ class ShardPlan:
         start = min(e.set_start for e in entries)
         stop = max(e.set_start + e.set_count for e in entries)
         return start, stop - start
+
+
+LIMITS = ("min_shard_cost", "target_shards", "max_shard_cost", "shots_per_shard", "memory", "unsplittable",
+          "circuits_per_shard")
+"""What can set the number of shards of a plan (:attr:`PlanExplanation.limit`)."""
+
+
+@dataclass(frozen=True)
+class PlanExplanation:
+    """Why a plan has as many shards as it has: the figures, and one sentence for people."""
+
+    shards: int
+    estimated_cost_s: float
+    """The job's estimated work in reference seconds (see :func:`experiment_cost`)."""
+    shard_target_s: float
+    """The estimated work the planner aimed at per shard: the job's over
+    ``target_shards``, kept between ``min_shard_seconds`` and ``max_shard_seconds``."""
+    limit: str
+    """What set the number of shards (one of :data:`LIMITS`): ``min_shard_cost`` (a small job:
+    shards are not planned below ``min_shard_seconds``), ``target_shards`` (about that many
+    shards of equal cost), ``max_shard_cost`` (a big job: shards of at most
+    ``max_shard_seconds``), ``shots_per_shard`` (the cap on shots per shard), ``memory``
+    (per-shot memory kept under ``max_memory_chunk_bytes`` per chunk), ``unsplittable`` (an
+    experiment costlier than a shard's target is one simulation that shots cannot divide) or
+    ``circuits_per_shard`` (``max_circuits_per_shard`` experiments per shard)."""
+    shots_per_shard: int
+    """The cap on shots per shard in force (0: none)."""
+    splittable: bool
+    """Some experiment pays for each of its shots, so a (smaller) cap on shots per shard
+    spreads it over more shards."""
+    text: str
+    """One sentence: ``"3 shards: the job is about 116 ms of estimated work, ..."``."""
+
+
+def _seconds(value: float) -> str:
+    """A duration for people: ``0.3 ms``, ``116 ms``, ``3.2 s``, ``12.5 min``, ``2.1 h``."""
+    if value < 1:
+        return f"{value * 1000:.3g} ms"
+    if value < 600:
+        return f"{value:.3g} s"
+    if value < 36_000:
+        return f"{value / 60:.3g} min"
+    return f"{value / 3600:.3g} h"
+
+
+def _explain(shards: int, total: float, target: float, policy: PlanningPolicy, *, capped: bool, by_memory: bool,
+             unsplit: int, full_batches: int, splittable: bool, estimator: bool) -> PlanExplanation:
+    """The one reason that set the number of shards, the most specific first."""
+    n = f"{shards} shard{'s' if shards != 1 else ''}"
+    work = f"the job is about {_seconds(total)} of estimated work"
+    if capped:
+        limit, text = "shots_per_shard", f"{n}: at most {policy.shots_per_shard:,} shots per shard ({work})"
+    elif by_memory:
+        limit, text = "memory", (f"{n}: per-shot memory is cut into pieces of at most "
+                                 f"{policy.max_memory_chunk_bytes / (1 << 20):.3g} MiB ({work})")
+    elif unsplit:
+        each = "an exact simulation" if estimator else "a simulation whose shots are all sampled from its final state"
+        what = "an experiment costs" if unsplit == 1 else f"{unsplit:,} experiments cost"
+        limit, text = "unsplittable", (f"{n}: {work}; {what} more than the {_seconds(target)} a shard aims at but "
+                                       f"cannot be split (each is {each})")
+    elif full_batches:
+        limit, text = "circuits_per_shard", f"{n}: at most {policy.max_circuits_per_shard:,} experiments per " \
+                                            f"shard ({work})"
+    elif total / policy.target_shards < policy.min_shard_seconds:
+        limit, text = "min_shard_cost", (f"{n}: {work}, and the planner's smallest shard target is "
+                                         f"{_seconds(policy.min_shard_seconds)}")
+    elif total / policy.target_shards > policy.max_shard_seconds:
+        limit, text = "max_shard_cost", (f"{n}: {work}, and a shard holds at most about "
+                                         f"{_seconds(policy.max_shard_seconds)} of it")
+    else:
+        limit, text = "target_shards", f"{n}: {work}, cut into about {policy.target_shards} shards of equal cost"
+    return PlanExplanation(shards, total, target, limit, policy.shots_per_shard, splittable, text)
 
 
 def chunk_seed(job_seed: int, shard_index: int, chunk_index: int) -> int:
@@ -238,6 +320,20 @@ def experiment_cost(info: CircuitInfo, method: str, shots: int, policy: Planning
     return policy.experiment_overhead_s + runs * state + sampling
 
 
+def shards_for_cap(infos: Sequence[CircuitInfo], shots: Sequence[int], num_sets: Sequence[int], method: str,
+                   cap: int, *, noisy: bool = False, estimator: bool = False) -> int:
+    """How many shards a cap of ``cap`` shots per shard alone cuts the job's experiments into,
+    counting only those whose shots it splits (each shot a simulation of its own): a bound to
+    check a job's own cap against before planning it."""
+    if cap < 1 or estimator:
+        return 0
+    total = 0
+    for info, n, sets in zip(infos, shots, num_sets):
+        if splits_shots(info, choose_method(info, method, n, noisy), noisy):
+            total += sets * math.ceil(n / cap)
+    return total
+
+
 def _even_split(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
@@ -294,7 +390,24 @@ def plan_job(
     memory: bool = False,
     observables: Sequence[int] | None = None,
 ) -> tuple[ShardPlan, ...]:
-    """Cut a job into shards of about equal estimated cost.
+    """Cut a job into shards of about equal estimated cost (see :func:`plan_and_explain`)."""
+    return plan_and_explain(infos, shots, num_sets, seed, method, policy, noisy=noisy, memory=memory,
+                            observables=observables)[0]
+
+
+def plan_and_explain(
+    infos: Sequence[CircuitInfo],
+    shots: Sequence[int],
+    num_sets: Sequence[int],
+    seed: int,
+    method: str,
+    policy: PlanningPolicy,
+    *,
+    noisy: bool = False,
+    memory: bool = False,
+    observables: Sequence[int] | None = None,
+) -> tuple[tuple[ShardPlan, ...], PlanExplanation]:
+    """Cut a job into shards of about equal estimated cost; also say why into that many.
 
     Args:
         infos: the circuits.
@@ -311,7 +424,11 @@ def plan_job(
     order into shards of about that cost (many small circuits or parameter sets share a
     shard); an experiment whose shots cost a simulation each and that costs more than the
     target is split by shots; one that samples every shot from one final state is never split
-    (unless its per-shot memory would not fit a chunk).
+    (unless its per-shot memory would not fit a chunk). ``policy.shots_per_shard`` caps the
+    shots of a split experiment per shard.
+
+    Returns:
+        The shards, and a :class:`PlanExplanation` of their number.
     """
     if not (len(infos) == len(shots) == len(num_sets)):
         raise ValueError("infos, shots and num_sets must have the same length")
@@ -329,6 +446,8 @@ def plan_job(
 
     pending: list[_Pending] = []
     batch: _Pending | None = None
+    capped = by_memory = splittable = False
+    unsplit = full_batches = 0
 
     def flush() -> None:
         nonlocal batch
@@ -339,15 +458,16 @@ def plan_job(
     for index, info in enumerate(infos):
         n, sets, m, cost = shots[index], num_sets[index], methods[index], costs[index]
         per_shot = not observables and splits_shots(info, m, noisy)
-        parts = 1
-        if per_shot and cost > target:
-            parts = math.ceil(cost / target)
-        if per_shot and policy.shots_per_shard:
-            parts = max(parts, math.ceil(n / policy.shots_per_shard))
-        if memory:
-            parts = max(parts, math.ceil(n * memory_width(info.num_clbits) / policy.max_memory_chunk_bytes))
-        parts = min(parts, n)
+        splittable = splittable or (per_shot and n > 1)
+        by_cost = math.ceil(cost / target) if per_shot and cost > target else 1
+        by_cap = math.ceil(n / policy.shots_per_shard) if per_shot and policy.shots_per_shard else 1
+        by_bytes = math.ceil(n * memory_width(info.num_clbits) / policy.max_memory_chunk_bytes) if memory else 1
+        parts = min(max(by_cost, by_cap, by_bytes), n)
+        if not per_shot and cost > target:
+            unsplit += sets
         if parts > 1:
+            capped = capped or by_cap > max(by_cost, by_bytes) or by_cap == by_bytes > by_cost
+            by_memory = by_memory or by_bytes > max(by_cost, by_cap)
             flush()
             split = _even_split(n, parts)
             for s in range(sets):
@@ -367,6 +487,7 @@ def plan_job(
             batch.experiments += take
             start += take
             if batch.experiments >= policy.max_circuits_per_shard or batch.cost >= target:
+                full_batches += batch.cost < target
                 flush()
     flush()
 
@@ -393,4 +514,6 @@ def plan_job(
                 cost=item.cost,
             )
         )
-    return tuple(shards)
+    explanation = _explain(len(shards), total, target, policy, capped=capped, by_memory=by_memory, unsplit=unsplit,
+                           full_batches=full_batches, splittable=splittable, estimator=bool(observables))
+    return tuple(shards), explanation

@@ -230,7 +230,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             existing = self.runtime.existing_job(key)  # a retry of this request may have won meanwhile
             if existing is None:
                 job.request_key = key
-                job.policy = self.config.policy
+                job.policy = self.config.policy.with_shots_per_shard(request.shots_per_shard)  # the smaller wins
                 plan = self.core.plan(job)
                 # The write (JSON, fsync) happens off the event loop: heartbeats are not held up.
                 if await loop.run_in_executor(self.executor, self.runtime.store.insert_job, job):

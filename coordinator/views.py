@@ -13,6 +13,7 @@ __all__ = ["job_status", "job_progress", "job_result", "node_info"]
 
 
 def job_status(job: Job) -> jobs_pb2.JobStatus:
+    why = job.explanation
     return jobs_pb2.JobStatus(
         job_id=job.job_id,
         state=job.state,
@@ -25,6 +26,9 @@ def job_status(job: Job) -> jobs_pb2.JobStatus:
         num_circuits=len(job.infos),
         created_at=job.created_at,
         finished_at=job.finished_at,
+        plan=None if why is None else jobs_pb2.PlanInfo(
+            shards=why.shards, estimated_cost_s=why.estimated_cost_s, shard_target_s=why.shard_target_s,
+            limit=why.limit, shots_per_shard=why.shots_per_shard, splittable=why.splittable, explanation=why.text),
     )
 
 
@@ -59,6 +63,7 @@ def job_result(job: Job) -> jobs_pb2.JobResult:
             registers=[jobs_pb2.Register(name=name, size=size) for name, size in info.creg_sizes],
             memory_width=memory_width(info.num_clbits),
             register_clbits=[bit for reg in info.creg_clbits for bit in reg],
+            method=", ".join(sorted(job.methods_run[index])) if job.methods_run else "",
         )
         if job.estimator:  # the values are per set already: no set entries
             circuit.observables.extend(job.observables[index])

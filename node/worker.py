@@ -686,6 +686,13 @@ def _worker_aer_error(result: Any) -> str:
     return f"AerError: {status or 'simulation failed'}"[:_ERROR_MAX_CHARS]
 
 
+def _worker_method_run(result: Any, position: int) -> str:
+    """The method Aer reports it ran experiment ``position`` with (its result metadata), or ""."""
+    metadata = getattr(result.results[position], "metadata", None) or {}
+    method = metadata.get("method", "") if isinstance(metadata, dict) else ""
+    return method if isinstance(method, str) else ""
+
+
 def _worker_noise_model(state: _WorkerState, text: str) -> Any:
     """The shard's noise model, parsed once per distinct JSON text."""
     if not text:
@@ -780,7 +787,7 @@ def _worker_expectation_values(state: _WorkerState, assignment: Any, chunk: Any,
             data = result.data(row)
             block[row] = [np.real(data[f"e{j}"]) for j in range(len(labels))]
         out.results.add(circuit_index=entry.circuit_index, set_index=entry.set_start, set_count=entry.set_count,
-                        expectation_values=block.tobytes())
+                        expectation_values=block.tobytes(), method=_worker_method_run(result, 0))
     return out
 
 
@@ -844,13 +851,14 @@ def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> Non
             out = common_pb2.ShardResult()
             for pos, (circuit_index, set_index, width) in enumerate(experiments):
                 data_i = result.data(pos)
+                ran = _worker_method_run(result, pos)
                 if "counts" not in data_i:
                     # Aer reports counts only for circuits that measure: classical bits that
                     # nothing writes read all zeros (as in Qiskit's samplers and BasicSimulator).
                     circuit = state.circuit(circuit_index, payloads)
                     _worker_check_unwritten_clbits(circuit, circuit_index)
                     item = out.results.add(circuit_index=circuit_index, set_index=set_index,
-                                           outcomes=Outcomes.of(width, 0, chunk.shots).to_proto())
+                                           outcomes=Outcomes.of(width, 0, chunk.shots).to_proto(), method=ran)
                     if assignment.memory:
                         item.memory = bytes(width * chunk.shots)
                     continue
@@ -859,7 +867,7 @@ def _worker_run_shard(state: _WorkerState, conn: Connection, data: bytes) -> Non
                     raise ValueError(f"circuit {circuit_index}: counts sum to {outcomes.shots}, "
                                      f"expected {chunk.shots} shots")
                 item = out.results.add(circuit_index=circuit_index, set_index=set_index,
-                                       outcomes=outcomes.to_proto())
+                                       outcomes=outcomes.to_proto(), method=ran)
                 if assignment.memory:
                     item.memory = pack_memory(data_i["memory"], width)
             conn.send(("chunk", chunk_index, out.SerializeToString(), time.perf_counter() - tc))

@@ -7,7 +7,7 @@ The public surface::
     qscale.TLSConfig                   TLS / mutual TLS files for Client and LocalCluster
     qscale.SamplerV2, EstimatorV2      Qiskit primitives on the cluster
     qscale.QScaleBackend               a Qiskit BackendV2 on the cluster
-    qscale.JobResult, CircuitResult, JobStatus, Progress, JobState, NodeStatus
+    qscale.JobResult, CircuitResult, JobStatus, PlanInfo, Progress, JobState, NodeStatus
     qscale.QScaleError and its subclasses (see qscale.errors)
 
 Attributes that need Qiskit are imported on first use, so the node daemon, which imports
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from qscale.primitives import SamplerOptions, SamplerV2
     from qscale.local import LocalCluster
     from qscale.security import TLSConfig
-    from qscale.results import CircuitResult, JobResult, JobState, JobStatus, NodeStatus, Progress, SetResult
+    from qscale.results import (CircuitResult, JobResult, JobState, JobStatus, NodeStatus, PlanInfo, Progress,
+                                SetResult)
     from qscale.outcomes import Outcomes
 
 _LAZY = {
@@ -58,6 +59,7 @@ _LAZY = {
     "JobResult": "qscale.results",
     "CircuitResult": "qscale.results",
     "JobStatus": "qscale.results",
+    "PlanInfo": "qscale.results",
     "JobState": "qscale.results",
     "Progress": "qscale.results",
     "NodeStatus": "qscale.results",

@@ -158,6 +158,7 @@ def _to_qiskit_result(backend: BackendV2, result: JobResult, circuits: list[Quan
             "status": "DONE",
             "data": data,
             "seed_simulator": result.seed,
+            "metadata": {"method": r.method},  # the method that ran, as in Aer's own results
             "header": {
                 "name": circuit.name,
                 "n_qubits": circuit.num_qubits,

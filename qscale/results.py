@@ -14,8 +14,8 @@ from qscale.circuits import unpack_memory_bits
 from qscale.outcomes import Outcomes
 from qscale.proto.v1 import common_pb2, jobs_pb2
 
-__all__ = ["JobState", "JobStatus", "Progress", "SetResult", "CircuitResult", "AttemptRecord", "JobResult",
-           "NodeStatus"]
+__all__ = ["JobState", "JobStatus", "PlanInfo", "Progress", "SetResult", "CircuitResult", "AttemptRecord",
+           "JobResult", "NodeStatus"]
 
 
 
@@ -40,6 +40,36 @@ class JobState(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class PlanInfo:
+    """How the coordinator's planner cut a job, and why into that many shards.
+
+    The plan depends on the job (and the coordinator's planning settings), never on how many
+    nodes are up: a small job gets few shards however many nodes there are."""
+
+    shards: int
+    estimated_cost_s: float
+    """The job's estimated work, in reference seconds (one simulation thread)."""
+    shard_target_s: float
+    """The estimated work the planner aimed at per shard."""
+    limit: str
+    """What set the number of shards: ``min_shard_cost`` (a small job: shards are not planned
+    below a minimum cost, 50 ms by default), ``target_shards``, ``max_shard_cost``,
+    ``shots_per_shard``, ``memory``, ``unsplittable`` or ``circuits_per_shard``."""
+    shots_per_shard: int
+    """The cap on shots per shard in force (0: none)."""
+    splittable: bool
+    """Some experiment pays for each shot, so ``shots_per_shard`` would spread it further."""
+    explanation: str
+    """One sentence, e.g. ``3 shards: the job is about 116 ms of estimated work, and the planner's
+    smallest shard target is 50 ms``."""
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.PlanInfo) -> PlanInfo:
+        return cls(msg.shards, msg.estimated_cost_s, msg.shard_target_s, msg.limit, msg.shots_per_shard,
+                   msg.splittable, msg.explanation)
+
+
+@dataclass(frozen=True)
 class JobStatus:
     """A snapshot of a job's progress."""
 
@@ -54,12 +84,14 @@ class JobStatus:
     num_circuits: int
     created_at: float
     finished_at: float
+    plan: PlanInfo | None = None
+    """Why the job has ``shards_total`` shards (None where the coordinator did not say)."""
 
     @classmethod
     def from_proto(cls, msg: jobs_pb2.JobStatus) -> JobStatus:
         return cls(msg.job_id, JobState.from_proto(msg.state), msg.error, msg.shots_total, msg.shots_done,
                    msg.shards_total, msg.shards_done, msg.shards_running, msg.num_circuits, msg.created_at,
-                   msg.finished_at)
+                   msg.finished_at, PlanInfo.from_proto(msg.plan) if msg.HasField("plan") else None)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -130,6 +162,9 @@ class CircuitResult:
     expectation_values: np.ndarray | None = field(default=None, repr=False)
     """Estimator jobs: exact expectation values, shape (parameter sets, observables); None for
     sampler jobs."""
+    method: str = ""
+    """The Aer method that ran this circuit (``stabilizer``, ``statevector``, ...), as the nodes'
+    Aer reported it; never ``automatic``. Several, comma-separated, if its shards differed."""
 
     @cached_property
     def counts(self) -> dict[str, int]:
@@ -179,6 +214,7 @@ class JobResult:
     results: list[CircuitResult]
     seed: int
     method: str
+    """The method asked for (``automatic``: chosen per circuit); :attr:`methods` says what ran."""
     nodes_used: list[str]
     attempts: list[AttemptRecord] = field(repr=False)
     stale_results_dropped: int
@@ -193,6 +229,11 @@ class JobResult:
     def shots(self) -> int:
         """Shots counted over all circuits."""
         return sum(r.shots for r in self.results)
+
+    @property
+    def methods(self) -> list[str]:
+        """The Aer methods that ran the job's circuits, each once, sorted."""
+        return sorted({m.strip() for r in self.results for m in r.method.split(",") if m.strip()})
 
     @classmethod
     def from_proto(cls, msg: jobs_pb2.JobResult) -> JobResult:
@@ -210,13 +251,16 @@ class JobResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``job_id``, ``status``, ``results`` (``counts``, ``shots`` per circuit),
-        and ``metadata``."""
+        """A JSON-ready dict: ``job_id``, ``status``, ``results`` (per circuit: ``name``, the
+        ``method`` that ran, ``counts``, ``shots``), and ``metadata`` (``seed``, ``method``: the
+        methods that ran, ``method_requested``, ``shards``, ``plan``: why that many, as
+        :class:`PlanInfo`; attempts, nodes used, wall time)."""
         return {
             "job_id": self.job_id,
             "status": self.status.state.value,
             "error": self.status.error,
-            "results": [{"index": r.index, "name": r.name, "shots": r.shots, "num_qubits": r.num_qubits,
+            "results": [{"index": r.index, "name": r.name, "method": r.method, "shots": r.shots,
+                         "num_qubits": r.num_qubits,
                          **({"observables": r.observables, "expectation_values": r.expectation_values.tolist()}
                             if r.expectation_values is not None else {"counts": r.counts}),
                          **({"sets": [{"index": x.index, "shots": x.shots, "counts": x.counts} for x in r.sets]}
@@ -224,8 +268,10 @@ class JobResult:
                         for r in self.results],
             "metadata": {
                 "seed": self.seed,
-                "method": self.method,
+                "method": ", ".join(self.methods),
+                "method_requested": self.method,
                 "shards": self.status.shards_total,
+                "plan": asdict(self.status.plan) if self.status.plan is not None else None,
                 "attempts": len(self.attempts),
                 "nodes_used": self.nodes_used,
                 "stale_results_dropped": self.stale_results_dropped,
@@ -242,7 +288,7 @@ def _circuit_result(msg: jobs_pb2.CircuitResult) -> CircuitResult:
                       x.shots, x.memory, msg.num_clbits, registers) for x in msg.sets]
     return CircuitResult(msg.circuit_index, msg.name, outcomes, msg.shots, msg.num_qubits, msg.num_clbits, sets,
                          list(registers), list(msg.register_clbits), width, list(msg.observables),
-                         _expectation_values(msg))
+                         _expectation_values(msg), msg.method)
 
 
 def _expectation_values(msg: jobs_pb2.CircuitResult) -> np.ndarray | None:

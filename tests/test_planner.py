@@ -166,3 +166,54 @@ def test_per_shot_memory_is_kept_under_the_chunk_cap() -> None:
     plan = plan_job([info], [100_000], [1], seed=1, method="statevector", policy=policy, memory=True)
     assert sum(s.shots for s in plan) == 100_000
     assert all(c.shots * 2 <= 1 << 16 for s in plan for c in s.chunks)  # 16 clbits: 2 bytes a shot
+
+
+def test_the_plan_says_why_it_has_as_many_shards_as_it_has() -> None:
+    from qscale.coordinator.planner import plan_and_explain
+
+    seed24 = describe(_clifford(24))  # as the quick start's job, with a barrier: about 118 ms of stabilizer work
+    plan, why = plan_and_explain([seed24], [10_000], [1], seed=1, method="automatic", policy=PlanningPolicy())
+    assert len(plan) == why.shards == 3
+    assert why.limit == "min_shard_cost" and why.splittable and why.shots_per_shard == 0
+    assert why.estimated_cost_s == sum(s.cost for s in plan)
+    assert why.shard_target_s == PlanningPolicy().min_shard_seconds
+    assert why.text == ("3 shards: the job is about 118 ms of estimated work, and the planner's smallest shard "
+                        "target is 50 ms")
+
+    # A cap on shots per shard spreads it; the figures say so.
+    plan, why = plan_and_explain([seed24], [10_000], [1], seed=1, method="automatic",
+                                 policy=PlanningPolicy().with_shots_per_shard(1000))
+    assert len(plan) == why.shards == 10 and why.limit == "shots_per_shard" and why.shots_per_shard == 1000
+    assert why.text == "10 shards: at most 1,000 shots per shard (the job is about 118 ms of estimated work)"
+
+    # A statevector circuit that samples every shot from one final state is one simulation.
+    dense = describe(_random(20, 2))
+    plan, why = plan_and_explain([dense], [10_000], [1], seed=1, method="automatic",
+                                 policy=PlanningPolicy(shots_per_shard=100))
+    assert len(plan) == 1 and why.limit == "unsplittable" and not why.splittable
+    assert why.text.startswith("1 shard: the job is about ") and "cannot be split" in why.text
+
+    # Enough work: about target_shards shards of equal cost.
+    plan, why = plan_and_explain([dense] * 64, [100] * 64, [1] * 64, seed=1, method="automatic",
+                                 policy=PlanningPolicy(target_shards=8))
+    assert why.limit == "target_shards" and why.shards == len(plan) == 8
+    assert why.text.endswith("cut into about 8 shards of equal cost")
+
+    # A tiny job is one shard.
+    plan, why = plan_and_explain([describe(_clifford(2))], [10], [1], seed=1, method="automatic",
+                                 policy=PlanningPolicy())
+    assert len(plan) == 1 and why.limit == "min_shard_cost"
+    assert why.text.startswith("1 shard: the job is about 0.3")
+
+
+def test_a_jobs_shots_per_shard_and_the_coordinators_the_smaller_wins() -> None:
+    assert PlanningPolicy(shots_per_shard=1000).with_shots_per_shard(500).shots_per_shard == 500
+    assert PlanningPolicy(shots_per_shard=1000).with_shots_per_shard(5000).shots_per_shard == 1000
+    assert PlanningPolicy().with_shots_per_shard(700).shots_per_shard == 700
+    assert PlanningPolicy(shots_per_shard=300).with_shots_per_shard(0).shots_per_shard == 300
+    # The plan (and so every chunk's seed) depends on the cap, never on the cluster.
+    info = describe(_clifford(10))
+    policy = PlanningPolicy().with_shots_per_shard(250)
+    a = plan_job([info], [1000], [1], seed=9, method="automatic", policy=policy)
+    b = plan_job([info], [1000], [1], seed=9, method="automatic", policy=policy)
+    assert a == b and len(a) == 4

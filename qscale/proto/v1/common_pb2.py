@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cqscale/proto/v1/common.proto\x12\tqscale.v1\"B\n\x0fParameterValues\x12\r\n\x05names\x18\x01 \x03(\t\x12\x10\n\x08num_sets\x18\x02 \x01(\x03\x12\x0e\n\x06values\x18\x03 \x01(\x0c\"I\n\nChunkEntry\x12\x15\n\rcircuit_index\x18\x01 \x01(\x05\x12\x11\n\tset_start\x18\x02 \x01(\x03\x12\x11\n\tset_count\x18\x03 \x01(\x03\"L\n\x05\x43hunk\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.qscale.v1.ChunkEntry\x12\r\n\x05shots\x18\x02 \x01(\x03\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"9\n\x08Outcomes\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x03 \x01(\x0c\"\xa5\x01\n\rCircuitCounts\x12\x15\n\rcircuit_index\x18\x01 \x01(\x05\x12\x11\n\tset_index\x18\x03 \x01(\x03\x12\x0e\n\x06memory\x18\x04 \x01(\x0c\x12\x11\n\tset_count\x18\x05 \x01(\x03\x12\x1a\n\x12\x65xpectation_values\x18\x06 \x01(\x0c\x12%\n\x08outcomes\x18\x07 \x01(\x0b\x32\x13.qscale.v1.OutcomesJ\x04\x08\x02\x10\x03\"8\n\x0bShardResult\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.qscale.v1.CircuitCounts*\x95\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x12\n\x0eJOB_STATE_DONE\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cqscale/proto/v1/common.proto\x12\tqscale.v1\"B\n\x0fParameterValues\x12\r\n\x05names\x18\x01 \x03(\t\x12\x10\n\x08num_sets\x18\x02 \x01(\x03\x12\x0e\n\x06values\x18\x03 \x01(\x0c\"I\n\nChunkEntry\x12\x15\n\rcircuit_index\x18\x01 \x01(\x05\x12\x11\n\tset_start\x18\x02 \x01(\x03\x12\x11\n\tset_count\x18\x03 \x01(\x03\"L\n\x05\x43hunk\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.qscale.v1.ChunkEntry\x12\r\n\x05shots\x18\x02 \x01(\x03\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"9\n\x08Outcomes\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x03 \x01(\x0c\"\xb5\x01\n\rCircuitCounts\x12\x15\n\rcircuit_index\x18\x01 \x01(\x05\x12\x11\n\tset_index\x18\x03 \x01(\x03\x12\x0e\n\x06memory\x18\x04 \x01(\x0c\x12\x11\n\tset_count\x18\x05 \x01(\x03\x12\x1a\n\x12\x65xpectation_values\x18\x06 \x01(\x0c\x12%\n\x08outcomes\x18\x07 \x01(\x0b\x32\x13.qscale.v1.Outcomes\x12\x0e\n\x06method\x18\x08 \x01(\tJ\x04\x08\x02\x10\x03\"8\n\x0bShardResult\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.qscale.v1.CircuitCounts*\x95\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x12\n\x0eJOB_STATE_DONE\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qscale.proto.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=550
-  _globals['_JOBSTATE']._serialized_end=699
+  _globals['_JOBSTATE']._serialized_start=566
+  _globals['_JOBSTATE']._serialized_end=715
   _globals['_PARAMETERVALUES']._serialized_start=43
   _globals['_PARAMETERVALUES']._serialized_end=109
   _globals['_CHUNKENTRY']._serialized_start=111
@@ -42,7 +42,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OUTCOMES']._serialized_start=264
   _globals['_OUTCOMES']._serialized_end=321
   _globals['_CIRCUITCOUNTS']._serialized_start=324
-  _globals['_CIRCUITCOUNTS']._serialized_end=489
-  _globals['_SHARDRESULT']._serialized_start=491
-  _globals['_SHARDRESULT']._serialized_end=547
+  _globals['_CIRCUITCOUNTS']._serialized_end=505
+  _globals['_SHARDRESULT']._serialized_start=507
+  _globals['_SHARDRESULT']._serialized_end=563
 # @@protoc_insertion_point(module_scope)

@@ -63,20 +63,22 @@ class Outcomes(_message.Message):
     def __init__(self, width: _Optional[int] = ..., values: _Optional[bytes] = ..., counts: _Optional[bytes] = ...) -> None: ...
 
 class CircuitCounts(_message.Message):
-    __slots__ = ("circuit_index", "set_index", "memory", "set_count", "expectation_values", "outcomes")
+    __slots__ = ("circuit_index", "set_index", "memory", "set_count", "expectation_values", "outcomes", "method")
     CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SET_INDEX_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     SET_COUNT_FIELD_NUMBER: _ClassVar[int]
     EXPECTATION_VALUES_FIELD_NUMBER: _ClassVar[int]
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     circuit_index: int
     set_index: int
     memory: bytes
     set_count: int
     expectation_values: bytes
     outcomes: Outcomes
-    def __init__(self, circuit_index: _Optional[int] = ..., set_index: _Optional[int] = ..., memory: _Optional[bytes] = ..., set_count: _Optional[int] = ..., expectation_values: _Optional[bytes] = ..., outcomes: _Optional[_Union[Outcomes, _Mapping]] = ...) -> None: ...
+    method: str
+    def __init__(self, circuit_index: _Optional[int] = ..., set_index: _Optional[int] = ..., memory: _Optional[bytes] = ..., set_count: _Optional[int] = ..., expectation_values: _Optional[bytes] = ..., outcomes: _Optional[_Union[Outcomes, _Mapping]] = ..., method: _Optional[str] = ...) -> None: ...
 
 class ShardResult(_message.Message):
     __slots__ = ("results",)

@@ -25,7 +25,7 @@ class CircuitSource(_message.Message):
     def __init__(self, qpy: _Optional[bytes] = ..., qasm: _Optional[str] = ..., name: _Optional[str] = ..., parameters: _Optional[_Union[_common_pb2.ParameterValues, _Mapping]] = ..., shots: _Optional[int] = ..., observables: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("circuits", "shots", "seed", "method", "memory", "noise_model", "request_key")
+    __slots__ = ("circuits", "shots", "seed", "method", "memory", "noise_model", "request_key", "shots_per_shard")
     CIRCUITS_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class SubmitRequest(_message.Message):
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     NOISE_MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_KEY_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
     circuits: _containers.RepeatedCompositeFieldContainer[CircuitSource]
     shots: int
     seed: int
@@ -40,7 +41,8 @@ class SubmitRequest(_message.Message):
     memory: bool
     noise_model: str
     request_key: str
-    def __init__(self, circuits: _Optional[_Iterable[_Union[CircuitSource, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ..., request_key: _Optional[str] = ...) -> None: ...
+    shots_per_shard: int
+    def __init__(self, circuits: _Optional[_Iterable[_Union[CircuitSource, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ..., request_key: _Optional[str] = ..., shots_per_shard: _Optional[int] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("job_id", "seed")
@@ -57,7 +59,7 @@ class JobRef(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "state", "error", "shots_total", "shots_done", "shards_total", "shards_done", "shards_running", "num_circuits", "created_at", "finished_at")
+    __slots__ = ("job_id", "state", "error", "shots_total", "shots_done", "shards_total", "shards_done", "shards_running", "num_circuits", "created_at", "finished_at", "plan")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +71,7 @@ class JobStatus(_message.Message):
     NUM_CIRCUITS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: _common_pb2.JobState
     error: str
@@ -80,7 +83,26 @@ class JobStatus(_message.Message):
     num_circuits: int
     created_at: float
     finished_at: float
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., error: _Optional[str] = ..., shots_total: _Optional[int] = ..., shots_done: _Optional[int] = ..., shards_total: _Optional[int] = ..., shards_done: _Optional[int] = ..., shards_running: _Optional[int] = ..., num_circuits: _Optional[int] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    plan: PlanInfo
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., error: _Optional[str] = ..., shots_total: _Optional[int] = ..., shots_done: _Optional[int] = ..., shards_total: _Optional[int] = ..., shards_done: _Optional[int] = ..., shards_running: _Optional[int] = ..., num_circuits: _Optional[int] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., plan: _Optional[_Union[PlanInfo, _Mapping]] = ...) -> None: ...
+
+class PlanInfo(_message.Message):
+    __slots__ = ("shards", "estimated_cost_s", "shard_target_s", "limit", "shots_per_shard", "splittable", "explanation")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COST_S_FIELD_NUMBER: _ClassVar[int]
+    SHARD_TARGET_S_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
+    SPLITTABLE_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    shards: int
+    estimated_cost_s: float
+    shard_target_s: float
+    limit: str
+    shots_per_shard: int
+    splittable: bool
+    explanation: str
+    def __init__(self, shards: _Optional[int] = ..., estimated_cost_s: _Optional[float] = ..., shard_target_s: _Optional[float] = ..., limit: _Optional[str] = ..., shots_per_shard: _Optional[int] = ..., splittable: _Optional[bool] = ..., explanation: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("job_id", "include_counts", "max_outcomes")
@@ -156,7 +178,7 @@ class JobResult(_message.Message):
     def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ..., results: _Optional[_Iterable[_Union[CircuitResult, _Mapping]]] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., nodes_used: _Optional[_Iterable[str]] = ..., attempts: _Optional[_Iterable[_Union[AttemptInfo, _Mapping]]] = ..., stale_results_dropped: _Optional[int] = ..., wall_time_s: _Optional[float] = ...) -> None: ...
 
 class CircuitResult(_message.Message):
-    __slots__ = ("circuit_index", "name", "outcomes", "shots", "num_qubits", "num_clbits", "sets", "registers", "memory_width", "register_clbits", "observables", "expectation_values")
+    __slots__ = ("circuit_index", "name", "outcomes", "shots", "num_qubits", "num_clbits", "sets", "registers", "memory_width", "register_clbits", "observables", "expectation_values", "method")
     CIRCUIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +191,7 @@ class CircuitResult(_message.Message):
     REGISTER_CLBITS_FIELD_NUMBER: _ClassVar[int]
     OBSERVABLES_FIELD_NUMBER: _ClassVar[int]
     EXPECTATION_VALUES_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     circuit_index: int
     name: str
     outcomes: _common_pb2.Outcomes
@@ -181,7 +204,8 @@ class CircuitResult(_message.Message):
     register_clbits: _containers.RepeatedScalarFieldContainer[int]
     observables: _containers.RepeatedScalarFieldContainer[str]
     expectation_values: bytes
-    def __init__(self, circuit_index: _Optional[int] = ..., name: _Optional[str] = ..., outcomes: _Optional[_Union[_common_pb2.Outcomes, _Mapping]] = ..., shots: _Optional[int] = ..., num_qubits: _Optional[int] = ..., num_clbits: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[SetResult, _Mapping]]] = ..., registers: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., memory_width: _Optional[int] = ..., register_clbits: _Optional[_Iterable[int]] = ..., observables: _Optional[_Iterable[str]] = ..., expectation_values: _Optional[bytes] = ...) -> None: ...
+    method: str
+    def __init__(self, circuit_index: _Optional[int] = ..., name: _Optional[str] = ..., outcomes: _Optional[_Union[_common_pb2.Outcomes, _Mapping]] = ..., shots: _Optional[int] = ..., num_qubits: _Optional[int] = ..., num_clbits: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[SetResult, _Mapping]]] = ..., registers: _Optional[_Iterable[_Union[Register, _Mapping]]] = ..., memory_width: _Optional[int] = ..., register_clbits: _Optional[_Iterable[int]] = ..., observables: _Optional[_Iterable[str]] = ..., expectation_values: _Optional[bytes] = ..., method: _Optional[str] = ...) -> None: ...
 
 class SetResult(_message.Message):
     __slots__ = ("set_index", "outcomes", "shots", "memory")
