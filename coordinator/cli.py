@@ -9,9 +9,13 @@
     qscale-coordinator tls-init DIR --host NAME [--host NAME ...] [--client NAME] [--node NAME]
 
 Every client command takes ``--coordinator ADDR`` (default ``$QSCALE_COORDINATOR``),
-``--json``, ``--token-file`` (default ``$QSCALE_CLIENT_TOKEN`` / ``$QSCALE_CLIENT_TOKEN_FILE``)
-and ``--tls-ca/--tls-cert/--tls-key``; tokens are never taken as flags. Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input,
-3 coordinator unavailable, 4 other errors, 130 interrupted (Ctrl-C; the job goes on).
+``--json``, ``--token-file`` (default ``$QSCALE_CLIENT_TOKEN`` / ``$QSCALE_CLIENT_TOKEN_FILE``),
+``--tls-ca/--tls-cert/--tls-key`` and ``--connect-timeout`` (default ``$QSCALE_CONNECT_TIMEOUT`` or
+5 s: how long to wait for a coordinator that does not answer at all); tokens are never taken as
+flags. Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input, 3 coordinator
+unavailable (nothing answers, or TLS settings that do not match: the message says which),
+4 other errors, 5 credentials refused (no or a wrong API token, or a token of the node role),
+130 interrupted (Ctrl-C; the job goes on).
 
 ``watch``, and ``submit --wait`` / ``run`` while they wait, draw a live progress bar
 (:mod:`qscale.progress`) when stdout is a terminal and ``--json`` is not given. ``watch --json``
@@ -39,6 +43,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+import qscale._grpc_env  # noqa: F401  (first: quiets gRPC's own log lines before grpc loads)
 from qscale import errors
 from qscale._version import __version__
 from qscale.logs import configure_logging
@@ -47,14 +52,10 @@ __all__ = ["main"]
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_JOB, EXIT_INPUT, EXIT_UNAVAILABLE, EXIT_OTHER = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_JOB, EXIT_INPUT, EXIT_UNAVAILABLE, EXIT_OTHER, EXIT_AUTH = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
 EXIT_PIPE = 141  # stdout closed early, as a command killed by SIGPIPE reports it
 _BAR_TOP = 5  # outcomes per circuit under the bar of ``submit --wait`` and ``run``
-
-
-def _configure_logging(level: str) -> None:
-    configure_logging(level, os.environ.get("QSCALE_LOG_FORMAT") or "text")
 
 
 def _console(stderr: bool = False) -> Console:
@@ -70,29 +71,16 @@ def _print_json(data: Any) -> None:
 # ------------------------------------------------------------------- serve
 
 def _serve(args: argparse.Namespace) -> int:
-    from qscale.coordinator.config import CoordinatorConfig, Limits
+    from qscale.coordinator.config import CoordinatorConfig, Limits, Planning
     from qscale.coordinator.server import CoordinatorServer
+    from qscale.settings import flag_values
 
-    limits = Limits.from_env(**{name: getattr(args, name) for name in _LIMIT_FLAGS})
-    config = CoordinatorConfig.from_env(
-        listen=args.listen, state_dir=args.state_dir, heartbeat_interval_s=args.heartbeat_interval,
-        heartbeat_timeout_s=args.heartbeat_timeout, suspect_after_s=args.suspect_after,
-        lost_node_ttl_s=args.lost_node_ttl, limits=limits,
-        node_tokens_file=args.node_tokens_file, client_tokens_file=args.client_tokens_file,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure or None,
-        prefetch_per_slot=args.prefetch_per_slot, backup_after_s=args.backup_after,
-        metrics_port=args.metrics_port, dashboard_port=args.dashboard_port, log_level=args.log_level,
-        log_format=args.log_format,
-        policy_overrides={"shots_per_shard": args.shots_per_shard, "target_shards": args.target_shards},
-    )
+    config = CoordinatorConfig.from_env(**flag_values(args, CoordinatorConfig, Limits, Planning))
     if args.print_config:
-        shown = dataclasses.asdict(config)
-        for secret in ("node_token", "client_token"):  # tokens are never printed; file paths are fine
-            shown[secret] = "<hidden>" if shown.get(secret) else None
-        _print_json(shown)
+        _print_json(config.to_dict())  # tokens show as <hidden>; file paths are fine
         return EXIT_OK
     configure_logging(config.log_level, config.log_format)
-    address_file = args.address_file or os.environ.get("QSCALE_ADDRESS_FILE")
+    address_file = config.address_file
 
     async def serve() -> None:
         server = CoordinatorServer(config)
@@ -124,16 +112,36 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> Any:
     from qscale.client import Client
-    from qscale.security import TLSConfig, read_token
+    from qscale.settings import ClientSettings, flag_values
 
-    token = read_token(args.token_file) if args.token_file else None  # else $QSCALE_CLIENT_TOKEN[_FILE]
-    tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
-    return Client(args.coordinator, token=token, tls=tls if tls.enabled else None)
+    settings = ClientSettings.from_env(**flag_values(args, ClientSettings))
+    return Client(settings.coordinator, token=settings.resolved_token(), tls=settings.tls_config(),
+                  connect_timeout=settings.connect_timeout_s)
+
+
+def _share(count: int, shots: int) -> str:
+    """``count`` of ``shots`` as a share people can read at any scale, never 0 unless the count
+    is: 4 decimals from 0.001 up (``0.5017``), 3 significant digits below (``1.00e-04``)."""
+    if count <= 0:
+        return "0"
+    share = count / max(1, shots)
+    return f"{share:.4f}" if share >= 0.001 else f"{share:.2e}"
+
+
+def _plan_line(result: Any) -> str | None:
+    """Why the job has its shards (the planner's own words), and how to spread it further."""
+    plan = result.status.plan
+    if plan is None or not plan.explanation:
+        return None
+    hint = "; --shots-per-shard N spreads it further" if plan.limit == "min_shard_cost" and plan.splittable else ""
+    return plan.explanation + hint
 
 
 def _render_result(result: Any, console: Console, top: int) -> None:
     for r in result.results:
-        console.print(f"circuit {r.index} {escape(repr(r.name))}: {r.shots} shots, {len(r.outcomes)} distinct outcomes")
+        ran = f", {r.method} method" if r.method else ""
+        console.print(f"circuit {r.index} {escape(repr(r.name))}: {r.shots} shots, {len(r.outcomes)} distinct "
+                      f"outcomes{escape(ran)}", soft_wrap=True)
         if top == 0:
             continue
         table = Table()
@@ -141,11 +149,14 @@ def _render_result(result: Any, console: Console, top: int) -> None:
         table.add_column("count", justify="right")
         table.add_column("share", justify="right")
         for key, value in r.most_frequent(top):
-            table.add_row(key, str(value), f"{value / max(1, r.shots):.4f}")
+            table.add_row(key, str(value), _share(value, r.shots))
         console.print(table)
     s = result.status
     console.print(f"job {result.job_id}: {result.shots} shots, {s.shards_total} shards, {len(result.attempts)} "
                   f"attempts, {len(result.nodes_used)} nodes, {result.wall_time_s:.2f} s (seed {result.seed})")
+    why = _plan_line(result)
+    if why:
+        console.print(escape(why), soft_wrap=True)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -153,7 +164,8 @@ def _submit(args: argparse.Namespace) -> int:
     if args.wait:
         _check_plot(args)
     client = _client(args)
-    job = client.submit_files(args.files, shots=args.shots, seed=args.seed, method=args.method)
+    job = client.submit_files(args.files, shots=args.shots, seed=args.seed, method=args.method,
+                              shots_per_shard=args.shots_per_shard)
     if not args.wait:
         if args.json:
             _print_json({"job_id": job.job_id, "seed": job.seed})
@@ -486,16 +498,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.local_nodes < 1:
         raise errors.InvalidArgumentError("--local-nodes must be at least 1")
     _check_plot(args)
-    _configure_logging(args.log_level)
+    config = CoordinatorConfig.from_env(state_dir=args.state_dir)  # the rest from $QSCALE_*, as for serve
+    configure_logging(args.log_level, config.log_format)
     console = _console(stderr=True)
     started = time.perf_counter()
-    config = CoordinatorConfig.from_env(state_dir=args.state_dir)
     with LocalCluster(args.local_nodes, slots_per_node=args.slots_per_node, config=config) as cluster:
         ready = time.perf_counter()
         if not args.json:
             console.print(f"local cluster: coordinator {cluster.address}, {args.local_nodes} node(s) "
                           f"up in {ready - started:.1f} s")
-        job = cluster.client.submit_files(args.files, shots=args.shots, seed=args.seed, method=args.method)
+        job = cluster.client.submit_files(args.files, shots=args.shots, seed=args.seed, method=args.method,
+                                          shots_per_shard=args.shots_per_shard)
         result = _wait_for_result(job, args)
     code = _show_result(result, args)
     if not args.json:
@@ -518,31 +531,6 @@ def _tls_init(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------- parser
 
-# ``serve --max-*`` flags: Limits fields, with the defaults of qscale.coordinator.config.Limits.
-_LIMIT_FLAGS = {
-    "max_message_bytes": "largest gRPC message, e.g. 256M (default 256M)",
-    "max_qubits": "widest circuit accepted (default 1024)",
-    "max_clbits": "most classical bits in a circuit (default 16384)",
-    "max_shots": "most shots per circuit (default 100000000)",
-    "max_circuits": "most circuits in a job (default 100000)",
-    "max_experiments": "most circuits x parameter sets in a job (default 1000000)",
-    "max_observables": "most observables per circuit of an estimator job (default 10000)",
-    "max_expectation_values": "most parameter sets x observables in an estimator job (default 16000000)",
-    "max_operations": "most operations in a circuit once custom gates and control flow are expanded "
-                      "(default 1000000)",
-    "max_nesting_depth": "deepest nesting of gate definitions and control-flow blocks (default 32)",
-}
-
-
-def _count(text: str) -> int:
-    from qscale.coordinator.config import _parse_count
-
-    try:
-        return _parse_count(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _top(text: str) -> int:
     """``--top N``: outcomes shown per circuit, 0 for none."""
     try:
@@ -555,27 +543,19 @@ def _top(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-
-    from qscale.coordinator.config import DEFAULT_ADDRESS
+    """The ``qscale-coordinator`` parser. Settings get their flags and help (with their variable
+    and default) from their one definition, via :func:`qscale.settings.add_flags`."""
+    from qscale.coordinator.config import CoordinatorConfig, Limits, Planning
     from qscale.security import refuse_secret_options
+    from qscale.settings import ClientSettings, add_flags
 
     parser = argparse.ArgumentParser(prog="qscale-coordinator", description="qscale coordinator and client CLI")
     parser.add_argument("--version", action="version", version=f"qscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     client_opts = argparse.ArgumentParser(add_help=False)
-    client_opts.add_argument("--coordinator", default=os.environ.get("QSCALE_COORDINATOR", DEFAULT_ADDRESS),
-                             help="coordinator HOST:PORT (default: $QSCALE_COORDINATOR or %(default)s)")
+    add_flags(client_opts, ClientSettings)
     client_opts.add_argument("--json", action="store_true", help="machine-readable output")
-    client_opts.add_argument("--token-file", metavar="FILE",
-                             help="file holding the API token (default: $QSCALE_CLIENT_TOKEN, or the file named by "
-                                  "$QSCALE_CLIENT_TOKEN_FILE)")
-    client_opts.add_argument("--tls-ca", default=os.environ.get("QSCALE_TLS_CA") or None, metavar="PEM",
-                             help="CA that signed the coordinator's certificate; turns on TLS ($QSCALE_TLS_CA)")
-    client_opts.add_argument("--tls-cert", default=os.environ.get("QSCALE_TLS_CERT") or None, metavar="PEM",
-                             help="client certificate for mutual TLS ($QSCALE_TLS_CERT)")
-    client_opts.add_argument("--tls-key", default=os.environ.get("QSCALE_TLS_KEY") or None, metavar="PEM",
-                             help="key of --tls-cert ($QSCALE_TLS_KEY)")
     refuse_secret_options(client_opts, "--token",
                           hint="use --token-file FILE, $QSCALE_CLIENT_TOKEN or $QSCALE_CLIENT_TOKEN_FILE")
 
@@ -584,62 +564,23 @@ def _parser() -> argparse.ArgumentParser:
     job_opts.add_argument("--shots", type=int, required=True, help="shots per circuit")
     job_opts.add_argument("--seed", type=int, help="seed for reproducible counts")
     job_opts.add_argument("--method", help="Aer method (default: automatic)")
+    job_opts.add_argument("--shots-per-shard", type=int, metavar="N",
+                          help="at most N shots of a circuit per shard where each shot costs a simulation (the "
+                               "stabilizer method, noise, mid-circuit measurement): spreads a small job over more "
+                               "nodes (default: the coordinator's setting; with both, the smaller wins). Seeded "
+                               "counts are the same for the same N on any number of nodes")
     job_opts.add_argument("--top", type=_top, default=10, help="outcomes to show per circuit (default 10)")
-    job_opts.add_argument("--timeout", type=float, help="seconds to wait for the result")
+    job_opts.add_argument("--timeout", type=float, metavar="SECONDS",
+                          help="seconds to wait for the result (default: no limit)")
     job_opts.add_argument("--output", metavar="FILE.json", help="also write the result as JSON to this file")
     job_opts.add_argument("--plot", metavar="FILE.png", help="also write a histogram of the counts (needs matplotlib)")
 
-    p = sub.add_parser("serve", help="run a coordinator")
-    p.add_argument("--listen", help=f"HOST:PORT (default {DEFAULT_ADDRESS}; $QSCALE_LISTEN)")
-    p.add_argument("--state-dir", help="directory for the SQLite state (default: a temporary one)")
-    p.add_argument("--heartbeat-interval", type=float,
-                   help="seconds between node heartbeats (default 1; $QSCALE_HEARTBEAT_INTERVAL)")
-    p.add_argument("--heartbeat-timeout", type=float,
-                   help="seconds of silence before a node is declared lost (default 10; $QSCALE_HEARTBEAT_TIMEOUT)")
-    p.add_argument("--suspect-after", type=float, metavar="SECONDS",
-                   help="seconds of silence (or a broken stream) before a node is suspected and its shards get "
-                        "backup copies (default: two heartbeat intervals; $QSCALE_SUSPECT_AFTER)")
-    p.add_argument("--lost-node-ttl", type=float, metavar="SECONDS",
-                   help="how long a lost node stays listed by `nodes` (default 600; $QSCALE_LOST_NODE_TTL)")
-    p.add_argument("--address-file", help="write the bound HOST:PORT here once serving (useful with port 0; "
-                                          "$QSCALE_ADDRESS_FILE)")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus metrics on http://HOST:PORT/metrics, HOST as in --listen "
-                        "(default 0: off; $QSCALE_METRICS_PORT)")
-    p.add_argument("--dashboard-port", type=int, metavar="PORT",
-                   help="serve the read-only status page on http://HOST:PORT/, HOST as in --listen; it asks for "
-                        "a client token when authentication is on (default 0: off; $QSCALE_DASHBOARD_PORT)")
-    p.add_argument("--log-format", choices=("text", "json"),
-                   help="text, or json: one object per line for log shippers (default text; $QSCALE_LOG_FORMAT)")
-    p.add_argument("--shots-per-shard", type=_count, metavar="N",
-                   help="cap on the shots of one shard where shots cost a simulation each (default 0: shards "
-                        "are sized by estimated cost only; $QSCALE_SHOTS_PER_SHARD)")
-    p.add_argument("--target-shards", type=_count, metavar="N",
-                   help="a job with enough work is cut into about this many shards: the most nodes that share "
-                        "one job evenly (default 32; $QSCALE_TARGET_SHARDS)")
-    p.add_argument("--prefetch-per-slot", type=_count, metavar="N",
-                   help="shards a node holds beyond its slots, per slot (default 1; $QSCALE_PREFETCH_PER_SLOT)")
-    p.add_argument("--backup-after", type=float, metavar="SECONDS",
-                   help="a straggling shard gets a backup copy on an idle node after this long "
-                        "(default 2, 0: never; $QSCALE_BACKUP_AFTER)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO; $QSCALE_LOG_LEVEL)")
-    p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
-    for name, text in _LIMIT_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=_count, metavar="N",
-                       help=f"{text} ($QSCALE_{name.upper()})")
-    p.add_argument("--node-tokens-file", metavar="FILE",
-                   help="join tokens nodes may present, one per line, # comments ($QSCALE_NODE_TOKENS_FILE; "
-                        "or one token in $QSCALE_NODE_TOKEN)")
-    p.add_argument("--client-tokens-file", metavar="FILE",
-                   help="API tokens clients may present, one per line, # comments ($QSCALE_CLIENT_TOKENS_FILE; "
-                        "or one token in $QSCALE_CLIENT_TOKEN)")
-    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain ($QSCALE_TLS_CERT)")
-    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert ($QSCALE_TLS_KEY)")
-    p.add_argument("--tls-ca", metavar="PEM",
-                   help="require client certificates signed by this CA: mutual TLS ($QSCALE_TLS_CA)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback --listen address without tokens (anyone who reaches it can use "
-                        "it; $QSCALE_INSECURE=true)")
+    p = sub.add_parser("serve", help="run a coordinator",
+                       epilog="Every setting also comes from the QSCALE_* variable named in its help; flags win "
+                              "over variables, which win over defaults. Tokens never come from flags.")
+    add_flags(p, CoordinatorConfig, Limits, Planning)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration as JSON (tokens hidden) and exit")
     refuse_secret_options(p, "--token", "--node-token", "--client-token",
                           hint="put tokens in --node-tokens-file / --client-tokens-file or in "
                                "$QSCALE_NODE_TOKEN / $QSCALE_CLIENT_TOKEN")
@@ -647,10 +588,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[job_opts], help="run files on an embedded local cluster")
     p.add_argument("--local-nodes", type=int, required=True, help="local node processes to start")
-    p.add_argument("--slots-per-node", type=int, default=1)
-    p.add_argument("--state-dir", help="keep the coordinator state here")
+    p.add_argument("--slots-per-node", type=int, default=1, metavar="N",
+                   help="slots of each local node: shards it runs at once (default 1)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep the coordinator state here (default $QSCALE_STATE_DIR, else a temporary directory; "
+                        "the other settings of serve come from their QSCALE_* variables too)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default="WARNING", metavar="LEVEL",
+                   help="logging of the local cluster: DEBUG, INFO, WARNING or ERROR (default WARNING)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("submit", parents=[client_opts, job_opts], help="submit files as a job")
@@ -677,7 +622,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("status", _status, "a job's status"), ("cancel", _cancel, "cancel a job")):
         p = sub.add_parser(name, parents=[client_opts], help=text)
-        p.add_argument("job")
+        p.add_argument("job", help="job id (as submit prints it)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("watch", parents=[client_opts], help="follow a job's progress until it ends",
@@ -698,9 +643,10 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_watch)
 
     p = sub.add_parser("result", parents=[client_opts], help="a finished job's result")
-    p.add_argument("job")
+    p.add_argument("job", help="job id (as submit prints it)")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish")
-    p.add_argument("--timeout", type=float)
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="seconds to wait for the result (the job goes on after; default: no limit)")
     p.add_argument("--top", type=_top, default=10, help="outcomes to show (and plot) per circuit (default 10)")
     p.add_argument("--output", metavar="FILE.json", help="also write the result as JSON to this file")
     p.add_argument("--plot", metavar="FILE.png", help="write a histogram of the counts (needs matplotlib)")
@@ -709,7 +655,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("nodes", parents=[client_opts], help="list nodes")
     p.set_defaults(func=_nodes)
     p = sub.add_parser("jobs", parents=[client_opts], help="list recent jobs")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="newest jobs to list (default 50)")
     p.set_defaults(func=_jobs)
 
     p = sub.add_parser("tls-init", help="write a CA and certificates for TLS and mutual TLS",
@@ -738,8 +684,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refused(exc: errors.QScaleError) -> str:
+    """What to fix when the coordinator refused this command's credentials, in flags."""
+    if isinstance(exc, errors.PermissionDeniedError):
+        what = "the coordinator refused this token for client commands (it is not an API token"
+        what += ", probably a node's join token)" if "node token" in str(exc) else ")"
+    else:
+        what = "the coordinator needs an API token and got none it accepts"
+    return (f"{what}: give an API token from the coordinator's --client-tokens-file with --token-file FILE, "
+            f"$QSCALE_CLIENT_TOKEN or $QSCALE_CLIENT_TOKEN_FILE (coordinator said: {exc})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``qscale-coordinator``."""
+    """Entry point of ``qscale-coordinator``; returns the exit code (see the module's docstring:
+    0 ok, 1 job failed or cancelled, 2 bad input, 3 coordinator unavailable, 4 other errors,
+    5 credentials refused, 130 interrupted)."""
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
@@ -752,6 +711,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.UnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except (errors.UnauthenticatedError, errors.PermissionDeniedError) as exc:
+        print(f"error: {_refused(exc)}", file=sys.stderr)
+        return EXIT_AUTH
     except errors.QScaleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_OTHER

@@ -3,9 +3,9 @@ the shards that come down it on simulation worker processes (:mod:`qscale.node.w
 
 Threads of a running :class:`NodeDaemon` (all in the parent process, which never imports qiskit):
 
-* the caller of :meth:`NodeDaemon.run`: the control loop. It registers (with backoff while the
-  coordinator is away), opens the Work stream, re-registers when a session ends, drains, and
-  watches the parent process;
+* the caller of :meth:`NodeDaemon.run`: the control loop. It registers (again and again while
+  the coordinator is away: gRPC paces the attempts, see below), opens the Work stream,
+  re-registers when a session ends, drains, and watches the parent process;
 * a heartbeat thread: a ``heartbeat`` message (attempts in hand, free slots, a sequence number)
   on the Work stream every ``heartbeat_interval_s`` of the latest reply, whatever the
   simulations are doing (they run in other processes); it ends the session when a heartbeat
@@ -21,6 +21,12 @@ Everything the node sends after the ``hello`` goes through one outbox that outli
 A heartbeat does not queue behind results: the outbox holds the latest one apart and hands it to
 the stream first (an unsent heartbeat is replaced by the next one, and dropped when the node
 registers again).
+
+Reaching the coordinator follows :mod:`qscale.rpc`: the channel reconnects with gRPC's backoff
+(from ``reconnect_min_s``, 1.6 times longer each time, up to ``reconnect_max_s``) and gRPC retries ``Register`` on
+``UNAVAILABLE``; the loop only calls again. A refused join token (``UNAUTHENTICATED`` or
+``PERMISSION_DENIED``) is no passing trouble: :meth:`NodeDaemon.run` logs which setting to fix
+and returns :data:`EXIT_REFUSED`, so a supervisor shows the node failed rather than retrying forever.
 
 When a session ends (the stream broke, the coordinator forgot the node, heartbeats went
 unanswered) the node keeps its attempts for as long as its lease lasts (the heartbeat timeout since
@@ -38,7 +44,6 @@ import collections
 import dataclasses
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -51,14 +56,21 @@ from qscale.node.config import NodeConfig, format_bytes
 from qscale.node.metrics import NodeHealth, NodeMetrics
 from qscale.node.worker import ChunkOutcome, ShardOutcome, WorkerSlot, WorkerStartError
 from qscale.proto.v1 import node_pb2, node_pb2_grpc
+from qscale.rpc import transport_hint
 from qscale.security import make_channel
 
-__all__ = ["NodeDaemon", "MAX_MESSAGE_BYTES"]
+__all__ = ["NodeDaemon", "MAX_MESSAGE_BYTES", "EXIT_REFUSED"]
 
 logger = logging.getLogger(__name__)
 
 #: Largest gRPC message the node sends or accepts.
 MAX_MESSAGE_BYTES = 256 << 20
+#: Exit code of a node whose join token (or role) the coordinator refused.
+EXIT_REFUSED = 5
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+# Failures that say the coordinator is away or slow: registering again at once is right, as gRPC
+# paces the attempts (reconnect backoff, retries). Any other failure waits reconnect_max_s.
+_PASSING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 _TICK_S = 0.1
 _DEFAULT_HEARTBEAT_S = 2.0
@@ -359,7 +371,8 @@ class NodeDaemon:
     def run(self) -> int:
         """Run until drained or stopped. Returns the process exit code: 0 after a drain or stop,
         1 when no simulation worker could start, 2 when its metrics or health port cannot be
-        bound. Every worker process is stopped on return."""
+        bound, :data:`EXIT_REFUSED` (5) when the coordinator refused its join token. Every
+        worker process is stopped on return."""
         if self._ran:
             raise RuntimeError("NodeDaemon.run() can be called only once")
         self._ran = True
@@ -437,11 +450,10 @@ class NodeDaemon:
             cfg.coordinator,
             token=cfg.resolved_token(),
             tls=cfg.tls_config(),
+            reconnect_backoff_s=(cfg.reconnect_min_s, cfg.reconnect_max_s),
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.initial_reconnect_backoff_ms", max(1, int(cfg.reconnect_min_s * 1000))),
-                ("grpc.max_reconnect_backoff_ms", max(1, int(cfg.reconnect_max_s * 1000))),
                 # A connection whose packets vanish (a partition: no reset) is found dead within
                 # about 8 s and dialled again, instead of holding every call to its deadline.
                 # (The coordinator accepts a ping every 2 s: 5 s leaves a margin.)
@@ -458,7 +470,6 @@ class NodeDaemon:
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="qscale-heartbeat", daemon=True)
         self._heartbeat_thread.start()
 
-        backoff = cfg.reconnect_min_s
         next_attempt = 0.0
         unreachable_since: float | None = None
         last_error = ""
@@ -484,12 +495,11 @@ class NodeDaemon:
             session = self._session
             if session is not None and session.ended.is_set():
                 self._teardown_session(session)
-                if now - session.started >= _HEALTHY_SESSION_S:
-                    backoff = cfg.reconnect_min_s
-                    next_attempt = now
-                else:
-                    next_attempt = now + random.uniform(cfg.reconnect_min_s, backoff)
-                    backoff = min(backoff * 2, cfg.reconnect_max_s)
+                # Register again at once; after a session that ended early, not before
+                # reconnect_max_s from its start: no tight loop against a coordinator that keeps
+                # ending sessions (one that is away is paced by the channel instead).
+                next_attempt = now if now - session.started >= _HEALTHY_SESSION_S else \
+                    session.started + cfg.reconnect_max_s
                 if not self._draining:
                     self._state = "connecting"
             if self._session is None and self._lease_until is not None and now >= self._lease_until:
@@ -499,20 +509,30 @@ class NodeDaemon:
                 try:
                     self._open_session()
                 except grpc.RpcError as err:
-                    delay = random.uniform(cfg.reconnect_min_s, backoff)
-                    backoff = min(backoff * 2, cfg.reconnect_max_s)
-                    next_attempt = time.monotonic() + delay
+                    code = err.code() if hasattr(err, "code") else None
                     text = _rpc_error_text(err)
-                    code = text.split(":", 1)[0]
-                    if unreachable_since is None or code != last_error:
+                    if code in _REFUSED:
+                        logger.error(
+                            "node %r: coordinator %s refused this node's join token (%s); set the join token the "
+                            "coordinator accepts with --token-file FILE, $QSCALE_NODE_TOKEN_FILE or "
+                            "$QSCALE_NODE_TOKEN (one of the coordinator's --node-tokens-file lines); exiting",
+                            cfg.name, cfg.coordinator, text,
+                        )
+                        return EXIT_REFUSED
+                    if code not in _PASSING:
+                        next_attempt = time.monotonic() + cfg.reconnect_max_s
+                    hint = transport_hint(text, tls=cfg.tls_config() is not None, client_cert=bool(cfg.tls_cert),
+                                          python=False) if code == grpc.StatusCode.UNAVAILABLE else None
+                    if unreachable_since is None or text.split(":", 1)[0] != last_error:
                         unreachable_since = unreachable_since or now
                         logger.warning(
-                            "node %r: cannot register with coordinator %s (%s); retrying every %.1f-%.1f s",
-                            cfg.name, cfg.coordinator, text, cfg.reconnect_min_s, cfg.reconnect_max_s,
+                            "node %r: cannot register with coordinator %s: %s; trying again, %.1f-%.1f s apart",
+                            cfg.name, cfg.coordinator, f"{hint} ({text})" if hint else text,
+                            cfg.reconnect_min_s, cfg.reconnect_max_s,
                         )
                     else:
                         logger.debug("node %r: register failed again: %s", cfg.name, text)
-                    last_error = code
+                    last_error = text.split(":", 1)[0]
                 else:
                     if unreachable_since is not None:
                         logger.info(

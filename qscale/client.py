@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import numbers
 import os
-import random
+import re
 import struct
 import time
 import uuid
@@ -27,6 +29,7 @@ from qscale.errors import (
 )
 from qscale.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from qscale.results import JobResult, JobState, JobStatus, NodeStatus, Progress
+from qscale.rpc import check_connect_timeout, connect_timeout_from_env
 from qscale.rpc_status import translate_rpc_errors
 from qscale.security import TLSConfig, make_channel, token_from_env
 
@@ -43,13 +46,26 @@ MAX_SHOTS = (1 << 63) - 1
 _MAX_MESSAGE = 256 << 20
 _QPY_SUFFIXES = (".qpy",)
 _QASM_SUFFIXES = (".qasm", ".qasm2", ".qasm3", ".inc")
+_DEFAULT_CIRCUIT_NAME = re.compile(r"circuit-\d+")  # what Qiskit names a circuit given no name
+_CIRCUIT_ERROR = re.compile(r"circuit (\d+): (.*)", re.S)  # the coordinator's message about one circuit
+
+
+def _file_circuit_name(own: str, stem: str, index: int, count: int) -> str:
+    """A circuit's name in results: its own, else (Qiskit's default name, or none) the file's
+    stem, with the circuit's index in the file when the file holds several."""
+    if own and not _DEFAULT_CIRCUIT_NAME.fullmatch(own):
+        return own
+    return f"{stem}[{index}]" if count > 1 else stem
 
 
 def circuit_sources_from_file(path: str | os.PathLike[str]) -> list[jobs_pb2.CircuitSource]:
     """Wire sources for a ``.qpy`` or OpenQASM 2/3 ``.qasm`` file (one per circuit in it).
 
     OpenQASM is sent as text and parsed by the coordinator; a QPY file with several circuits
-    is split here into one payload per circuit.
+    is split here into one payload per circuit. Each source is named as results will name the
+    circuit: a QPY circuit by its own ``QuantumCircuit.name``; an OpenQASM circuit, or a QPY
+    circuit with Qiskit's default name (``circuit-N``), by the file's stem (``bell`` for
+    ``bell.qasm``), with its index (``pair[1]``) when the file holds several circuits.
     """
     p = Path(path)
     suffix = p.suffix.lower()
@@ -57,13 +73,19 @@ def circuit_sources_from_file(path: str | os.PathLike[str]) -> list[jobs_pb2.Cir
         if suffix in _QPY_SUFFIXES:
             data = p.read_bytes()
             programs = struct.unpack_from("!Q", data, 10)[0] if len(data) >= 18 else 1
-            if programs <= 1:
-                return [jobs_pb2.CircuitSource(qpy=data, name=p.stem)]
             from qiskit import qpy
 
-            with p.open("rb") as fh:
-                circuits = qpy.load(fh)
-            return [jobs_pb2.CircuitSource(qpy=dump_qpy(c), name=f"{p.stem}[{i}]") for i, c in enumerate(circuits)]
+            try:
+                circuits = qpy.load(io.BytesIO(data))
+            except Exception:
+                if programs > 1:
+                    raise
+                # Sent as it is: the coordinator's decoder says what is wrong with it.
+                return [jobs_pb2.CircuitSource(qpy=data, name=p.stem)]
+            if len(circuits) == 1:
+                return [jobs_pb2.CircuitSource(qpy=data, name=_file_circuit_name(circuits[0].name, p.stem, 0, 1))]
+            return [jobs_pb2.CircuitSource(qpy=dump_qpy(c), name=_file_circuit_name(c.name, p.stem, i, len(circuits)))
+                    for i, c in enumerate(circuits)]
         if suffix in _QASM_SUFFIXES:
             return [jobs_pb2.CircuitSource(qasm=p.read_text(encoding="utf-8"), name=p.stem)]
     except OSError as exc:
@@ -103,6 +125,11 @@ def check_shots(value: object, what: str = "shots") -> int:
     if not 1 <= shots <= MAX_SHOTS:
         raise InvalidArgumentError(f"{what} must be a positive integer below 2**63, got {shots}")
     return shots
+
+
+def _shots_per_shard(value: object) -> int:
+    """A job's own cap on shots per shard on the wire: 0 for None, else checked as shots are."""
+    return 0 if value is None else check_shots(value, "shots_per_shard")
 
 
 def _circuit_source(circuit: object, values: ArrayLike | None, shots: int = 0) -> jobs_pb2.CircuitSource:
@@ -149,6 +176,12 @@ class Client:
             (the system's roots when None), ``cert`` + ``key`` are presented for mutual TLS.
             None: a plain connection.
         timeout: deadline in seconds for each unary call.
+        connect_timeout: seconds a connection attempt waits for the coordinator to answer
+            (packets dropped, a port that is not gRPC) before a call fails with
+            :class:`~qscale.errors.UnavailableError`; defaults to ``$QSCALE_CONNECT_TIMEOUT`` or
+            5. A refused connection fails sooner: calls that are safe to repeat are retried by
+            gRPC for under a second (see :mod:`qscale.rpc`). :meth:`Job.wait` and
+            :meth:`Job.result` still ride through a coordinator restart.
 
     Example::
 
@@ -158,18 +191,27 @@ class Client:
     """
 
     def __init__(self, address: str | None = None, *, token: str | None = None, tls: TLSConfig | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, connect_timeout: float | None = None) -> None:
         self.address = address or os.environ.get("QSCALE_COORDINATOR") or DEFAULT_COORDINATOR
         self.timeout = timeout
+        self.connect_timeout = (connect_timeout_from_env() if connect_timeout is None
+                                else check_connect_timeout(connect_timeout))
         self.tls = tls
         if token is None:
             token = token_from_env("QSCALE_CLIENT_TOKEN", "QSCALE_CLIENT_TOKEN_FILE")
         self._channel = make_channel(
-            self.address, token=token, tls=tls,
+            self.address, token=token, tls=tls, connect_timeout=self.connect_timeout,
             options=[("grpc.max_receive_message_length", _MAX_MESSAGE),
                      ("grpc.max_send_message_length", _MAX_MESSAGE)],
         )
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    def _rpc_errors(self) -> contextlib.AbstractContextManager[None]:
+        """:func:`~qscale.rpc_status.translate_rpc_errors` for this client's channel: a
+        connection error that its TLS settings explain says what to change."""
+        return translate_rpc_errors(tls=self.tls is not None,
+                                    client_cert=self.tls is not None and self.tls.cert is not None)
+
 
     def submit(
         self,
@@ -181,6 +223,7 @@ class Client:
         parameter_values: Sequence[ArrayLike | None] | None = None,
         memory: bool = False,
         noise_model: NoiseModel | None = None,
+        shots_per_shard: int | None = None,
     ) -> Job:
         """Submit one circuit or several; returns at once with a :class:`Job`.
 
@@ -196,6 +239,12 @@ class Client:
                 experiment and the sets of one circuit are spread over the nodes.
             memory: keep every shot's outcome (``CircuitResult.memory()``), not only counts.
             noise_model: a qiskit-aer ``NoiseModel``, sent as JSON (never pickled).
+            shots_per_shard: at most this many shots of a circuit in one shard, where each shot
+                costs a simulation of its own (the stabilizer method, noise, mid-circuit
+                measurement): spreads a small job over more nodes. None: the coordinator's
+                setting; with both set, the smaller wins. It changes the plan and so the chunk
+                seeds: a seeded job gives the same counts for the same value on any number of
+                nodes, other (equally valid) counts for another value.
 
         Raises:
             InvalidArgumentError: a circuit or option the coordinator rejects.
@@ -215,7 +264,8 @@ class Client:
             raise InvalidArgumentError("give one shots value and one parameter array per circuit")
         sources = [_circuit_source(circuit, circuit_values, shots=circuit_shots)
                    for circuit, circuit_shots, circuit_values in zip(circuits, per_circuit_shots, values)]
-        return self._submit(sources, 0, seed, method, memory=memory, noise_model=noise_model)
+        return self._submit(sources, 0, seed, method, memory=memory, noise_model=noise_model,
+                            shots_per_shard=_shots_per_shard(shots_per_shard))
 
     def estimate(
         self,
@@ -273,38 +323,58 @@ class Client:
         shots: int = 1024,
         seed: int | None = None,
         method: str | None = None,
+        shots_per_shard: int | None = None,
     ) -> Job:
-        """Submit the circuits of ``.qpy`` and OpenQASM 2/3 ``.qasm`` files."""
+        """Submit the circuits of ``.qpy`` and OpenQASM 2/3 ``.qasm`` files, named as
+        :func:`circuit_sources_from_file` says; returns at once with a :class:`Job`.
+
+        Args:
+            paths: the files, their circuits in order.
+            shots, seed, method, shots_per_shard: as for :meth:`submit`.
+
+        Raises:
+            InvalidArgumentError: a file that cannot be read, or a circuit or option the
+                coordinator rejects; a message about one circuit starts with its file's path
+                (an OpenQASM syntax error: ``path: OpenQASM 2 error at line 6, ...``).
+        """
         shots = check_shots(shots)
-        sources = [s for path in paths for s in circuit_sources_from_file(path)]
-        return self._submit(sources, shots, seed, method)
+        cap = _shots_per_shard(shots_per_shard)
+        sources: list[jobs_pb2.CircuitSource] = []
+        origins: list[tuple[str, int, int]] = []  # per source: its file, index in the file, circuits in the file
+        for path in paths:
+            found = circuit_sources_from_file(path)
+            origins.extend((str(path), index, len(found)) for index in range(len(found)))
+            sources.extend(found)
+        try:
+            return self._submit(sources, shots, seed, method, shots_per_shard=cap)
+        except InvalidArgumentError as exc:
+            match = _CIRCUIT_ERROR.fullmatch(str(exc))
+            if match is None or int(match[1]) >= len(origins):
+                raise
+            path, index, count = origins[int(match[1])]
+            where = path if count == 1 else f"{path} (circuit {index} of the file)"
+            raise InvalidArgumentError(f"{where}: {match[2]}") from None
 
     def _submit(self, sources: list[jobs_pb2.CircuitSource], shots: int, seed: int | None,
-                method: str | None, *, memory: bool = False, noise_model: NoiseModel | None = None) -> Job:
+                method: str | None, *, memory: bool = False, noise_model: NoiseModel | None = None,
+                shots_per_shard: int = 0) -> Job:
         """Send a submission whose shots were checked (:func:`check_shots`; ``shots`` 0: every
         source carries its own)."""
         if seed is not None and not 0 <= seed < 2**63:
             raise InvalidArgumentError("seed must be between 0 and 2**63 - 1")
-        request = jobs_pb2.SubmitRequest(circuits=sources, shots=shots, method=method or "", memory=memory)
+        request = jobs_pb2.SubmitRequest(circuits=sources, shots=shots, method=method or "", memory=memory,
+                                         shots_per_shard=shots_per_shard)
         if noise_model is not None:
             request.noise_model = noise_model_json(noise_model)
         if seed is not None:
             request.seed = seed
-        # The idempotency key makes retrying safe: a Submit that reached the coordinator before
-        # it went away is answered with the same job, never a second one.
+        # The idempotency key makes retrying safe (gRPC retries Submit on UNAVAILABLE, see
+        # qscale.rpc): a Submit that reached the coordinator before it went away is answered with
+        # the same job, never a second one.
         request.request_key = uuid.uuid4().hex
-        deadline = time.monotonic() + self.timeout
-        backoff = 0.1
-        while True:
-            try:
-                with translate_rpc_errors():
-                    reply = self._stub.Submit(request, timeout=max(0.1, deadline - time.monotonic()))
-                return Job(self, reply.job_id, seed=reply.seed)
-            except UnavailableError:
-                if time.monotonic() + backoff > deadline:
-                    raise
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+        with self._rpc_errors():
+            reply = self._stub.Submit(request, timeout=self.timeout)
+        return Job(self, reply.job_id, seed=reply.seed)
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job (checked to exist)."""
@@ -314,13 +384,13 @@ class Client:
 
     def jobs(self, limit: int = 100) -> list[JobStatus]:
         """The newest jobs, newest first."""
-        with translate_rpc_errors():
+        with self._rpc_errors():
             reply = self._stub.ListJobs(jobs_pb2.ListJobsRequest(limit=limit), timeout=self.timeout)
         return [JobStatus.from_proto(j) for j in reply.jobs]
 
     def nodes(self) -> list[NodeStatus]:
         """Every node the coordinator knows, recently lost ones last."""
-        with translate_rpc_errors():
+        with self._rpc_errors():
             reply = self._stub.ListNodes(jobs_pb2.ListNodesRequest(), timeout=self.timeout)
         return [NodeStatus.from_proto(n) for n in reply.nodes]
 
@@ -362,7 +432,7 @@ class Job:
 
     def status(self) -> JobStatus:
         """Current status and progress."""
-        with translate_rpc_errors():
+        with self._client._rpc_errors():
             reply = self._client._stub.GetJob(jobs_pb2.JobRef(job_id=self.job_id), timeout=self._client.timeout)
         return JobStatus.from_proto(reply)
 
@@ -370,39 +440,49 @@ class Job:
         """True once the job is done, failed or cancelled."""
         return self.status().state.final
 
-    def watch(self, *, counts: bool = True, max_outcomes: int = 0, timeout: float | None = None
-              ) -> Iterator[Progress]:
+    def watch(self, *, counts: bool = True, max_outcomes: int = 0, timeout: float | None = None,
+              wait_for_ready: bool = False) -> Iterator[Progress]:
         """Progress updates (with partial merged counts) until the job reaches a final state.
 
         Args:
             counts: include the merged counts so far in each update.
             max_outcomes: only the most frequent outcomes per circuit; 0 for all.
             timeout: give up after this many seconds (:class:`~qscale.errors.JobTimeoutError`).
+            wait_for_ready: while the coordinator is unreachable (restarting), wait for the
+                channel to reconnect (within ``timeout``) instead of failing at once with
+                :class:`~qscale.errors.UnavailableError`.
         """
         request = jobs_pb2.WatchRequest(job_id=self.job_id, include_counts=counts, max_outcomes=max_outcomes)
-        with translate_rpc_errors():
-            for msg in self._client._stub.Watch(request, timeout=timeout):
+        with self._client._rpc_errors():
+            for msg in self._client._stub.Watch(request, timeout=timeout, wait_for_ready=wait_for_ready):
                 yield Progress.from_proto(msg)
 
     def wait(self, timeout: float | None = None) -> JobStatus:
-        """Block until the job is final; survives a coordinator restart. Returns the final status."""
+        """Block until the job is final and return its final status.
+
+        Survives a coordinator restart: when the Watch stream breaks, it watches again with
+        ``wait_for_ready``, so the channel's own reconnect backoff does the waiting.
+
+        Raises:
+            JobTimeoutError: not final within ``timeout`` seconds (the job goes on).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        backoff = 0.1
+        reconnect = False
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise JobTimeoutError(f"job {self.job_id} not finished after {timeout}s")
             try:
                 last = None
-                for progress in self.watch(counts=False, timeout=remaining):
+                for progress in self.watch(counts=False, timeout=remaining, wait_for_ready=reconnect):
                     last = progress.status
                 if last is not None and last.state.final:
                     return last
             except UnavailableError:
-                time.sleep(min(backoff, remaining) if remaining is not None else backoff)
-                backoff = min(backoff * 2, 2.0) * (0.8 + 0.4 * random.random())
+                pass
             except JobTimeoutError:
                 raise JobTimeoutError(f"job {self.job_id} not finished after {timeout}s") from None
+            reconnect = True  # the stream broke or ended early: watch again once the coordinator is back
 
     def result(self, timeout: float | None = None) -> JobResult:
         """Block until the job is final and return its result.
@@ -413,17 +493,16 @@ class Job:
             JobTimeoutError: not finished within ``timeout`` seconds (the job goes on).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            try:
-                with translate_rpc_errors():
-                    reply = self._client._stub.GetResult(jobs_pb2.JobRef(job_id=self.job_id),
-                                                         timeout=self._client.timeout)
-                break
-            except UnavailableError:  # the coordinator went away between the two calls
-                if deadline is not None and time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        try:
+            # wait_for_ready: should the coordinator go away between the two calls, this waits for
+            # it to come back (up to the deadline) instead of failing.
+            with self._client._rpc_errors():
+                reply = self._client._stub.GetResult(
+                    jobs_pb2.JobRef(job_id=self.job_id), wait_for_ready=True,
+                    timeout=None if deadline is None else max(0.1, deadline - time.monotonic()))
+        except JobTimeoutError:
+            raise JobTimeoutError(f"job {self.job_id}: no result within {timeout}s") from None
         result = JobResult.from_proto(reply)
         if result.status.state == JobState.FAILED:
             raise JobFailedError(f"job {self.job_id} failed: {result.status.error}", self.job_id)
@@ -433,6 +512,6 @@ class Job:
 
     def cancel(self) -> JobStatus:
         """Cancel the job (no effect on a finished one); returns its status."""
-        with translate_rpc_errors():
+        with self._client._rpc_errors():
             reply = self._client._stub.Cancel(jobs_pb2.JobRef(job_id=self.job_id), timeout=self._client.timeout)
         return JobStatus.from_proto(reply)

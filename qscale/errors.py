@@ -16,11 +16,17 @@ the gRPC status code it travels as, and :mod:`qscale.rpc_status` converts in bot
     │   ├── JobFailedError                             a shard failed too often
     │   └── JobCancelledError                          someone cancelled it
     └── JobTimeoutError           DEADLINE_EXCEEDED    waiting for a result timed out
+
+Importing this module does not import gRPC: its C core reads ``GRPC_VERBOSITY`` once, when it
+loads, and the command-line tools set that first (see :mod:`qscale.coordinator.cli`).
 """
 
 from __future__ import annotations
 
-import grpc
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
 
 __all__ = [
     "QScaleError",
@@ -39,28 +45,51 @@ __all__ = [
 ]
 
 
+class _StatusCode:
+    """A class attribute holding the ``grpc.StatusCode`` of that name, looked up on first use.
+    An instance may set its own (``exc.code = ...``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.attr = "code"
+
+    def __set_name__(self, owner: type, attr: str) -> None:
+        self.attr = attr
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> grpc.StatusCode:
+        own: grpc.StatusCode | None = vars(obj).get(self.attr) if obj is not None else None
+        if own is not None:
+            return own
+        import grpc
+
+        return grpc.StatusCode[self.name]
+
+    def __set__(self, obj: object, value: grpc.StatusCode) -> None:
+        vars(obj)[self.attr] = value
+
+
 class QScaleError(Exception):
     """Base of every error qscale raises on purpose."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code = _StatusCode("INTERNAL")
 
 
 class InvalidArgumentError(QScaleError, ValueError):
     """The request itself is wrong: a malformed circuit, bad shots, an unknown option."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = _StatusCode("INVALID_ARGUMENT")
 
 
 class NotFoundError(QScaleError, LookupError):
     """No such job (or node)."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    code = _StatusCode("NOT_FOUND")
 
 
 class FailedPreconditionError(QScaleError):
     """The request is well formed but the system is not in a state to serve it."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = _StatusCode("FAILED_PRECONDITION")
 
 
 class NoCapableNodeError(FailedPreconditionError):
@@ -70,25 +99,25 @@ class NoCapableNodeError(FailedPreconditionError):
 class UnauthenticatedError(QScaleError):
     """Missing or invalid credentials."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = _StatusCode("UNAUTHENTICATED")
 
 
 class PermissionDeniedError(QScaleError):
     """Valid credentials, but not for this call."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = _StatusCode("PERMISSION_DENIED")
 
 
 class ResourceExhaustedError(QScaleError):
     """A configured size limit was exceeded."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = _StatusCode("RESOURCE_EXHAUSTED")
 
 
 class UnavailableError(QScaleError, ConnectionError):
     """The coordinator cannot be reached, or is shutting down."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = _StatusCode("UNAVAILABLE")
 
 
 class JobError(QScaleError):
@@ -102,16 +131,16 @@ class JobError(QScaleError):
 class JobFailedError(JobError):
     """A shard of the job failed on too many attempts; the message says which circuit and why."""
 
-    code = grpc.StatusCode.ABORTED
+    code = _StatusCode("ABORTED")
 
 
 class JobCancelledError(JobError):
     """The job was cancelled before it finished."""
 
-    code = grpc.StatusCode.CANCELLED
+    code = _StatusCode("CANCELLED")
 
 
 class JobTimeoutError(QScaleError, TimeoutError):
     """A wait for a job ran out of time; the job itself goes on."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = _StatusCode("DEADLINE_EXCEEDED")

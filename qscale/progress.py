@@ -1,7 +1,8 @@
 """Live job progress for the command line.
 
 :func:`follow` feeds a job's Watch stream (:meth:`qscale.Job.watch`) into a *view* until the job
-is final, and reconnects with a bounded backoff when the coordinator goes away (a restart).
+is final, and watches again when the coordinator goes away (a restart), waiting for the channel to
+reconnect (gRPC's own backoff, see :mod:`qscale.rpc`).
 Three views render the updates:
 
 - :class:`BarView`: a rich live display for a terminal: a bar with shots done of total, shards
@@ -19,7 +20,6 @@ while the coordinator is away, and ``finish`` once with the final update.
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 from collections import deque
@@ -37,10 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["BarView", "JsonLinesView", "PlainView", "ProgressView", "RateMeter", "follow", "format_duration",
            "percent_done"]
-
-_FIRST_BACKOFF_S = 0.1
-_MAX_BACKOFF_S = 2.0
-
 
 # ----------------------------------------------------------------- numbers
 
@@ -137,8 +133,9 @@ class ProgressView(Protocol):
     def update(self, progress: Progress) -> None:
         """A non-final update."""
 
-    def reconnecting(self, attempt: int, delay: float, error: Exception) -> None:
-        """The stream broke (the coordinator is away); another try in ``delay`` seconds."""
+    def reconnecting(self, attempt: int, error: Exception) -> None:
+        """The stream broke (the coordinator is away, ``attempt`` times in a row): :func:`follow`
+        now waits for it to come back."""
 
     def finish(self, progress: Progress, nodes_used: Sequence[str] | None = None) -> None:
         """The final update, with the nodes that ran the job when known."""
@@ -147,20 +144,21 @@ class ProgressView(Protocol):
 class _Watchable(Protocol):
     job_id: str
 
-    def watch(self, *, counts: bool = ..., max_outcomes: int = ..., timeout: float | None = ...
-              ) -> Iterator[Progress]: ...
+    def watch(self, *, counts: bool = ..., max_outcomes: int = ..., timeout: float | None = ...,
+              wait_for_ready: bool = ...) -> Iterator[Progress]: ...
 
 
 def follow(job: _Watchable, view: ProgressView, *, top: int = 5, timeout: float | None = None,
-           sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
-           max_backoff: float = _MAX_BACKOFF_S) -> Progress:
+           clock: Callable[[], float] = time.monotonic) -> Progress:
     """Feed ``job.watch()`` into ``view`` until the job is final; returns the final update.
 
     The final update is *not* passed to the view: the caller calls ``view.finish`` (after
     fetching, say, the nodes used). When the stream breaks with
-    :class:`~qscale.errors.UnavailableError` (a coordinator restart), ``follow`` tells the view,
-    waits (0.1 s, doubling up to ``max_backoff`` seconds, with jitter) and watches again; the
-    backoff starts over once updates flow again.
+    :class:`~qscale.errors.UnavailableError` (a coordinator restart), ``follow`` tells the view
+    (``reconnecting``) and watches again with ``wait_for_ready``: the call waits, within
+    ``timeout``, until the channel has reconnected (gRPC's reconnect backoff, see
+    :mod:`qscale.rpc`), so nothing here sleeps. ``attempt`` counts the breaks in a row and
+    starts over once updates flow again.
 
     Args:
         job: a :class:`qscale.Job` (or anything with its ``watch`` method).
@@ -168,18 +166,18 @@ def follow(job: _Watchable, view: ProgressView, *, top: int = 5, timeout: float 
         top: most frequent outcomes per circuit to ask for; 0 asks for no counts.
         timeout: give up after this many seconds (:class:`~qscale.errors.JobTimeoutError`);
             the job goes on.
-        sleep, clock: injectable for tests.
+        clock: injectable for tests.
     """
     deadline = None if timeout is None else clock() + timeout
-    backoff = _FIRST_BACKOFF_S
     attempt = 0
     while True:
         remaining = None if deadline is None else deadline - clock()
         if remaining is not None and remaining <= 1e-3:
             raise JobTimeoutError(f"job {job.job_id} not finished after {timeout}s")
         try:
-            for progress in job.watch(counts=top > 0, max_outcomes=max(0, top), timeout=remaining):
-                attempt, backoff = 0, _FIRST_BACKOFF_S
+            for progress in job.watch(counts=top > 0, max_outcomes=max(0, top), timeout=remaining,
+                                      wait_for_ready=attempt > 0):
+                attempt = 0
                 if progress.status.state.final:
                     return progress
                 view.update(progress)
@@ -189,10 +187,7 @@ def follow(job: _Watchable, view: ProgressView, *, top: int = 5, timeout: float 
         except JobTimeoutError:
             raise JobTimeoutError(f"job {job.job_id} not finished after {timeout}s") from None
         attempt += 1
-        delay = backoff if deadline is None else max(0.0, min(backoff, deadline - clock()))
-        view.reconnecting(attempt, delay, error)
-        sleep(delay)
-        backoff = min(max_backoff, backoff * 2 * (0.8 + 0.4 * random.random()))
+        view.reconnecting(attempt, error)
 
 
 # ------------------------------------------------------------------- views
@@ -268,7 +263,7 @@ class JsonLinesView(_ViewBase):
         self._printed_at = now
         self._emit(_update_dict(progress, self.meter, self.top, False, None))
 
-    def reconnecting(self, attempt: int, delay: float, error: Exception) -> None:
+    def reconnecting(self, attempt: int, error: Exception) -> None:
         if attempt == 1:
             print(f"coordinator unavailable ({error}); reconnecting", file=sys.stderr, flush=True)
 
@@ -320,7 +315,7 @@ class PlainView(_ViewBase):
         self._printed_at = now
         self._emit(_plain_line(progress, self.meter, False, None))
 
-    def reconnecting(self, attempt: int, delay: float, error: Exception) -> None:
+    def reconnecting(self, attempt: int, error: Exception) -> None:
         if attempt == 1:
             self._emit(f"coordinator unavailable ({error}); reconnecting")
 
@@ -379,7 +374,7 @@ class BarView(_ViewBase):
         self.note = ""
         self._refresh()
 
-    def reconnecting(self, attempt: int, delay: float, error: Exception) -> None:
+    def reconnecting(self, attempt: int, error: Exception) -> None:
         self.note = f"coordinator unavailable; reconnecting (attempt {attempt})"
         self._refresh(now=True)
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import grpc
 
 from qscale import errors
+from qscale.rpc import transport_hint
 
 _BY_CODE: dict[grpc.StatusCode, type[errors.QScaleError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
@@ -44,12 +45,21 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     return grpc.StatusCode.INTERNAL, "internal error in the coordinator; see its log", ()
 
 
-def error_from_rpc(err: grpc.RpcError) -> errors.QScaleError:
-    """The :class:`~qscale.errors.QScaleError` for a failed call."""
+def error_from_rpc(err: grpc.RpcError, *, tls: bool | None = None, client_cert: bool = False
+                   ) -> errors.QScaleError:
+    """The :class:`~qscale.errors.QScaleError` for a failed call.
+
+    Args:
+        err: what the call raised.
+        tls: whether the channel used TLS; when known (not None), an ``UNAVAILABLE`` error that
+            the TLS settings explain (:func:`qscale.rpc.transport_hint`) says what to change.
+        client_cert: whether the channel presented a client certificate.
+    """
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or str(code)
     if code == grpc.StatusCode.UNAVAILABLE:
-        details = f"coordinator unavailable: {details}"
+        hint = transport_hint(details, tls=tls, client_cert=client_cert) if tls is not None else None
+        details = f"coordinator unavailable: {hint} (gRPC: {details})" if hint else f"coordinator unavailable: {details}"
     cls = _BY_CODE.get(code, errors.QScaleError)
     trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
     for key, value in trailing or ():
@@ -62,9 +72,10 @@ def error_from_rpc(err: grpc.RpcError) -> errors.QScaleError:
 
 
 @contextlib.contextmanager
-def translate_rpc_errors() -> Iterator[None]:
-    """Re-raise any ``grpc.RpcError`` in the block as a :class:`~qscale.errors.QScaleError`."""
+def translate_rpc_errors(*, tls: bool | None = None, client_cert: bool = False) -> Iterator[None]:
+    """Re-raise any ``grpc.RpcError`` in the block as a :class:`~qscale.errors.QScaleError`
+    (see :func:`error_from_rpc` for the arguments)."""
     try:
         yield
     except grpc.RpcError as err:
-        raise error_from_rpc(err) from err
+        raise error_from_rpc(err, tls=tls, client_cert=client_cert) from err

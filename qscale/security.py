@@ -45,6 +45,7 @@ from qscale.errors import (
     QScaleError,
     UnauthenticatedError,
 )
+from qscale.rpc import CLIENT_RECONNECT_BACKOFF_S, DEFAULT_CONNECT_TIMEOUT_S, channel_options
 from qscale.rpc_status import status_for
 
 __all__ = [
@@ -495,15 +496,23 @@ def make_channel(
     token: str | None = None,
     tls: TLSConfig | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    reconnect_backoff_s: tuple[float, float] = CLIENT_RECONNECT_BACKOFF_S,
 ) -> grpc.Channel:
     """A sync gRPC channel to ``address``, the way clients and nodes all build theirs: TLS when
     ``tls`` is given (even an empty :class:`TLSConfig`, which verifies the server with the
     system's roots), plain otherwise; every call carries ``token`` when one is given.
 
+    The channel follows qscale's one connection policy (:func:`qscale.rpc.channel_options`):
+    a connection attempt that gets no answer within ``connect_timeout`` seconds fails, calls
+    that are safe to repeat are retried by gRPC on ``UNAVAILABLE``, and the channel reconnects
+    with gRPC's backoff, from the first to the longest delay of ``reconnect_backoff_s``.
+    ``options`` (message sizes, keepalive) are added after the policy's.
+
     Raises:
         InvalidArgumentError, FailedPreconditionError: a bad token or unreadable TLS file.
     """
-    opts = list(options)
+    opts = channel_options(connect_timeout, reconnect_backoff_s=reconnect_backoff_s) + list(options)
     if tls is not None:
         channel = grpc.secure_channel(address, tls.channel_credentials(), options=opts)
     else:

@@ -333,16 +333,16 @@ def test_authenticated_cluster_runs_a_job(make_cluster: Callable[..., LocalClust
     # The CLI takes --token-file; without a token it is refused.
     addr = ["--coordinator", cluster.address, "--json"]
     assert coordinator_cli.main(["status", result.job_id, "--token-file", str(token_file), *addr]) == 0
-    assert coordinator_cli.main(["nodes", *addr]) == coordinator_cli.EXIT_OTHER
-    # A node without the join token cannot join (and keeps retrying, so stop it).
+    assert coordinator_cli.main(["nodes", *addr]) == coordinator_cli.EXIT_AUTH
+    # A node without the join token cannot join: it says which setting to fix and exits 5.
     stray_log = tmp_path / "stray.log"
     with stray_log.open("wb") as log:
         stray = subprocess.Popen(cluster.node_command("stray"), stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, env=_clean_env(PYTHONUNBUFFERED="1"), cwd=tmp_path)
     try:
-        wait_until(lambda: stray.poll() is not None or "UNAUTHENTICATED" in stray_log.read_text(), 60,
-                   "the node without a token to be refused")
-        assert stray.poll() is None, stray_log.read_text()
+        wait_until(lambda: stray.poll() is not None, 60, "the node without a token to be refused")
+        assert stray.returncode == 5 and "UNAUTHENTICATED" in stray_log.read_text(), stray_log.read_text()
+        assert "$QSCALE_NODE_TOKEN" in stray_log.read_text(), stray_log.read_text()
         assert len(cluster.client.nodes()) == 2
     finally:
         stray.kill()

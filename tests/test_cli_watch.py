@@ -386,9 +386,10 @@ class _ScriptedJob:
         self.script = script
         self.calls: list[dict[str, Any]] = []
 
-    def watch(self, *, counts: bool = True, max_outcomes: int = 0, timeout: float | None = None
-              ) -> Iterator[Progress]:
-        self.calls.append({"counts": counts, "max_outcomes": max_outcomes, "timeout": timeout})
+    def watch(self, *, counts: bool = True, max_outcomes: int = 0, timeout: float | None = None,
+              wait_for_ready: bool = False) -> Iterator[Progress]:
+        self.calls.append({"counts": counts, "max_outcomes": max_outcomes, "timeout": timeout,
+                           "wait_for_ready": wait_for_ready})
         step = self.script.pop(0)
         if isinstance(step, Exception):
             raise step
@@ -401,44 +402,47 @@ class _ScriptedJob:
 class _Recorder:
     def __init__(self) -> None:
         self.updates: list[Progress] = []
-        self.reconnects: list[tuple[int, float]] = []
+        self.reconnects: list[int] = []
 
     def update(self, progress: Progress) -> None:
         self.updates.append(progress)
 
-    def reconnecting(self, attempt: int, delay: float, error: Exception) -> None:
-        self.reconnects.append((attempt, delay))
+    def reconnecting(self, attempt: int, error: Exception) -> None:
+        self.reconnects.append(attempt)
 
     def finish(self, progress: Progress, nodes_used: Sequence[str] | None = None) -> None:
         raise AssertionError("follow leaves finish to its caller")
 
 
-def test_follow_reconnects_with_a_bounded_backoff() -> None:
+def test_follow_watches_again_waiting_for_the_coordinator_to_come_back() -> None:
     down = UnavailableError("coordinator restarting")
-    job = _ScriptedJob([down] * 7 + [[_progress(JobState.RUNNING, 250), down],  # breaks mid-stream
+    job = _ScriptedJob([down] * 3 + [[_progress(JobState.RUNNING, 250), down],  # breaks mid-stream
                                      [_progress(JobState.RUNNING, 500)],  # ends without a final state
                                      [_progress(JobState.DONE, 1000)]])
-    view, sleeps = _Recorder(), []
-    final = follow(job, view, top=3, sleep=sleeps.append)
+    view = _Recorder()
+    final = follow(job, view, top=3)
     assert final.status.state == JobState.DONE and final.status.shots_done == 1000
     assert [p.status.shots_done for p in view.updates] == [250, 500]
-    assert [a for a, _ in view.reconnects] == [1, 2, 3, 4, 5, 6, 7, 1, 1]
-    assert sleeps == [d for _, d in view.reconnects]
-    assert sleeps[0] == 0.1 and max(sleeps) <= 2.0 and sleeps[6] > 1.0  # grows, capped at 2 s
-    assert sleeps[7] == sleeps[8] == 0.1  # starts over once updates flowed again
-    assert all(c == {"counts": True, "max_outcomes": 3, "timeout": None} for c in job.calls)
+    assert view.reconnects == [1, 2, 3, 1, 1]  # counted afresh once updates flowed again
+    # Only the first watch fails at once when the coordinator is away; every one after a break
+    # waits for the channel to reconnect (gRPC's backoff does the waiting, nothing here sleeps).
+    assert [c["wait_for_ready"] for c in job.calls] == [False, True, True, True, True, True]
+    assert all(c["counts"] is True and c["max_outcomes"] == 3 and c["timeout"] is None for c in job.calls)
 
 
 def test_follow_gives_up_at_its_timeout() -> None:
     now = [0.0]
 
-    def sleep(seconds: float) -> None:
-        now[0] += seconds
+    class _Down(_ScriptedJob):
+        def watch(self, **kwargs: Any) -> Iterator[Progress]:
+            now[0] += 1.0  # each watch waits a second for the coordinator, in vain
+            return super().watch(**kwargs)
 
-    job = _ScriptedJob([UnavailableError("down")] * 100)
+    job = _Down([UnavailableError("down")] * 100)
     with pytest.raises(JobTimeoutError, match="not finished after 5"):
-        follow(job, _Recorder(), top=0, timeout=5, sleep=sleep, clock=lambda: now[0])
-    assert job.calls[0]["counts"] is False and 0 < job.calls[-1]["timeout"] <= 5
+        follow(job, _Recorder(), top=0, timeout=5, clock=lambda: now[0])
+    assert len(job.calls) == 5 and job.calls[0]["counts"] is False
+    assert [c["timeout"] for c in job.calls] == [5, 4, 3, 2, 1]
 
 
 def test_rate_meter_eta_and_text_views() -> None:
