@@ -9,12 +9,14 @@ import numbers
 import os
 import re
 import struct
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import grpc
 import numpy as np
 from numpy.typing import ArrayLike
 from qiskit import QuantumCircuit
@@ -44,6 +46,7 @@ DEFAULT_COORDINATOR = "127.0.0.1:50051"
 #: own, lower limit (``--max-shots``) and refuses more.
 MAX_SHOTS = (1 << 63) - 1
 _MAX_MESSAGE = 256 << 20
+_LAST_TRY_S = 1.0  # deadline of a call made after the connect timeout, to learn gRPC's reason
 _QPY_SUFFIXES = (".qpy",)
 _QASM_SUFFIXES = (".qasm", ".qasm2", ".qasm3", ".inc")
 _DEFAULT_CIRCUIT_NAME = re.compile(r"circuit-\d+")  # what Qiskit names a circuit given no name
@@ -176,12 +179,12 @@ class Client:
             (the system's roots when None), ``cert`` + ``key`` are presented for mutual TLS.
             None: a plain connection.
         timeout: deadline in seconds for each unary call.
-        connect_timeout: seconds a connection attempt waits for the coordinator to answer
-            (packets dropped, a port that is not gRPC) before a call fails with
+        connect_timeout: seconds a call waits for the coordinator to answer (packets dropped,
+            a port that is not gRPC, a coordinator restarting) before it fails with
             :class:`~qscale.errors.UnavailableError`; defaults to ``$QSCALE_CONNECT_TIMEOUT`` or
-            5. A refused connection fails sooner: calls that are safe to repeat are retried by
-            gRPC for under a second (see :mod:`qscale.rpc`). :meth:`Job.wait` and
-            :meth:`Job.result` still ride through a coordinator restart.
+            5. Until the coordinator has answered once, a refused connection fails at once
+            (after gRPC's retries, under a second; see :mod:`qscale.rpc`). :meth:`Job.wait`
+            and :meth:`Job.result` ride through restarts of any length, within their timeout.
 
     Example::
 
@@ -205,6 +208,7 @@ class Client:
                      ("grpc.max_send_message_length", _MAX_MESSAGE)],
         )
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self._reached = False  # whether a call has been answered (see _await_ready)
 
     def _rpc_errors(self) -> contextlib.AbstractContextManager[None]:
         """:func:`~qscale.rpc_status.translate_rpc_errors` for this client's channel: a
@@ -212,6 +216,54 @@ class Client:
         return translate_rpc_errors(tls=self.tls is not None,
                                     client_cert=self.tls is not None and self.tls.cert is not None)
 
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """A unary JobService call, made once the coordinator answers.
+
+        The call first waits for the channel to be ready (:meth:`_await_ready`), then runs under
+        its own deadline (``timeout``, else :attr:`timeout`). When the coordinator has not
+        answered, the call is made anyway with a short deadline so that gRPC says why (refused,
+        TLS on one side only, ...); it fails with :class:`~qscale.errors.UnavailableError`.
+        """
+        ready = self._await_ready()
+        deadline = timeout if timeout is not None else self.timeout
+        try:
+            with self._rpc_errors():
+                reply = getattr(self._stub, method)(request, timeout=deadline if ready else _LAST_TRY_S)
+        except JobTimeoutError:
+            if ready:
+                raise
+            raise UnavailableError(f"coordinator unavailable: nothing answered at {self.address} within the "
+                                   f"{self.connect_timeout:g} s connect timeout: check the address, and that the "
+                                   "coordinator runs and can be reached from here (wait longer with "
+                                   "--connect-timeout SECONDS, $QSCALE_CONNECT_TIMEOUT or "
+                                   "Client(connect_timeout=...))") from None
+        self._reached = True
+        return reply
+
+    def _await_ready(self) -> bool:
+        """Whether the channel is ready, after waiting up to :attr:`connect_timeout`.
+
+        Before this client has reached the coordinator once, a failed connection attempt (a
+        refused port) ends the wait at once: a wrong address fails in a moment. Afterwards the
+        wait lasts the whole connect timeout, so that a coordinator that restarts within it goes
+        unnoticed (and a Submit is not left in doubt by a short outage). Waiting is gRPC's own
+        reconnection (see :mod:`qscale.rpc`); nothing here sleeps.
+        """
+        settled = threading.Event()
+        state: list[grpc.ChannelConnectivity] = []
+
+        def seen(now: grpc.ChannelConnectivity) -> None:
+            state.append(now)
+            if now is grpc.ChannelConnectivity.READY or (
+                    now is grpc.ChannelConnectivity.TRANSIENT_FAILURE and not self._reached):
+                settled.set()
+
+        self._channel.subscribe(seen, try_to_connect=True)
+        try:
+            settled.wait(self.connect_timeout)
+        finally:
+            self._channel.unsubscribe(seen)
+        return bool(state) and state[-1] is grpc.ChannelConnectivity.READY
 
     def submit(
         self,
@@ -372,8 +424,7 @@ class Client:
         # qscale.rpc): a Submit that reached the coordinator before it went away is answered with
         # the same job, never a second one.
         request.request_key = uuid.uuid4().hex
-        with self._rpc_errors():
-            reply = self._stub.Submit(request, timeout=self.timeout)
+        reply = self._call("Submit", request)
         return Job(self, reply.job_id, seed=reply.seed)
 
     def job(self, job_id: str) -> Job:
@@ -384,14 +435,12 @@ class Client:
 
     def jobs(self, limit: int = 100) -> list[JobStatus]:
         """The newest jobs, newest first."""
-        with self._rpc_errors():
-            reply = self._stub.ListJobs(jobs_pb2.ListJobsRequest(limit=limit), timeout=self.timeout)
+        reply = self._call("ListJobs", jobs_pb2.ListJobsRequest(limit=limit))
         return [JobStatus.from_proto(j) for j in reply.jobs]
 
     def nodes(self) -> list[NodeStatus]:
         """Every node the coordinator knows, recently lost ones last."""
-        with self._rpc_errors():
-            reply = self._stub.ListNodes(jobs_pb2.ListNodesRequest(), timeout=self.timeout)
+        reply = self._call("ListNodes", jobs_pb2.ListNodesRequest())
         return [NodeStatus.from_proto(n) for n in reply.nodes]
 
     def wait_for_nodes(self, count: int, timeout: float = 60.0) -> list[NodeStatus]:
@@ -432,8 +481,7 @@ class Job:
 
     def status(self) -> JobStatus:
         """Current status and progress."""
-        with self._client._rpc_errors():
-            reply = self._client._stub.GetJob(jobs_pb2.JobRef(job_id=self.job_id), timeout=self._client.timeout)
+        reply = self._client._call("GetJob", jobs_pb2.JobRef(job_id=self.job_id))
         return JobStatus.from_proto(reply)
 
     def done(self) -> bool:
@@ -512,6 +560,5 @@ class Job:
 
     def cancel(self) -> JobStatus:
         """Cancel the job (no effect on a finished one); returns its status."""
-        with self._client._rpc_errors():
-            reply = self._client._stub.Cancel(jobs_pb2.JobRef(job_id=self.job_id), timeout=self._client.timeout)
+        reply = self._client._call("Cancel", jobs_pb2.JobRef(job_id=self.job_id))
         return JobStatus.from_proto(reply)

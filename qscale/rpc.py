@@ -22,7 +22,9 @@ Every channel comes from :func:`qscale.security.make_channel`, which takes its o
   2 s for clients, the node's ``reconnect_min_s``/``reconnect_max_s`` for nodes). Code that
   must outlive a coordinator restart (:meth:`qscale.Job.wait`, :func:`qscale.progress.follow`)
   calls again with ``wait_for_ready=True``: the call then waits, up to its own deadline, until
-  that reconnection succeeds.
+  that reconnection succeeds. A client's unary calls wait for the channel to be ready for up to
+  the connect timeout (``Client._await_ready``): a restart within it goes unnoticed, while a
+  client that has never reached the coordinator fails at the first refused connection.
 
 :func:`transport_hint` explains the connection errors that come from settings rather than
 from a coordinator that is down: TLS on one side only, an untrusted certificate, a missing
