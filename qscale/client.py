@@ -9,7 +9,6 @@ import numbers
 import os
 import re
 import struct
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,7 +45,6 @@ DEFAULT_COORDINATOR = "127.0.0.1:50051"
 #: own, lower limit (``--max-shots``) and refuses more.
 MAX_SHOTS = (1 << 63) - 1
 _MAX_MESSAGE = 256 << 20
-_LAST_TRY_S = 1.0  # deadline of a call made after the connect timeout, to learn gRPC's reason
 _QPY_SUFFIXES = (".qpy",)
 _QASM_SUFFIXES = (".qasm", ".qasm2", ".qasm3", ".inc")
 _DEFAULT_CIRCUIT_NAME = re.compile(r"circuit-\d+")  # what Qiskit names a circuit given no name
@@ -209,6 +207,7 @@ class Client:
         )
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
         self._reached = False  # whether a call has been answered (see _await_ready)
+        self._connectivity: grpc.ChannelConnectivity | None = None  # as last seen (see _call)
 
     def _rpc_errors(self) -> contextlib.AbstractContextManager[None]:
         """:func:`~qscale.rpc_status.translate_rpc_errors` for this client's channel: a
@@ -216,54 +215,35 @@ class Client:
         return translate_rpc_errors(tls=self.tls is not None,
                                     client_cert=self.tls is not None and self.tls.cert is not None)
 
-    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        """A unary JobService call, made once the coordinator answers.
-
-        The call first waits for the channel to be ready (:meth:`_await_ready`), then runs under
-        its own deadline (``timeout``, else :attr:`timeout`). When the coordinator has not
-        answered, the call is made anyway with a short deadline so that gRPC says why (refused,
-        TLS on one side only, ...); it fails with :class:`~qscale.errors.UnavailableError`.
-        """
-        ready = self._await_ready()
-        deadline = timeout if timeout is not None else self.timeout
-        try:
-            with self._rpc_errors():
-                reply = getattr(self._stub, method)(request, timeout=deadline if ready else _LAST_TRY_S)
-        except JobTimeoutError:
-            if ready:
-                raise
-            raise UnavailableError(f"coordinator unavailable: nothing answered at {self.address} within the "
-                                   f"{self.connect_timeout:g} s connect timeout: check the address, and that the "
-                                   "coordinator runs and can be reached from here (wait longer with "
-                                   "--connect-timeout SECONDS, $QSCALE_CONNECT_TIMEOUT or "
-                                   "Client(connect_timeout=...))") from None
-        self._reached = True
+    def _call(self, method: str, request: Any) -> Any:
+        """A unary JobService call under :attr:`timeout`, once the coordinator can answer
+        (:meth:`_await_ready`)."""
+        self._await_ready()
+        with self._rpc_errors():
+            reply = getattr(self._stub, method)(request, timeout=self.timeout)
+        if not self._reached:
+            self._reached = True
+            # From now on the channel's state is followed (one subscription for the client's
+            # life: gRPC's polling thread then ends cleanly when the channel closes).
+            self._channel.subscribe(self._seen)
         return reply
 
-    def _await_ready(self) -> bool:
-        """Whether the channel is ready, after waiting up to :attr:`connect_timeout`.
+    def _seen(self, state: grpc.ChannelConnectivity) -> None:
+        self._connectivity = state
 
-        Before this client has reached the coordinator once, a failed connection attempt (a
-        refused port) ends the wait at once: a wrong address fails in a moment. Afterwards the
-        wait lasts the whole connect timeout, so that a coordinator that restarts within it goes
-        unnoticed (and a Submit is not left in doubt by a short outage). Waiting is gRPC's own
-        reconnection (see :mod:`qscale.rpc`); nothing here sleeps.
-        """
-        settled = threading.Event()
-        state: list[grpc.ChannelConnectivity] = []
-
-        def seen(now: grpc.ChannelConnectivity) -> None:
-            state.append(now)
-            if now is grpc.ChannelConnectivity.READY or (
-                    now is grpc.ChannelConnectivity.TRANSIENT_FAILURE and not self._reached):
-                settled.set()
-
-        self._channel.subscribe(seen, try_to_connect=True)
+    def _await_ready(self) -> None:
+        """Once this client has reached the coordinator and the connection is gone (a
+        coordinator restarting), wait up to :attr:`connect_timeout` for gRPC to make it again:
+        a restart within that goes unnoticed, and a Submit is not left in doubt by a short
+        outage. Before that, nothing is waited for: a call on a new channel connects, and a
+        wrong address fails at the first refused connection (or, when nothing answers, after
+        the connect timeout; see :mod:`qscale.rpc`). Nothing here sleeps."""
+        if not self._reached or self._connectivity in (grpc.ChannelConnectivity.READY, None):
+            return
         try:
-            settled.wait(self.connect_timeout)
-        finally:
-            self._channel.unsubscribe(seen)
-        return bool(state) and state[-1] is grpc.ChannelConnectivity.READY
+            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
+        except grpc.FutureTimeoutError:
+            pass  # the call says why
 
     def submit(
         self,

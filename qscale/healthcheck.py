@@ -23,6 +23,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import qscale._grpc_env  # noqa: F401  (first: quiets gRPC's own log lines before grpc loads)
+
 __all__ = ["main", "DEFAULT_ADDRESS"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
