@@ -21,7 +21,7 @@ import numpy as np
 
 from qscale.circuits import CircuitInfo, estimate_memory_bytes, memory_width, resolved_method
 
-__all__ = ["PlanningPolicy", "Entry", "ChunkPlan", "ShardPlan", "PlanExplanation", "plan_job", "plan_and_explain",
+__all__ = ["PlanningPolicy", "Entry", "ChunkPlan", "ShardPlan", "PlanExplanation", "plan_and_explain",
            "chunk_seed", "splits_shots", "choose_method", "experiment_cost", "shards_for_cap", "LIMITS"]
 
 _SEED_MODULUS = 1 << 31  # Aer adds an offset per experiment to the seed; stay far from overflow
@@ -376,23 +376,6 @@ def _chunks(items: list[tuple[Entry, int, float]], per_chunk: int, chunk_cost: f
     if current:
         out.append((current, shots))
     return out
-
-
-def plan_job(
-    infos: Sequence[CircuitInfo],
-    shots: Sequence[int],
-    num_sets: Sequence[int],
-    seed: int,
-    method: str,
-    policy: PlanningPolicy,
-    *,
-    noisy: bool = False,
-    memory: bool = False,
-    observables: Sequence[int] | None = None,
-) -> tuple[ShardPlan, ...]:
-    """Cut a job into shards of about equal estimated cost (see :func:`plan_and_explain`)."""
-    return plan_and_explain(infos, shots, num_sets, seed, method, policy, noisy=noisy, memory=memory,
-                            observables=observables)[0]
 
 
 def plan_and_explain(

@@ -30,9 +30,10 @@ from qscale.errors import (
 )
 from qscale.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from qscale.results import JobResult, JobState, JobStatus, NodeStatus, Progress
-from qscale.rpc import check_connect_timeout, connect_timeout_from_env
+from qscale.rpc import DEFAULT_CONNECT_TIMEOUT_S
 from qscale.rpc_status import translate_rpc_errors
-from qscale.security import TLSConfig, make_channel, token_from_env
+from qscale.security import TLSConfig, make_channel
+from qscale.settings import DEFAULT_ADDRESS, ClientSettings
 
 if TYPE_CHECKING:
     from qiskit_aer.noise import NoiseModel
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["Client", "Job", "DEFAULT_COORDINATOR", "MAX_SHOTS", "check_shots", "circuit_sources_from_file",
            "noise_model_json"]
 
-DEFAULT_COORDINATOR = "127.0.0.1:50051"
+DEFAULT_COORDINATOR = DEFAULT_ADDRESS
 #: The most shots the wire format carries (a signed 64-bit field); each coordinator sets its
 #: own, lower limit (``--max-shots``) and refuses more.
 MAX_SHOTS = (1 << 63) - 1
@@ -193,13 +194,15 @@ class Client:
 
     def __init__(self, address: str | None = None, *, token: str | None = None, tls: TLSConfig | None = None,
                  timeout: float = 60.0, connect_timeout: float | None = None) -> None:
-        self.address = address or os.environ.get("QSCALE_COORDINATOR") or DEFAULT_COORDINATOR
+        # The command-line tools' settings, read the same way; TLS comes from ``tls`` alone.
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("QSCALE_TLS_")}
+        settings = ClientSettings.from_env(environ, coordinator=address or None, connect_timeout_s=connect_timeout)
+        self.address = settings.coordinator
         self.timeout = timeout
-        self.connect_timeout = (connect_timeout_from_env() if connect_timeout is None
-                                else check_connect_timeout(connect_timeout))
+        self.connect_timeout = settings.connect_timeout_s or DEFAULT_CONNECT_TIMEOUT_S
         self.tls = tls
         if token is None:
-            token = token_from_env("QSCALE_CLIENT_TOKEN", "QSCALE_CLIENT_TOKEN_FILE")
+            token = settings.resolved_token()
         self._channel = make_channel(
             self.address, token=token, tls=tls, connect_timeout=self.connect_timeout,
             options=[("grpc.max_receive_message_length", _MAX_MESSAGE),

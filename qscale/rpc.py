@@ -34,29 +34,22 @@ client certificate.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qscale.errors import InvalidArgumentError
 
 __all__ = [
     "CLIENT_RECONNECT_BACKOFF_S",
-    "CONNECT_TIMEOUT_ENV",
     "DEFAULT_CONNECT_TIMEOUT_S",
     "RETRIED_METHODS",
     "RETRY_POLICY",
     "channel_options",
-    "check_connect_timeout",
-    "connect_timeout_from_env",
     "service_config",
     "transport_hint",
 ]
 
 #: Seconds to wait for a coordinator that does not answer at all.
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
-#: The environment variable that sets a client's connect timeout, in seconds.
-CONNECT_TIMEOUT_ENV = "QSCALE_CONNECT_TIMEOUT"
 
 #: gRPC retry policy (gRFC A6) for :data:`RETRIED_METHODS`. gRPC caps ``maxAttempts`` at 5.
 RETRY_POLICY: Mapping[str, Any] = {
@@ -79,35 +72,6 @@ RETRIED_METHODS: Mapping[str, tuple[str, ...]] = {
 
 #: A client's first and longest delay between connection attempts, in seconds.
 CLIENT_RECONNECT_BACKOFF_S = (0.25, 2.0)
-
-
-def connect_timeout_from_env(environ: Mapping[str, str] | None = None) -> float:
-    """The connect timeout from ``$QSCALE_CONNECT_TIMEOUT`` (seconds), else
-    :data:`DEFAULT_CONNECT_TIMEOUT_S`.
-
-    Raises:
-        InvalidArgumentError: the variable is set but not a positive number.
-    """
-    env = os.environ if environ is None else environ
-    text = env.get(CONNECT_TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_CONNECT_TIMEOUT_S
-    return check_connect_timeout(text, f"${CONNECT_TIMEOUT_ENV}")
-
-
-def check_connect_timeout(value: object, source: str = "connect_timeout") -> float:
-    """``value`` as a connect timeout in seconds: a number greater than 0 (at most a day).
-
-    Raises:
-        InvalidArgumentError: anything else; the message names ``source``.
-    """
-    try:
-        seconds = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{source} must be a number of seconds, got {value!r}") from None
-    if not 0 < seconds <= 86_400:
-        raise InvalidArgumentError(f"{source} must be more than 0 and at most 86400 seconds, got {value!r}")
-    return seconds
 
 
 def service_config(methods: Mapping[str, Sequence[str]] = RETRIED_METHODS,

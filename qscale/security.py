@@ -59,7 +59,6 @@ __all__ = [
     "check_token",
     "read_token_file",
     "read_token",
-    "token_from_env",
     "required_role",
     "make_channel",
     "is_loopback_address",
@@ -152,19 +151,6 @@ def read_token(path: str | os.PathLike[str]) -> str:
     if len(tokens) > 1:
         raise InvalidArgumentError(f"token file {path} holds {len(tokens)} tokens; a caller needs exactly one")
     return tokens[0]
-
-
-def token_from_env(token_var: str, file_var: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """A caller's token from ``$token_var`` (the token itself) or else the file named by
-    ``$file_var``; None when neither is set. Empty values count as unset."""
-    env = os.environ if environ is None else environ
-    token = env.get(token_var, "").strip()
-    if token:
-        return check_token(token, f"${token_var}")
-    path = env.get(file_var, "").strip()
-    if path:
-        return read_token(path)
-    return None
 
 
 def _digest(token: str) -> bytes:

@@ -375,10 +375,9 @@ class ClientSettings(Connection):
     """File holding the API token (or the token itself in $QSCALE_CLIENT_TOKEN, never on a command line)."""
     token: str | None = setting(env="QSCALE_CLIENT_TOKEN", secret=True)
     """The API token itself (never a flag)."""
-    # Connection settings added later go here (one field each; the flag and the help follow).
     connect_timeout_s: float | None = setting(None, gt=0, le=86_400, shown="5")
-    """Seconds to wait for a coordinator that does not answer at all (nothing listening, packets dropped, not
-    gRPC) before giving up with exit 3; a refused connection fails sooner"""
+    """Seconds to wait for a coordinator that does not answer (packets dropped, not gRPC, restarting) before
+    giving up with exit 3; a wrong address (a refused connection) fails sooner"""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:

@@ -24,8 +24,8 @@ from qscale.local import LocalCluster
 from qscale.circuits import dump_qpy
 from qscale.proto.v1 import jobs_pb2, jobs_pb2_grpc
 
-CHAOS_SECONDS = 25.0
-JOBS = 14
+CHAOS_SECONDS = 16.0
+JOBS = 10
 
 
 def workload(k: int) -> tuple[list[QuantumCircuit], dict]:

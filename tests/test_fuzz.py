@@ -146,7 +146,7 @@ def test_load_qpy_checks_headers_itself(data: bytes) -> None:
     check_operations_or_refuse(circuit)
 
 
-@settings(FUZZ, max_examples=800)
+@settings(FUZZ, max_examples=400)
 @given(data=qpy_payloads)
 def test_load_qpy_in_the_sandbox_decodes_or_refuses(data: bytes, pool: sandbox.SandboxPool) -> None:
     _count()
