@@ -194,3 +194,52 @@ def test_the_link_checks_catch_what_they_should() -> None:
     assert anchors(text) == {"quick-start", "wide-circuits-and-exact-values"}
     assert _CLIMBING_PATH.search("see ../../elsewhere/notes.md")
     assert not _inside(ROOT / ".." / "shared")
+
+
+# ------------------------------------------------------------------ flags the documents name
+
+# Flags of other tools that the documents show (docker compose, kubectl, systemctl, useradd) and
+# of the benchmark scripts.
+OTHER_TOOLS_FLAGS = {"--build", "--dry-run", "--from-file", "--home-dir", "--now", "--replicas", "--scale",
+                     "--shell", "--system", "--only", "--quick"}
+
+
+def _cli_options() -> dict[str, set[str]]:
+    """Every option of ``qscale-coordinator`` (all subcommands), ``qscale-node`` and
+    ``qscale-healthcheck``, by tool."""
+    import argparse
+
+    from qscale.coordinator.cli import _parser
+    from qscale.healthcheck import _parser as healthcheck_parser
+    from qscale.node.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, into: set[str]) -> set[str]:
+        for action in parser._actions:
+            into.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub, into)
+        return into
+
+    return {"coordinator": walk(_parser(), set()), "node": walk(build_parser(), set()),
+            "healthcheck": walk(healthcheck_parser(), set())}
+
+
+@pytest.mark.parametrize("doc", ["README.md", "deploy/README.md", "docs/architecture.md"])
+def test_every_flag_a_document_names_exists(doc: str) -> None:
+    known = set().union(*_cli_options().values()) | OTHER_TOOLS_FLAGS
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", (ROOT / doc).read_text(encoding="utf-8")))
+    assert not named - known, f"{doc} names flags no qscale tool has: {sorted(named - known)}"
+
+
+def test_the_deployment_guide_lists_every_port_a_tool_can_open() -> None:
+    """Every ``--*-port`` of the coordinator and the node has its place in deploy/README.md,
+    and the guide does not say that the tools lack them."""
+    options = _cli_options()
+    guide = (ROOT / "deploy" / "README.md").read_text(encoding="utf-8")
+    ports = {flag for tool in ("coordinator", "node") for flag in options[tool] if flag.endswith("-port")}
+    assert ports >= {"--metrics-port", "--dashboard-port", "--health-port"}, ports
+    table = [line for line in guide.splitlines() if line.startswith("|")]
+    for flag in ports:
+        assert any(f"`{flag}`" in row for row in table), f"deploy/README.md's port table lacks {flag}"
+    assert "do not have them" not in guide and "no health endpoint" not in guide
