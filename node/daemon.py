@@ -473,6 +473,7 @@ class NodeDaemon:
         next_attempt = 0.0
         unreachable_since: float | None = None
         last_error = ""
+        early_ends = 0  # sessions in a row that ended before _HEALTHY_SESSION_S
         self._state = "connecting"
         while True:
             now = time.monotonic()
@@ -495,11 +496,14 @@ class NodeDaemon:
             session = self._session
             if session is not None and session.ended.is_set():
                 self._teardown_session(session)
-                # Register again at once; after a session that ended early, not before
-                # reconnect_max_s from its start: no tight loop against a coordinator that keeps
-                # ending sessions (one that is away is paced by the channel instead).
-                next_attempt = now if now - session.started >= _HEALTHY_SESSION_S else \
-                    session.started + cfg.reconnect_max_s
+                # Register again at once after a healthy session. Sessions that keep ending early
+                # (a coordinator that accepts a node and drops it) are spaced out, reconnect_min_s
+                # after the first, twice that after the next, up to reconnect_max_s: gRPC paces
+                # connection attempts and retries calls, not sessions that it saw succeed. (A
+                # coordinator that is away is paced by the channel.)
+                early_ends = 0 if now - session.started >= _HEALTHY_SESSION_S else early_ends + 1
+                next_attempt = session.started + min(cfg.reconnect_max_s, cfg.reconnect_min_s * 2 ** early_ends) \
+                    if early_ends else now
                 if not self._draining:
                     self._state = "connecting"
             if self._session is None and self._lease_until is not None and now >= self._lease_until:
