@@ -24,7 +24,7 @@ from qscale.local import LocalCluster
 from qscale.circuits import dump_qpy
 from qscale.proto.v1 import jobs_pb2, jobs_pb2_grpc
 
-CHAOS_SECONDS = 16.0
+CHAOS_SECONDS = 12.0
 JOBS = 10
 
 

@@ -151,11 +151,7 @@ def test_python_client_fails_fast(silent_address: str) -> None:
         with pytest.raises(UnavailableError, match="Connection refused"):
             client.submit(bell(), shots=10)
         assert time.monotonic() - t0 < 3
-    with Client(silent_address) as client:  # the default connect timeout: 5 s
-        t0 = time.monotonic()
-        with pytest.raises(UnavailableError, match="connect timeout"):
-            client.submit(bell(), shots=10)
-        assert 4.5 < time.monotonic() - t0 < 7.5
+    # (The 5 s default, through the same Client, is timed by the CLI test above.)
 
 
 # ------------------------------------------------------------------ credentials

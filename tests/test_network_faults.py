@@ -52,7 +52,7 @@ HEARTBEAT_TIMEOUT = 3.0
 SHOTS = 6000
 SHOTS_PER_SHARD = 500
 TARGET_SHARDS = SHOTS // SHOTS_PER_SHARD  # 12 shards of ~1.5 s each on one core
-PARTITION_S = 15.0
+PARTITION_S = 9.0
 COORDINATOR_PARTITION_S = 2.5 * HEARTBEAT_TIMEOUT
 JOB_TIMEOUT = 120.0
 HERE = Path(__file__).resolve().parent
@@ -375,7 +375,7 @@ def describe_attempts(result: dict, cluster: NetCluster, t0: float) -> str:
 # ------------------------------------------------------------------------------------- tests
 
 def test_partitioned_node_is_replaced_and_rejoins(lab: NetLab, cluster: NetCluster, qpy: Path) -> None:
-    """Node 0's link drops every packet (no reset) for 15 s in the middle of a job, then heals."""
+    """Node 0's link drops every packet (no reset) for PARTITION_S (9 s) in the middle of a job, then heals."""
     method = lab.partition_method()
     calm = cluster.result(cluster.submit(qpy, seed=41))
     victim = cluster.names[0]
