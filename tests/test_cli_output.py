@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qiskit import QuantumCircuit, qpy
 
+from conftest import bell
+from qscale.circuits import dump_qpy
 from qscale.local import LocalCluster
 
 CLI = [sys.executable, "-m", "qscale.coordinator"]
@@ -44,13 +45,8 @@ def test_a_closed_pipe_is_not_a_traceback(cluster: LocalCluster, command: str) -
 
 
 def test_top_zero_prints_no_outcome_table(cluster: LocalCluster, tmp_path: Path) -> None:
-    bell = QuantumCircuit(2, name="bell")
-    bell.h(0)
-    bell.cx(0, 1)
-    bell.measure_all()
     path = tmp_path / "bell.qpy"
-    with path.open("wb") as fh:
-        qpy.dump(bell, fh)
+    path.write_bytes(dump_qpy(bell()))
     proc = _cli("submit", str(path), "--shots", "100", "--seed", "3", "--wait", "--top", "0",
                 "--coordinator", cluster.address)
     assert proc.returncode == 0, proc.stderr
