@@ -492,28 +492,15 @@ class Job:
         """Block until the job is final and return its final status.
 
         Survives a coordinator restart: when the Watch stream breaks, it watches again with
-        ``wait_for_ready``, so the channel's own reconnect backoff does the waiting.
+        ``wait_for_ready``, so the channel's own reconnect backoff does the waiting (this is
+        :func:`qscale.progress.follow` with nothing to draw).
 
         Raises:
             JobTimeoutError: not final within ``timeout`` seconds (the job goes on).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        reconnect = False
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise JobTimeoutError(f"job {self.job_id} not finished after {timeout}s")
-            try:
-                last = None
-                for progress in self.watch(counts=False, timeout=remaining, wait_for_ready=reconnect):
-                    last = progress.status
-                if last is not None and last.state.final:
-                    return last
-            except UnavailableError:
-                pass
-            except JobTimeoutError:
-                raise JobTimeoutError(f"job {self.job_id} not finished after {timeout}s") from None
-            reconnect = True  # the stream broke or ended early: watch again once the coordinator is back
+        from qscale.progress import QuietView, follow
+
+        return follow(self, QuietView(), top=0, timeout=timeout).status
 
     def result(self, timeout: float | None = None) -> JobResult:
         """Block until the job is final and return its result.

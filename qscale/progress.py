@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.live import Live
 
-__all__ = ["BarView", "JsonLinesView", "PlainView", "ProgressView", "RateMeter", "follow", "format_duration",
+__all__ = ["BarView", "JsonLinesView", "PlainView", "ProgressView", "QuietView", "RateMeter", "follow", "format_duration",
            "percent_done"]
 
 # ----------------------------------------------------------------- numbers
@@ -139,6 +139,19 @@ class ProgressView(Protocol):
 
     def finish(self, progress: Progress, nodes_used: Sequence[str] | None = None) -> None:
         """The final update, with the nodes that ran the job when known."""
+
+
+class QuietView:
+    """A view that draws nothing: :meth:`qscale.Job.wait` follows a job with it."""
+
+    def update(self, progress: Progress) -> None:
+        """Nothing to draw."""
+
+    def reconnecting(self, attempt: int, error: Exception) -> None:
+        """Nothing to say."""
+
+    def finish(self, progress: Progress, nodes_used: Sequence[str] | None = None) -> None:
+        """Nothing to draw."""
 
 
 class _Watchable(Protocol):
