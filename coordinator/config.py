@@ -117,6 +117,23 @@ class CoordinatorConfig(Settings):
     the first result wins (0: no backup copies)."""
     backup_slowdown: float = setting(2.0, ge=1)
     """How much slower than expected a shard must be to get a backup copy."""
+    max_jobs_per_user: Size = setting(1000, ge=0)
+    """Most unfinished (queued or running) jobs one user may have; a Submit beyond it is refused
+    with RESOURCE_EXHAUSTED. 0: no limit. A user's ``max-jobs=`` in the client tokens file wins."""
+    max_queued_shots_per_user: Size = setting(0, ge=0)
+    """Most shots one user may have queued (asked for by unfinished jobs and not yet counted);
+    a Submit beyond it is refused with RESOURCE_EXHAUSTED. 0: no limit (``max-queued-shots=``)."""
+    max_slots_per_user: Size = setting(0, ge=0)
+    """Most node slots one user's shards may hold at once; the rest of their work waits while
+    other users' runs. 0: no limit (``max-slots=``)."""
+    keep_jobs: Size = setting(10_000, ge=0)
+    """Finished jobs whose results the state keeps; the results of older ones are pruned (their
+    status stays readable and says so). 0: keep every result."""
+    keep_jobs_for_s: float = setting(7 * 86400.0, ge=0)
+    """Seconds a finished job's results are kept at most; 0: no time limit."""
+    keep_pruned_jobs: Size = setting(100_000, ge=0)
+    """Status records of pruned jobs the state keeps; older ones are deleted (such a job is then
+    unknown). 0: keep every status record."""
     finished_jobs_in_memory: Size = setting(1000, ge=0)
     """Finished jobs kept in memory for quick reads; older ones are read back from the state."""
     watch_min_interval_s: float = setting(0.05, ge=0)

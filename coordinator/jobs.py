@@ -171,6 +171,12 @@ class Job:
     request_key: str = ""
     observables: list[tuple[str, ...]] = field(default_factory=list)
     """Estimator jobs: the Pauli labels of each circuit (empty for sampler jobs)."""
+    user: str = "default"
+    """Who submitted it: the user name of their API token (see :mod:`qscale.coordinator.users`)."""
+    priority: int = common_pb2.PRIORITY_NORMAL
+    """Its priority class (``common_pb2.Priority``): higher classes are served first."""
+    pruned: bool = False
+    """Its results were removed by retention; only its status is left."""
     state: int = QUEUED
     error: str = ""
     started_at: float = 0.0

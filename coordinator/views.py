@@ -26,6 +26,9 @@ def job_status(job: Job) -> jobs_pb2.JobStatus:
         num_circuits=len(job.infos),
         created_at=job.created_at,
         finished_at=job.finished_at,
+        user=job.user,
+        priority=job.priority,
+        pruned=job.pruned,
         plan=None if why is None else jobs_pb2.PlanInfo(
             shards=why.shards, estimated_cost_s=why.estimated_cost_s, shard_target_s=why.shard_target_s,
             limit=why.limit, shots_per_shard=why.shots_per_shard, splittable=why.splittable, explanation=why.text),

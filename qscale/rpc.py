@@ -66,7 +66,8 @@ RETRY_POLICY: Mapping[str, Any] = {
 #: entry that expires. The node's ``Work`` stream is not retried here: the node opens a new
 #: session instead.
 RETRIED_METHODS: Mapping[str, tuple[str, ...]] = {
-    "qscale.v1.JobService": ("Submit", "GetJob", "Watch", "GetResult", "Cancel", "ListJobs", "ListNodes"),
+    "qscale.v1.JobService": ("Submit", "GetJob", "Watch", "GetResult", "Cancel", "ListJobs", "ListNodes",
+                             "ListUsers"),
     "qscale.v1.NodeService": ("Register",),
 }
 

@@ -25,7 +25,7 @@ class CircuitSource(_message.Message):
     def __init__(self, qpy: _Optional[bytes] = ..., qasm: _Optional[str] = ..., name: _Optional[str] = ..., parameters: _Optional[_Union[_common_pb2.ParameterValues, _Mapping]] = ..., shots: _Optional[int] = ..., observables: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("circuits", "shots", "seed", "method", "memory", "noise_model", "request_key", "shots_per_shard")
+    __slots__ = ("circuits", "shots", "seed", "method", "memory", "noise_model", "request_key", "shots_per_shard", "priority")
     CIRCUITS_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class SubmitRequest(_message.Message):
     NOISE_MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_KEY_FIELD_NUMBER: _ClassVar[int]
     SHOTS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     circuits: _containers.RepeatedCompositeFieldContainer[CircuitSource]
     shots: int
     seed: int
@@ -42,7 +43,8 @@ class SubmitRequest(_message.Message):
     noise_model: str
     request_key: str
     shots_per_shard: int
-    def __init__(self, circuits: _Optional[_Iterable[_Union[CircuitSource, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ..., request_key: _Optional[str] = ..., shots_per_shard: _Optional[int] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    def __init__(self, circuits: _Optional[_Iterable[_Union[CircuitSource, _Mapping]]] = ..., shots: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ..., request_key: _Optional[str] = ..., shots_per_shard: _Optional[int] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("job_id", "seed")
@@ -59,7 +61,7 @@ class JobRef(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "state", "error", "shots_total", "shots_done", "shards_total", "shards_done", "shards_running", "num_circuits", "created_at", "finished_at", "plan")
+    __slots__ = ("job_id", "state", "error", "shots_total", "shots_done", "shards_total", "shards_done", "shards_running", "num_circuits", "created_at", "finished_at", "plan", "user", "priority", "pruned")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +74,9 @@ class JobStatus(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: _common_pb2.JobState
     error: str
@@ -84,7 +89,10 @@ class JobStatus(_message.Message):
     created_at: float
     finished_at: float
     plan: PlanInfo
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., error: _Optional[str] = ..., shots_total: _Optional[int] = ..., shots_done: _Optional[int] = ..., shards_total: _Optional[int] = ..., shards_done: _Optional[int] = ..., shards_running: _Optional[int] = ..., num_circuits: _Optional[int] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., plan: _Optional[_Union[PlanInfo, _Mapping]] = ...) -> None: ...
+    user: str
+    priority: _common_pb2.Priority
+    pruned: bool
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., error: _Optional[str] = ..., shots_total: _Optional[int] = ..., shots_done: _Optional[int] = ..., shards_total: _Optional[int] = ..., shards_done: _Optional[int] = ..., shards_running: _Optional[int] = ..., num_circuits: _Optional[int] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., plan: _Optional[_Union[PlanInfo, _Mapping]] = ..., user: _Optional[str] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., pruned: _Optional[bool] = ...) -> None: ...
 
 class PlanInfo(_message.Message):
     __slots__ = ("shards", "estimated_cost_s", "shard_target_s", "limit", "shots_per_shard", "splittable", "explanation")
@@ -228,10 +236,12 @@ class Register(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("limit",)
+    __slots__ = ("limit", "user")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     limit: int
-    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+    user: str
+    def __init__(self, limit: _Optional[int] = ..., user: _Optional[str] = ...) -> None: ...
 
 class ListJobsReply(_message.Message):
     __slots__ = ("jobs",)
@@ -268,3 +278,37 @@ class ListNodesReply(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     stale_results_dropped: int
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., stale_results_dropped: _Optional[int] = ...) -> None: ...
+
+class ListUsersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UserInfo(_message.Message):
+    __slots__ = ("name", "weight", "admin", "jobs_unfinished", "shots_queued", "slots_busy", "slot_seconds", "max_jobs", "max_queued_shots", "max_slots")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    JOBS_UNFINISHED_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_BUSY_FIELD_NUMBER: _ClassVar[int]
+    SLOT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_SHOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: float
+    admin: bool
+    jobs_unfinished: int
+    shots_queued: int
+    slots_busy: int
+    slot_seconds: float
+    max_jobs: int
+    max_queued_shots: int
+    max_slots: int
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., admin: _Optional[bool] = ..., jobs_unfinished: _Optional[int] = ..., shots_queued: _Optional[int] = ..., slots_busy: _Optional[int] = ..., slot_seconds: _Optional[float] = ..., max_jobs: _Optional[int] = ..., max_queued_shots: _Optional[int] = ..., max_slots: _Optional[int] = ...) -> None: ...
+
+class ListUsersReply(_message.Message):
+    __slots__ = ("users",)
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedCompositeFieldContainer[UserInfo]
+    def __init__(self, users: _Optional[_Iterable[_Union[UserInfo, _Mapping]]] = ...) -> None: ...

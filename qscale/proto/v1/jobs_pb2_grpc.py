@@ -69,6 +69,11 @@ class JobServiceStub:
                 request_serializer=qscale_dot_proto_dot_v1_dot_jobs__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=qscale_dot_proto_dot_v1_dot_jobs__pb2.ListNodesReply.FromString,
                 _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/qscale.v1.JobService/ListUsers',
+                request_serializer=qscale_dot_proto_dot_v1_dot_jobs__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=qscale_dot_proto_dot_v1_dot_jobs__pb2.ListUsersReply.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -117,6 +122,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUsers(self, request, context):
+        """Users with their weights, what they use now and their quotas (an admin sees every user,
+        anyone else themselves).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +167,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=qscale_dot_proto_dot_v1_dot_jobs__pb2.ListNodesRequest.FromString,
                     response_serializer=qscale_dot_proto_dot_v1_dot_jobs__pb2.ListNodesReply.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=qscale_dot_proto_dot_v1_dot_jobs__pb2.ListUsersRequest.FromString,
+                    response_serializer=qscale_dot_proto_dot_v1_dot_jobs__pb2.ListUsersReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +363,33 @@ class JobService:
             '/qscale.v1.JobService/ListNodes',
             qscale_dot_proto_dot_v1_dot_jobs__pb2.ListNodesRequest.SerializeToString,
             qscale_dot_proto_dot_v1_dot_jobs__pb2.ListNodesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qscale.v1.JobService/ListUsers',
+            qscale_dot_proto_dot_v1_dot_jobs__pb2.ListUsersRequest.SerializeToString,
+            qscale_dot_proto_dot_v1_dot_jobs__pb2.ListUsersReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from qscale.proto.v1 import common_pb2 as qscale_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqscale/proto/v1/node.proto\x12\tqscale.v1\x1a\x1cqscale/proto/v1/common.proto\"\xf8\x01\n\x10NodeCapabilities\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\r\n\x05\x63ores\x18\x03 \x01(\x05\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x1b\n\x13memory_budget_bytes\x18\x05 \x01(\x03\x12\x0f\n\x07methods\x18\x06 \x03(\t\x12\x1e\n\x16max_statevector_qubits\x18\x07 \x01(\x05\x12\x13\n\x0bqpy_version\x18\x08 \x01(\x05\x12\x16\n\x0eqscale_version\x18\t \x01(\t\x12\x16\n\x0eqiskit_version\x18\n \x01(\t\x12\x13\n\x0b\x61\x65r_version\x18\x0b \x01(\t\"x\n\x0fRegisterRequest\x12\x31\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1b.qscale.v1.NodeCapabilities\x12\x18\n\x10previous_node_id\x18\x02 \x01(\t\x12\x18\n\x10\x61ttempts_in_hand\x18\x03 \x03(\t\"u\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x03 \x01(\x01\x12\x18\n\x10\x61\x64opted_attempts\x18\x04 \x03(\t\"\x83\x02\n\x0fShardAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x15\n\rattempt_token\x18\x03 \x01(\t\x12 \n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x10.qscale.v1.Chunk\x12+\n\x08\x63ircuits\x18\x05 \x03(\x0b\x32\x19.qscale.v1.CircuitPayload\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06memory\x18\x08 \x01(\x08\x12\x13\n\x0bnoise_model\x18\t \x01(\t\x12\x1a\n\x12noise_model_cached\x18\n \x01(\x08\"\x9c\x01\n\x0e\x43ircuitPayload\x12\x15\n\rcircuit_index\x18\x01 \x01(\x05\x12\x0b\n\x03qpy\x18\x02 \x01(\x0c\x12.\n\nparameters\x18\x03 \x01(\x0b\x32\x1a.qscale.v1.ParameterValues\x12\x11\n\tfirst_set\x18\x04 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x13\n\x0bobservables\x18\x06 \x03(\t\"6\n\rCancelAttempt\x12\x15\n\rattempt_token\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1b\n\tForgetJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"l\n\x0eHeartbeatReply\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\r\n\x05known\x18\x02 \x01(\x08\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x04 \x01(\x01\"\xd4\x01\n\x12\x43oordinatorMessage\x12,\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x1a.qscale.v1.ShardAssignmentH\x00\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.qscale.v1.CancelAttemptH\x00\x12&\n\x06\x66orget\x18\x03 \x01(\x0b\x32\x14.qscale.v1.ForgetJobH\x00\x12\x34\n\x0fheartbeat_reply\x18\x04 \x01(\x0b\x32\x19.qscale.v1.HeartbeatReplyH\x00\x42\x06\n\x04kind\"\x1e\n\x0bStreamHello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"t\n\x0b\x43hunkResult\x12\x15\n\rattempt_token\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\x05\x12(\n\x06\x63ounts\x18\x03 \x03(\x0b\x32\x18.qscale.v1.CircuitCounts\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"3\n\tShardDone\x12\x15\n\rattempt_token\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"D\n\x0bShardFailed\x12\x15\n\rattempt_token\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0f\n\x07refused\x18\x03 \x01(\x08\"\n\n\x08\x44raining\"K\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x18\n\x10\x61ttempts_in_hand\x18\x02 \x03(\t\x12\x12\n\nfree_slots\x18\x03 \x01(\x05\"\x8b\x02\n\x0bNodeMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.qscale.v1.StreamHelloH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.qscale.v1.ChunkResultH\x00\x12$\n\x04\x64one\x18\x03 \x01(\x0b\x32\x14.qscale.v1.ShardDoneH\x00\x12(\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x16.qscale.v1.ShardFailedH\x00\x12\'\n\x08\x64raining\x18\x05 \x01(\x0b\x32\x13.qscale.v1.DrainingH\x00\x12)\n\theartbeat\x18\x06 \x01(\x0b\x32\x14.qscale.v1.HeartbeatH\x00\x42\x06\n\x04kind2\x92\x01\n\x0bNodeService\x12@\n\x08Register\x12\x1a.qscale.v1.RegisterRequest\x1a\x18.qscale.v1.RegisterReply\x12\x41\n\x04Work\x12\x16.qscale.v1.NodeMessage\x1a\x1d.qscale.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqscale/proto/v1/node.proto\x12\tqscale.v1\x1a\x1cqscale/proto/v1/common.proto\"\xf8\x01\n\x10NodeCapabilities\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\r\n\x05\x63ores\x18\x03 \x01(\x05\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x1b\n\x13memory_budget_bytes\x18\x05 \x01(\x03\x12\x0f\n\x07methods\x18\x06 \x03(\t\x12\x1e\n\x16max_statevector_qubits\x18\x07 \x01(\x05\x12\x13\n\x0bqpy_version\x18\x08 \x01(\x05\x12\x16\n\x0eqscale_version\x18\t \x01(\t\x12\x16\n\x0eqiskit_version\x18\n \x01(\t\x12\x13\n\x0b\x61\x65r_version\x18\x0b \x01(\t\"x\n\x0fRegisterRequest\x12\x31\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1b.qscale.v1.NodeCapabilities\x12\x18\n\x10previous_node_id\x18\x02 \x01(\t\x12\x18\n\x10\x61ttempts_in_hand\x18\x03 \x03(\t\"u\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x03 \x01(\x01\x12\x18\n\x10\x61\x64opted_attempts\x18\x04 \x03(\t\"\x95\x02\n\x0fShardAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x15\n\rattempt_token\x18\x03 \x01(\t\x12 \n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x10.qscale.v1.Chunk\x12+\n\x08\x63ircuits\x18\x05 \x03(\x0b\x32\x19.qscale.v1.CircuitPayload\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06memory\x18\x08 \x01(\x08\x12\x13\n\x0bnoise_model\x18\t \x01(\t\x12\x1a\n\x12noise_model_cached\x18\n \x01(\x08\x12\x10\n\x08priority\x18\x0b \x01(\x05\"\x9c\x01\n\x0e\x43ircuitPayload\x12\x15\n\rcircuit_index\x18\x01 \x01(\x05\x12\x0b\n\x03qpy\x18\x02 \x01(\x0c\x12.\n\nparameters\x18\x03 \x01(\x0b\x32\x1a.qscale.v1.ParameterValues\x12\x11\n\tfirst_set\x18\x04 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x13\n\x0bobservables\x18\x06 \x03(\t\"6\n\rCancelAttempt\x12\x15\n\rattempt_token\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1b\n\tForgetJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"l\n\x0eHeartbeatReply\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\r\n\x05known\x18\x02 \x01(\x08\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x04 \x01(\x01\"\xd4\x01\n\x12\x43oordinatorMessage\x12,\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x1a.qscale.v1.ShardAssignmentH\x00\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.qscale.v1.CancelAttemptH\x00\x12&\n\x06\x66orget\x18\x03 \x01(\x0b\x32\x14.qscale.v1.ForgetJobH\x00\x12\x34\n\x0fheartbeat_reply\x18\x04 \x01(\x0b\x32\x19.qscale.v1.HeartbeatReplyH\x00\x42\x06\n\x04kind\"\x1e\n\x0bStreamHello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"t\n\x0b\x43hunkResult\x12\x15\n\rattempt_token\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\x05\x12(\n\x06\x63ounts\x18\x03 \x03(\x0b\x32\x18.qscale.v1.CircuitCounts\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"3\n\tShardDone\x12\x15\n\rattempt_token\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"D\n\x0bShardFailed\x12\x15\n\rattempt_token\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0f\n\x07refused\x18\x03 \x01(\x08\"\n\n\x08\x44raining\"K\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x18\n\x10\x61ttempts_in_hand\x18\x02 \x03(\t\x12\x12\n\nfree_slots\x18\x03 \x01(\x05\"\x8b\x02\n\x0bNodeMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.qscale.v1.StreamHelloH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.qscale.v1.ChunkResultH\x00\x12$\n\x04\x64one\x18\x03 \x01(\x0b\x32\x14.qscale.v1.ShardDoneH\x00\x12(\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x16.qscale.v1.ShardFailedH\x00\x12\'\n\x08\x64raining\x18\x05 \x01(\x0b\x32\x13.qscale.v1.DrainingH\x00\x12)\n\theartbeat\x18\x06 \x01(\x0b\x32\x14.qscale.v1.HeartbeatH\x00\x42\x06\n\x04kind2\x92\x01\n\x0bNodeService\x12@\n\x08Register\x12\x1a.qscale.v1.RegisterRequest\x1a\x18.qscale.v1.RegisterReply\x12\x41\n\x04Work\x12\x16.qscale.v1.NodeMessage\x1a\x1d.qscale.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,31 +39,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREPLY']._serialized_start=444
   _globals['_REGISTERREPLY']._serialized_end=561
   _globals['_SHARDASSIGNMENT']._serialized_start=564
-  _globals['_SHARDASSIGNMENT']._serialized_end=823
-  _globals['_CIRCUITPAYLOAD']._serialized_start=826
-  _globals['_CIRCUITPAYLOAD']._serialized_end=982
-  _globals['_CANCELATTEMPT']._serialized_start=984
-  _globals['_CANCELATTEMPT']._serialized_end=1038
-  _globals['_FORGETJOB']._serialized_start=1040
-  _globals['_FORGETJOB']._serialized_end=1067
-  _globals['_HEARTBEATREPLY']._serialized_start=1069
-  _globals['_HEARTBEATREPLY']._serialized_end=1177
-  _globals['_COORDINATORMESSAGE']._serialized_start=1180
-  _globals['_COORDINATORMESSAGE']._serialized_end=1392
-  _globals['_STREAMHELLO']._serialized_start=1394
-  _globals['_STREAMHELLO']._serialized_end=1424
-  _globals['_CHUNKRESULT']._serialized_start=1426
-  _globals['_CHUNKRESULT']._serialized_end=1542
-  _globals['_SHARDDONE']._serialized_start=1544
-  _globals['_SHARDDONE']._serialized_end=1595
-  _globals['_SHARDFAILED']._serialized_start=1597
-  _globals['_SHARDFAILED']._serialized_end=1665
-  _globals['_DRAINING']._serialized_start=1667
-  _globals['_DRAINING']._serialized_end=1677
-  _globals['_HEARTBEAT']._serialized_start=1679
-  _globals['_HEARTBEAT']._serialized_end=1754
-  _globals['_NODEMESSAGE']._serialized_start=1757
-  _globals['_NODEMESSAGE']._serialized_end=2024
-  _globals['_NODESERVICE']._serialized_start=2027
-  _globals['_NODESERVICE']._serialized_end=2173
+  _globals['_SHARDASSIGNMENT']._serialized_end=841
+  _globals['_CIRCUITPAYLOAD']._serialized_start=844
+  _globals['_CIRCUITPAYLOAD']._serialized_end=1000
+  _globals['_CANCELATTEMPT']._serialized_start=1002
+  _globals['_CANCELATTEMPT']._serialized_end=1056
+  _globals['_FORGETJOB']._serialized_start=1058
+  _globals['_FORGETJOB']._serialized_end=1085
+  _globals['_HEARTBEATREPLY']._serialized_start=1087
+  _globals['_HEARTBEATREPLY']._serialized_end=1195
+  _globals['_COORDINATORMESSAGE']._serialized_start=1198
+  _globals['_COORDINATORMESSAGE']._serialized_end=1410
+  _globals['_STREAMHELLO']._serialized_start=1412
+  _globals['_STREAMHELLO']._serialized_end=1442
+  _globals['_CHUNKRESULT']._serialized_start=1444
+  _globals['_CHUNKRESULT']._serialized_end=1560
+  _globals['_SHARDDONE']._serialized_start=1562
+  _globals['_SHARDDONE']._serialized_end=1613
+  _globals['_SHARDFAILED']._serialized_start=1615
+  _globals['_SHARDFAILED']._serialized_end=1683
+  _globals['_DRAINING']._serialized_start=1685
+  _globals['_DRAINING']._serialized_end=1695
+  _globals['_HEARTBEAT']._serialized_start=1697
+  _globals['_HEARTBEAT']._serialized_end=1772
+  _globals['_NODEMESSAGE']._serialized_start=1775
+  _globals['_NODEMESSAGE']._serialized_end=2042
+  _globals['_NODESERVICE']._serialized_start=2045
+  _globals['_NODESERVICE']._serialized_end=2191
 # @@protoc_insertion_point(module_scope)

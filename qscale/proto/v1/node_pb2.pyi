@@ -56,7 +56,7 @@ class RegisterReply(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., adopted_attempts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShardAssignment(_message.Message):
-    __slots__ = ("job_id", "shard_index", "attempt_token", "chunks", "circuits", "method", "memory_bytes", "memory", "noise_model", "noise_model_cached")
+    __slots__ = ("job_id", "shard_index", "attempt_token", "chunks", "circuits", "method", "memory_bytes", "memory", "noise_model", "noise_model_cached", "priority")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class ShardAssignment(_message.Message):
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     NOISE_MODEL_FIELD_NUMBER: _ClassVar[int]
     NOISE_MODEL_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     attempt_token: str
@@ -77,7 +78,8 @@ class ShardAssignment(_message.Message):
     memory: bool
     noise_model: str
     noise_model_cached: bool
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., attempt_token: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.Chunk, _Mapping]]] = ..., circuits: _Optional[_Iterable[_Union[CircuitPayload, _Mapping]]] = ..., method: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ..., noise_model_cached: _Optional[bool] = ...) -> None: ...
+    priority: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., attempt_token: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.Chunk, _Mapping]]] = ..., circuits: _Optional[_Iterable[_Union[CircuitPayload, _Mapping]]] = ..., method: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., memory: _Optional[bool] = ..., noise_model: _Optional[str] = ..., noise_model_cached: _Optional[bool] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class CircuitPayload(_message.Message):
     __slots__ = ("circuit_index", "qpy", "parameters", "first_set", "cached", "observables")
