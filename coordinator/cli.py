@@ -2,10 +2,11 @@
 
     qscale-coordinator serve [--listen HOST:PORT] [--state-dir DIR] ...
     qscale-coordinator run FILE... --shots N [--seed S] --local-nodes K
-    qscale-coordinator submit FILE... --shots N [--seed S] [--wait]
+    qscale-coordinator submit FILE... --shots N [--seed S] [--priority low|normal|high] [--wait]
     qscale-coordinator watch JOB [--top N] [--interval S]
     qscale-coordinator status|result|cancel JOB
-    qscale-coordinator nodes|jobs
+    qscale-coordinator nodes|users
+    qscale-coordinator jobs [--user NAME]
     qscale-coordinator tls-init DIR --host NAME [--host NAME ...] [--client NAME] [--node NAME]
 
 Every client command takes ``--coordinator ADDR`` (default ``$QSCALE_COORDINATOR``),
@@ -14,8 +15,9 @@ Every client command takes ``--coordinator ADDR`` (default ``$QSCALE_COORDINATOR
 5 s: how long to wait for a coordinator that does not answer at all); tokens are never taken as
 flags. Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input, 3 coordinator
 unavailable (nothing answers, or TLS settings that do not match: the message says which),
-4 other errors, 5 credentials refused (no or a wrong API token, or a token of the node role),
-130 interrupted (Ctrl-C; the job goes on).
+4 other errors (a quota reached included), 5 credentials refused (no or a wrong API token, a
+token of the node role, or another user's job without an admin token), 130 interrupted (Ctrl-C;
+the job goes on).
 
 ``watch``, and ``submit --wait`` / ``run`` while they wait, draw a live progress bar
 (:mod:`qscale.progress`) when stdout is a terminal and ``--json`` is not given. ``watch --json``
@@ -165,7 +167,7 @@ def _submit(args: argparse.Namespace) -> int:
         _check_plot(args)
     client = _client(args)
     job = client.submit_files(args.files, shots=args.shots, seed=args.seed, method=args.method,
-                              shots_per_shard=args.shots_per_shard)
+                              shots_per_shard=args.shots_per_shard, priority=args.priority)
     if not args.wait:
         if args.json:
             _print_json({"job_id": job.job_id, "seed": job.seed})
@@ -196,7 +198,8 @@ def _estimate(args: argparse.Namespace) -> int:
                     f"--observable {label!r}: {circuit.name!r} has {circuit.num_qubits} qubits; give one letter of "
                     "IXYZ per qubit, qubit 0 rightmost")
     estimator = EstimatorV2(_client(args), seed=args.seed,
-                            options={"max_subexperiments": args.max_subexperiments, "method": args.method or "automatic"})
+                            options={"max_subexperiments": args.max_subexperiments,
+                                     "method": args.method or "automatic", "priority": args.priority})
     pubs = [(circuit, [SparsePauliOp(label) for label in args.observable]) for circuit in circuits]
     job = estimator.run(pubs, precision=args.precision)
     try:
@@ -348,23 +351,42 @@ def _plot(result: Any, path: Path, top: int) -> None:
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
+_PRUNED = "results pruned by retention"
+
+
+def _status_line(status: Any) -> str:
+    """``status JOB``'s line: state, progress, who submitted it at what priority, and what
+    retention left of it."""
+    who = [f"user {status.user}"] if status.user else []
+    who += [f"priority {status.priority}"]
+    return (f"{status.job_id} {status.state.value}: {status.shots_done}/{status.shots_total} shots, "
+            f"{status.shards_done}/{status.shards_total} shards ({status.shards_running} running), "
+            f"{', '.join(who)}" + (f"; {_PRUNED}" if status.pruned else "")
+            + (f"; {status.error}" if status.error else ""))
+
+
 def _status(args: argparse.Namespace) -> int:
     status = _client(args).job(args.job).status()
     if args.json:
         _print_json(status.to_dict())
     else:
-        print(f"{status.job_id} {status.state.value}: {status.shots_done}/{status.shots_total} shots, "
-              f"{status.shards_done}/{status.shards_total} shards ({status.shards_running} running)"
-              + (f"; {status.error}" if status.error else ""))
+        print(_status_line(status))
     return EXIT_OK
 
 
 def _result(args: argparse.Namespace) -> int:
     """``result``: a finished job's result (``--wait`` for an unfinished one)."""
+    from qscale.client import Job
+
     _check_plot(args)
-    job = _client(args).job(args.job)
+    job = Job(_client(args), args.job)
+    status = job.status()  # fails at once on a wrong address or job id
+    if status.pruned:
+        raise errors.FailedPreconditionError(
+            f"job {status.job_id} is {status.state.value}, but its results were pruned by the coordinator's "
+            f"retention (--keep-jobs, --keep-jobs-for): only its status is left (qscale-coordinator status "
+            f"{status.job_id})")
     if not args.wait:
-        status = job.status()
         if not status.state.final:
             raise errors.FailedPreconditionError(
                 f"job {status.job_id} is {status.state.value}; pass --wait to wait for it")
@@ -465,26 +487,76 @@ def _nodes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _jobs(args: argparse.Namespace) -> int:
-    """``jobs``: the newest jobs, newest first, as a table (or JSON with ``--json``)."""
+_PRIORITY_STYLES = {"high": "bold", "low": "dim"}
+
+
+def _jobs_listing(jobs: Sequence[Any], now: float, user: str | None = None
+                  ) -> tuple[str, list[_Col], list[list[str]]]:
+    """The title, columns and rows of ``jobs``: a user column unless every job is one user's,
+    a priority column when some job is not of normal priority."""
     from qscale.progress import percent_done
 
-    jobs = _client(args).jobs(limit=args.limit)
-    if args.json:
-        _print_json([j.to_dict() for j in jobs])
-        return EXIT_OK
-    now = time.time()
-    columns = [_Col("job", "text"), _Col("state", "text"), _Col("progress"), _Col("shots"),
-               _Col("shards", drop=2), _Col("created", "text", drop=1), _Col("wall time", drop=3),
-               _Col("error", "fold")]
+    users = {j.user for j in jobs}
+    show_user = len(users) > 1
+    show_priority = any(j.priority != "normal" for j in jobs)
+    columns = [_Col("job", "text")]
+    columns += [_Col("user", "text", drop=4)] if show_user else []
+    columns += [_Col("state", "text")]
+    columns += [_Col("priority", "text", drop=5)] if show_priority else []
+    columns += [_Col("progress"), _Col("shots"), _Col("shards", drop=2), _Col("created", "text", drop=1),
+                _Col("wall time", drop=3), _Col("error", "fold")]
     rows = []
     for j in jobs:
         wall = (j.finished_at if j.finished_at else now) - j.created_at  # so far, for a job not yet final
-        rows.append([escape(j.job_id), _state_cell(j.state.value), f"{percent_done(j):.0f}%",
-                     f"{j.shots_done:,}/{j.shots_total:,}",
-                     f"{j.shards_done}/{j.shards_total}" if j.shards_total else "-", _when(j.created_at, now),
-                     _age(wall), escape(j.error[:120])])
-    _print_listing(f"{len(jobs)} job(s)", columns, rows)
+        style = _PRIORITY_STYLES.get(j.priority)
+        row = [escape(j.job_id)]
+        row += [escape(j.user or "-")] if show_user else []
+        row += [_state_cell(j.state.value)]
+        row += [f"[{style}]{j.priority}[/{style}]" if style else escape(j.priority)] if show_priority else []
+        note = "; ".join(text for text in (_PRUNED if j.pruned else "", j.error) if text)
+        row += [f"{percent_done(j):.0f}%", f"{j.shots_done:,}/{j.shots_total:,}",
+                f"{j.shards_done}/{j.shards_total}" if j.shards_total else "-", _when(j.created_at, now),
+                _age(wall), escape(note[:120])]
+        rows.append(row)
+    owner = user or (next(iter(users)) if len(users) == 1 and jobs and jobs[0].user else None)
+    title = f"{len(jobs)} job(s)" + (f" of user {escape(owner)}" if owner else "")
+    return title, columns, rows
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    """``jobs``: the newest jobs, newest first, as a table (or JSON with ``--json``)."""
+    jobs = _client(args).jobs(limit=args.limit, user=args.user)
+    if args.json:
+        _print_json([j.to_dict() for j in jobs])
+        return EXIT_OK
+    _print_listing(*_jobs_listing(jobs, time.time(), args.user))
+    return EXIT_OK
+
+
+def _quota(value: int) -> str:
+    return f"{value:,}" if value > 0 else "-"
+
+
+def _users_listing(users: Sequence[Any]) -> tuple[str, list[_Col], list[list[str]]]:
+    """The title, columns and rows of ``users``: each user's share, use now and quotas ("-": none)."""
+    columns = [_Col("user", "text"), _Col("weight"), _Col("admin", "text", drop=4), _Col("jobs\nunfinished"),
+               _Col("shots\nqueued"), _Col("slots\nbusy"), _Col("slot-\nseconds", drop=5),
+               _Col("max\njobs", drop=3), _Col("max queued\nshots", drop=1), _Col("max\nslots", drop=2)]
+    rows = [[escape(u.name), f"{u.weight:g}", "yes" if u.admin else "-", f"{u.jobs_unfinished:,}",
+             f"{u.shots_queued:,}", f"{u.slots_busy:,}", f"{u.slot_seconds:,.1f}", _quota(u.max_jobs),
+             _quota(u.max_queued_shots), _quota(u.max_slots)] for u in users]
+    busy = sum(u.slots_busy for u in users)
+    return f"{len(users)} user(s), {busy:,} slot(s) busy", columns, rows
+
+
+def _users(args: argparse.Namespace) -> int:
+    """``users``: the coordinator's users (every one for an admin, else the caller), as a table
+    (or JSON with ``--json``)."""
+    users = _client(args).users()
+    if args.json:
+        _print_json([u.to_dict() for u in users])
+        return EXIT_OK
+    _print_listing(*_users_listing(users))
     return EXIT_OK
 
 
@@ -530,6 +602,19 @@ def _tls_init(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------- parser
+
+PRIORITY_CHOICES = ("low", "normal", "high")
+
+
+def _user_name(text: str) -> str:
+    """``--user NAME``: a user name as token files write them."""
+    from qscale.security import check_user_name
+
+    try:
+        return check_user_name(text.strip(), "--user")
+    except errors.InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--user: ")) from None
+
 
 def _top(text: str) -> int:
     """``--top N``: outcomes shown per circuit, 0 for none."""
@@ -598,9 +683,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="logging of the local cluster: DEBUG, INFO, WARNING or ERROR (default WARNING)")
     p.set_defaults(func=_run)
 
+    priority_help = ("the job's priority class: the coordinator runs higher classes first and, within a class, "
+                     "shares the cluster between users by their weights (default: normal)")
     p = sub.add_parser("submit", parents=[client_opts, job_opts], help="submit files as a job")
     p.add_argument("--wait", action="store_true",
                    help="wait and print the result (with a live progress bar on a terminal, unless --json)")
+    p.add_argument("--priority", choices=PRIORITY_CHOICES, default="normal", help=priority_help)
     p.set_defaults(func=_submit)
 
     p = sub.add_parser("estimate", parents=[client_opts], help="expectation values of Pauli observables",
@@ -618,6 +706,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="cut a circuit wider than every node only if it needs at most N subexperiments; "
                         "otherwise it runs uncut on the matrix-product-state method (default 10000)")
     p.add_argument("--timeout", type=float, help="seconds to wait for the values")
+    p.add_argument("--priority", choices=PRIORITY_CHOICES, default="normal", help=priority_help)
     p.set_defaults(func=_estimate)
 
     for name, func, text in (("status", _status, "a job's status"), ("cancel", _cancel, "cancel a job")):
@@ -654,9 +743,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("nodes", parents=[client_opts], help="list nodes")
     p.set_defaults(func=_nodes)
-    p = sub.add_parser("jobs", parents=[client_opts], help="list recent jobs")
+    p = sub.add_parser("jobs", parents=[client_opts], help="list recent jobs",
+                       description="The newest jobs, newest first: your own, or every user's with an admin token "
+                                   "(or on a coordinator without authentication).")
     p.add_argument("--limit", type=int, default=50, metavar="N", help="newest jobs to list (default 50)")
+    p.add_argument("--user", type=_user_name, metavar="NAME",
+                   help="only the jobs of this user (the name of their API token in the coordinator's client "
+                        "tokens file; only an admin sees other users' jobs)")
     p.set_defaults(func=_jobs)
+    p = sub.add_parser("users", parents=[client_opts], help="list users, their use of the cluster and their quotas",
+                       description="The users of a shared coordinator: weight (share of the cluster relative to "
+                                   "other users), admin, unfinished jobs, queued shots, busy slots, slot-seconds used "
+                                   "since the coordinator started, and their quotas ('-': none). An admin sees every "
+                                   "user, anyone else themselves.")
+    p.set_defaults(func=_users)
 
     p = sub.add_parser("tls-init", help="write a CA and certificates for TLS and mutual TLS",
                        description="Make a new CA and write, into DIR: ca.pem and ca-key.pem, the coordinator's "
@@ -686,6 +786,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _refused(exc: errors.QScaleError) -> str:
     """What to fix when the coordinator refused this command's credentials, in flags."""
+    if isinstance(exc, errors.PermissionDeniedError) and "this is a node token" not in str(exc) \
+            and "no role may call" not in str(exc):
+        return f"{exc} (a valid API token, without the rights this needs: only an admin's token may see or " \
+               "cancel other users' jobs)"
     if isinstance(exc, errors.PermissionDeniedError):
         what = "the coordinator refused this token for client commands (it is not an API token"
         what += ", probably a node's join token)" if "node token" in str(exc) else ")"

@@ -139,9 +139,12 @@ class CoordinatorConfig(Settings):
     watch_min_interval_s: float = setting(0.05, ge=0)
     """Least time between two progress updates on one Watch stream."""
     node_tokens_file: str | None = setting()
-    """Join tokens nodes may present, one per line, # comments (or one token in $QSCALE_NODE_TOKEN)."""
+    """Join tokens nodes may present, one per line (TOKEN [NAME]), # comments (or one token in
+    $QSCALE_NODE_TOKEN)."""
     client_tokens_file: str | None = setting()
-    """API tokens clients may present, one per line, # comments (or one token in $QSCALE_CLIENT_TOKEN)."""
+    """API tokens clients may present, one per line: TOKEN [USER] [OPTION ...] with options admin,
+    weight=W, max-jobs=N, max-queued-shots=N, max-slots=N; # comments (or one token of user
+    'default' in $QSCALE_CLIENT_TOKEN)."""
     node_token: str | None = setting(secret=True)
     """One more accepted join token (only from $QSCALE_NODE_TOKEN, never a flag)."""
     client_token: str | None = setting(secret=True)

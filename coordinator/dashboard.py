@@ -17,6 +17,11 @@ The pages are static files shipped in the package (``qscale/coordinator/static``
 holds no data; ``dashboard.js`` fetches the JSON every 2 s and renders everything, charts
 included (plain SVG), inserting data as text only. Nothing is loaded from outside.
 
+With authentication, a viewer is the user of the client token they present
+(:class:`~qscale.coordinator.users.Users`): the job list and the job pages show that user's own
+jobs only, unless the user is an admin; the cluster's totals and nodes are everyone's. Without
+authentication every viewer sees every job.
+
 Every view is built on the loop from the scheduler's memory, at a bounded cost: at most
 ``ACTIVE_JOBS_SHOWN`` + ``FINISHED_JOBS_SHOWN`` job rows, ``TOP_OUTCOMES`` outcomes (from the
 job's cached top-k) and the last ``TIMELINE_ATTEMPTS`` attempts of a job; a view is reused for
@@ -38,11 +43,13 @@ from typing import Any
 from aiohttp import web
 
 from qscale._version import __version__
-from qscale.coordinator.http import PAGE_CSP, HttpServer, make_app
+from qscale.coordinator.http import AUTH_KEY, PAGE_CSP, HttpServer, make_app
 from qscale.coordinator.jobs import FINAL_STATES, Attempt, Job
 from qscale.coordinator.nodes import Node
 from qscale.coordinator.runtime import Runtime
+from qscale.coordinator.users import DEFAULT_USER, Identity, Users
 from qscale.proto.v1 import common_pb2
+from qscale.results import priority_name
 
 __all__ = ["Dashboard", "rate_series"]
 
@@ -70,6 +77,9 @@ ended (None: not yet); its outcome; whether it is a backup copy."""
 
 _CACHE_S = 0.5
 _CACHED_JOBS = 32
+_CACHED_VIEWERS = 64
+_EVERYONE = Identity(DEFAULT_USER, True)
+"""The viewer without authentication (or behind a bare token predicate): sees every job."""
 _DONE = common_pb2.JOB_STATE_DONE
 _QUEUED = common_pb2.JOB_STATE_QUEUED
 _RUNNING = common_pb2.JOB_STATE_RUNNING
@@ -133,11 +143,19 @@ def _node_view(node: Node, now: float, stale_after: float) -> dict[str, Any]:
     }
 
 
+def _visible(viewer: Identity, user: str | None) -> bool:
+    """Whether ``viewer`` may see a job of ``user`` (None: not known, so admins only)."""
+    return viewer.admin or (user is not None and user == viewer.user)
+
+
 def _job_view(job: Job, now: float) -> dict[str, Any]:
     end = job.finished_at if job.final and job.finished_at else now
     names = [info.name for info in job.infos]
     return {
         "job_id": job.job_id,
+        "user": job.user,
+        "priority": priority_name(job.priority),
+        "pruned": bool(job.pruned),
         "state": _state_name(job.state),
         "final": job.final,
         "detail": True,
@@ -158,12 +176,21 @@ def _job_view(job: Job, now: float) -> dict[str, Any]:
     }
 
 
+def _row_user(row: Sequence[Any]) -> str | None:
+    """The user of a row of the store's job list: its 8th column, None where the store has none."""
+    return str(row[7]) if len(row) > 7 and row[7] is not None else None
+
+
 def _row_view(row: Sequence[Any]) -> dict[str, Any]:
-    """A finished job known only from the store's job list (not in memory any more)."""
-    job_id, created, state, shots, n_circuits, error, finished = row
+    """A finished job known only from the store's job list (not in memory any more): (job_id,
+    created_at, state, shots_total, num_circuits, error, finished_at[, user, priority, pruned])."""
+    job_id, created, state, shots, n_circuits, error, finished = row[:7]
     done = state == _DONE
     return {
-        "job_id": job_id, "state": _state_name(state), "final": True, "detail": False,
+        "job_id": job_id, "user": _row_user(row) or "",
+        "priority": priority_name(int(row[8])) if len(row) > 8 else None,
+        "pruned": bool(row[9]) if len(row) > 9 else None,
+        "state": _state_name(state), "final": True, "detail": False,
         "progress": 100.0 if done else None, "shots_done": shots if done else None, "shots_total": shots,
         "shards_done": None, "shards_running": 0, "shards_total": None, "nodes_used": None,
         "circuits": n_circuits, "name": "", "created_at": created, "started_at": None,
@@ -186,8 +213,13 @@ class Dashboard:
 
     Args:
         runtime: the coordinator's runtime (its scheduler and store); read on the loop only.
-        tokens: when given, every route but ``/healthz`` requires a client token for which this
-            predicate returns True (it should compare in constant time); None: no authentication.
+        users: the coordinator's users. When they are authenticated, every route but
+            ``/healthz`` requires a client token, and a viewer sees their own jobs only (an
+            admin every job); otherwise (or None) there is no authentication and every viewer
+            sees every job.
+        tokens: instead of ``users``, a bare predicate: every route but ``/healthz`` requires a
+            client token for which it returns True (it should compare in constant time), and
+            every such viewer sees every job. Kept for callers that know no users.
         clock: unix time, for wall times and the shots/s samples.
         monotonic: the scheduler's clock, for heartbeat ages.
         history_s: how much shots/s history to keep.
@@ -196,8 +228,7 @@ class Dashboard:
     Example (in ``CoordinatorServer.start``, on the coordinator's loop; ``tokens`` is the
     :class:`~qscale.security.Tokens` of the gRPC server)::
 
-        dashboard = Dashboard(self.runtime,
-                              tokens=(lambda t: tokens.role_of(t) == CLIENT) if tokens.enabled else None)
+        dashboard = Dashboard(self.runtime, users=Users.from_config(tokens, config))
         port = await dashboard.start("0.0.0.0", 8080)
         ...
         await dashboard.stop()
@@ -207,6 +238,7 @@ class Dashboard:
         self,
         runtime: Runtime,
         *,
+        users: Users | None = None,
         tokens: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -215,9 +247,19 @@ class Dashboard:
     ) -> None:
         if sample_s <= 0 or history_s < sample_s:
             raise ValueError("need sample_s > 0 and history_s >= sample_s")
+        if users is not None and tokens is not None:
+            raise ValueError("give the dashboard users or a token predicate, not both")
         self.core = runtime.core
         self.store = runtime.store
+        self.users = users
         self.tokens = tokens
+        self._identify: Callable[[str], Identity | None] | None = None
+        """The viewer of a presented token (None: refused); None: no authentication."""
+        if users is not None and users.authenticated:
+            self._identify = users.identify_token
+        elif tokens is not None:
+            predicate = tokens
+            self._identify = lambda token: _EVERYONE if predicate(token) else None
         self.clock = clock
         self.monotonic = monotonic
         self.history_s = history_s
@@ -227,7 +269,8 @@ class Dashboard:
         """(time, core.shots_counted), oldest first."""
         self._sampler: asyncio.Task[None] | None = None
         self._server: HttpServer | None = None
-        self._status: tuple[float, bytes] | None = None
+        self._status: OrderedDict[Identity, tuple[float, bytes]] = OrderedDict()
+        """Recent overviews, per viewer (a viewer's own jobs differ from another's)."""
         self._jobs: OrderedDict[tuple[str, int], tuple[float, int, bytes]] = OrderedDict()
 
     @property
@@ -245,7 +288,7 @@ class Dashboard:
             web.get("/static/{name}", self._asset),
             web.get("/api/status", self._api_status),
             web.get(r"/api/jobs/{job_id:[0-9A-Za-z_.\-]{1,128}}", self._api_job),
-        ], self.tokens)
+        ], self._identify)
 
     async def start(self, host: str, port: int) -> int:
         """Serve on ``host:port`` (port 0: the OS chooses) and start sampling shots/s; returns
@@ -257,7 +300,7 @@ class Dashboard:
         if self._server is not None:
             return self._server.port
         server = HttpServer(self.app(), "dashboard", "/",
-                            "client token required" if self.tokens is not None else "no authentication")
+                            "client token required" if self._identify is not None else "no authentication")
         bound = await server.start(host, port)
         self._server = server
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever(),
@@ -295,11 +338,22 @@ class Dashboard:
             raise web.HTTPNotFound()
         return web.Response(body=self._files[name], content_type=_STATIC[name], charset="utf-8")
 
+    @staticmethod
+    def _viewer(request: web.Request) -> Identity:
+        """Who asks: the identity of their token (every job's viewer without authentication)."""
+        who = request.get(AUTH_KEY)
+        return who if isinstance(who, Identity) else _EVERYONE
+
     async def _api_status(self, request: web.Request) -> web.Response:
+        viewer = self._viewer(request)
         mono = time.monotonic()
-        if self._status is None or mono - self._status[0] >= _CACHE_S:
-            self._status = (mono, _json(self.status()))
-        return web.Response(body=self._status[1], content_type="application/json")
+        cached = self._status.get(viewer)
+        if cached is None or mono - cached[0] >= _CACHE_S:
+            cached = self._status[viewer] = (mono, _json(self.status(viewer)))
+            while len(self._status) > _CACHED_VIEWERS:
+                self._status.popitem(last=False)
+        self._status.move_to_end(viewer)
+        return web.Response(body=cached[1], content_type="application/json")
 
     async def _api_job(self, request: web.Request) -> web.Response:
         job_id = request.match_info["job_id"]
@@ -308,6 +362,8 @@ class Dashboard:
             return _json_error(400, f"circuit must be a circuit index (0, 1, ...), not {text[:40]!r}")
         circuit = int(text)
         job = self.core.jobs.get(job_id)
+        if job is not None and not _visible(self._viewer(request), job.user):
+            job = None  # another user's job: as unknown as one that does not exist
         if job is None:
             return _json_error(404, f"job {job_id} is not among the jobs the coordinator holds in memory (unknown, "
                                "or finished long ago: its result is still in the store)")
@@ -325,16 +381,20 @@ class Dashboard:
 
     # ------------------------------------------------------------------ views
 
-    def status(self) -> dict[str, Any]:
-        """The overview (JSON-able). Call it on the coordinator's loop.
+    def status(self, viewer: Identity = _EVERYONE) -> dict[str, Any]:
+        """The overview (JSON-able) as ``viewer`` sees it: the jobs they may see (every job for
+        an admin, their own otherwise), everyone's totals and nodes. Call it on the
+        coordinator's loop.
 
-        Keys: ``version``, ``now`` (unix s), ``totals`` (nodes_alive, nodes_draining, nodes_lost,
+        Keys: ``version``, ``now`` (unix s), ``viewer`` (``user``, ``admin``, ``authenticated``),
+        ``totals`` (nodes_alive, nodes_draining, nodes_lost,
         slots_busy, slots_total, jobs_running, jobs_queued, shards_queued, shards_running,
         shots_counted, shots_per_s, stale_results_dropped), ``nodes`` (live nodes, then up to 20
         recently lost ones: id, capabilities, state, running, last_heartbeat_age_s, stale...),
-        ``jobs`` (unfinished ones, then the 50 most recent finished ones: state, progress in %,
-        shots and shards done/total, nodes_used, wall_s, error, ``detail`` (whether
-        ``/api/jobs/{id}`` knows it)...; None where unknown), ``jobs_active_total``,
+        ``jobs`` (unfinished ones, then the 50 most recent finished ones: user, priority, state,
+        progress in %, shots and shards done/total, nodes_used, wall_s, error, ``detail``
+        (whether ``/api/jobs/{id}`` knows it)...; None where unknown), ``jobs_active_total``
+        (the viewer's),
         ``stale_after_s`` and ``shots_per_s`` (``sample_s``, ``history_s`` and ``points``:
         [time, shots/s] pairs, oldest first).
         """
@@ -350,8 +410,12 @@ class Dashboard:
 
         active: list[Job] = []
         finished: list[Job] = []
+        everyone: list[Job] = []  # unfinished, every user's: for the totals
         for job in core.jobs.values():
-            (finished if job.final else active).append(job)
+            if not job.final:
+                everyone.append(job)
+            if _visible(viewer, job.user):
+                (finished if job.final else active).append(job)
         active.sort(key=lambda j: j.created_at)
         finished.sort(key=lambda j: j.finished_at or j.created_at, reverse=True)
         jobs = [_job_view(j, now) for j in active[:ACTIVE_JOBS_SHOWN]]
@@ -359,8 +423,8 @@ class Dashboard:
         if len(recent) < FINISHED_JOBS_SHOWN:  # after a restart: older jobs are only in the store
             known = {j.job_id for j in core.jobs.values()}
             limit = min(1000, FINISHED_JOBS_SHOWN + len(active))
-            for row in self.store.recent_jobs(limit):
-                if row[0] not in known and row[2] in FINAL_STATES:
+            for row in self._stored_jobs(limit, viewer):
+                if row[0] not in known and row[2] in FINAL_STATES and _visible(viewer, _row_user(row)):
                     recent.append(_row_view(row))
             recent.sort(key=lambda j: j["finished_at"] or j["created_at"], reverse=True)
         jobs += recent[:FINISHED_JOBS_SHOWN]
@@ -376,6 +440,7 @@ class Dashboard:
         return {
             "version": __version__,
             "now": now,
+            "viewer": {"user": viewer.user, "admin": viewer.admin, "authenticated": self._identify is not None},
             "stale_after_s": stale_after,
             "totals": {
                 "nodes_alive": len(alive),
@@ -383,10 +448,10 @@ class Dashboard:
                 "nodes_lost": len(core.registry.lost),
                 "slots_busy": sum(min(len(n.running), n.caps.slots) for n in alive),
                 "slots_total": sum(n.caps.slots for n in alive),
-                "jobs_running": sum(1 for j in active if j.state == _RUNNING),
-                "jobs_queued": sum(1 for j in active if j.state == _QUEUED),
-                "shards_queued": sum(j.shards_queued for j in active),
-                "shards_running": sum(j.shards_running for j in active),
+                "jobs_running": sum(1 for j in everyone if j.state == _RUNNING),
+                "jobs_queued": sum(1 for j in everyone if j.state == _QUEUED),
+                "shards_queued": sum(j.shards_queued for j in everyone),
+                "shards_running": sum(j.shards_running for j in everyone),
                 "shots_counted": core.shots_counted,
                 "shots_per_s": round(rate_now, 3),
                 "stale_results_dropped": core.stale_dropped,
@@ -398,8 +463,18 @@ class Dashboard:
                             "points": [[round(t, 3), round(r, 3)] for t, r in points]},
         }
 
+    def _stored_jobs(self, limit: int, viewer: Identity) -> Sequence[Sequence[Any]]:
+        """The newest rows of the store's job list that ``viewer`` may see (with their users
+        where the store has ``list_jobs``; a store without users only serves admins)."""
+        list_jobs = getattr(self.store, "list_jobs", None)
+        if list_jobs is not None:
+            return list_jobs(limit, None if viewer.admin else viewer.user)
+        return self.store.recent_jobs(limit) if viewer.admin else []
+
     def job(self, job: Job, circuit: int = 0) -> dict[str, Any]:
         """A job's page (JSON-able). Call it on the coordinator's loop.
+
+        It does not check who asks: the route does (a viewer's own job, or any for an admin).
 
         Keys: ``version``, ``now``; ``job`` (the overview's row, plus ``method``, ``seed``,
         ``estimator``, ``shards_queued``); ``circuit`` (``index``, ``count`` of circuits, ``name``,

@@ -10,9 +10,11 @@ Every response carries ``Cache-Control: no-store``, ``X-Content-Type-Options: no
 ``X-Frame-Options: DENY``, ``Referrer-Policy: no-referrer`` and a ``Content-Security-Policy``
 (``default-src 'none'`` unless the handler set a page policy). Only ``GET`` and ``HEAD`` are
 served: any other method is answered 405 with ``Allow: GET, HEAD``. With an ``authorise``
-predicate, every path but ``/healthz`` needs a token: the password of HTTP Basic (any user
+check, every path but ``/healthz`` needs a token: the password of HTTP Basic (any user
 name) or ``Authorization: Bearer <token>``; without one the answer is 401 with
-``WWW-Authenticate: Basic realm="qscale"`` so that a browser asks for it.
+``WWW-Authenticate: Basic realm="qscale"`` so that a browser asks for it. What the check
+returns for an accepted token (an identity, say) is left in the request under :data:`AUTH_KEY`
+for the handlers.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import base64
 import binascii
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["HttpServer", "make_app", "metrics_app", "presented_token", "PLAIN_CSP", "PAGE_CSP"]
+__all__ = ["HttpServer", "make_app", "metrics_app", "presented_token", "PLAIN_CSP", "PAGE_CSP", "AUTH_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,9 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-sr
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 """The policy of the dashboard's pages: scripts and styles from the dashboard's own files only."""
 ALLOWED_METHODS = ("GET", "HEAD")
+AUTH_KEY: Any = web.RequestKey("qscale_auth", object) if hasattr(web, "RequestKey") else "qscale_auth"
+"""Request key of what ``authorise`` returned for the request's token (True without authentication);
+a typed key where aiohttp has them (3.12 on), a string before."""
 _MAX_AUTH_HEADER = 4096
 _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -71,33 +77,37 @@ def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> web
     return web.Response(status=status, text=text, content_type=_TEXT, charset="utf-8", headers=headers)
 
 
-def make_app(routes: list[web.RouteDef], authorise: Callable[[str], bool] | None = None) -> web.Application:
+def make_app(routes: list[web.RouteDef], authorise: Callable[[str], object] | None = None) -> web.Application:
     """An application serving ``routes`` (``GET``; ``HEAD`` too) behind the checks above.
 
     Args:
         routes: ``web.get(...)`` definitions.
-        authorise: None: no authentication; else whether a presented token may read (it should
-            compare in constant time). An exception in it counts as a refusal.
+        authorise: None: no authentication; else whether a presented token may read: a falsy
+            answer refuses it, anything else is kept in the request under :data:`AUTH_KEY` (it
+            should compare in constant time). An exception in it counts as a refusal.
     """
 
-    def authorised(request: web.Request) -> bool:
+    def authorised(request: web.Request) -> object:
         if authorise is None:
             return True
         token = presented_token(request.headers.get("Authorization"))
         if not token:
-            return False
+            return None
         try:
-            return bool(authorise(token))
+            return authorise(token)
         except Exception as exc:  # the message could quote the token: log its type only
             log.error("http: token check failed (%s)", type(exc).__name__)
-            return False
+            return None
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        if path != "/healthz" and not authorised(request):
-            log.debug("http: %s %s from %s without a valid token", request.method, path[:200], request.remote)
-            return _plain(401, _UNAUTHORISED, {"WWW-Authenticate": 'Basic realm="qscale", charset="UTF-8"'})
+        if path != "/healthz":
+            who = authorised(request)
+            if not who:
+                log.debug("http: %s %s from %s without a valid token", request.method, path[:200], request.remote)
+                return _plain(401, _UNAUTHORISED, {"WWW-Authenticate": 'Basic realm="qscale", charset="UTF-8"'})
+            request[AUTH_KEY] = who
         if request.method not in ALLOWED_METHODS:
             return _plain(405, "405 Method Not Allowed\n", {"Allow": ", ".join(ALLOWED_METHODS)})
         try:

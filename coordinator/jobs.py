@@ -20,7 +20,7 @@ from qscale.coordinator.planner import PlanExplanation, PlanningPolicy, ShardPla
 from qscale.outcomes import Outcomes, OutcomeTotals, outcome_width
 from qscale.proto.v1 import common_pb2
 
-__all__ = ["Job", "Shard", "Attempt", "Totals", "QUEUED", "RUNNING", "DONE", "FAILED",
+__all__ = ["Job", "Shard", "Attempt", "Totals", "run_order", "QUEUED", "RUNNING", "DONE", "FAILED",
            "CANCELLED", "FINAL_STATES", "state_name"]
 
 QUEUED = common_pb2.JOB_STATE_QUEUED
@@ -29,6 +29,12 @@ DONE = common_pb2.JOB_STATE_DONE
 FAILED = common_pb2.JOB_STATE_FAILED
 CANCELLED = common_pb2.JOB_STATE_CANCELLED
 FINAL_STATES = (DONE, FAILED, CANCELLED)
+
+
+def run_order(priority: int, ahead: bool = False) -> int:
+    """The order a node runs what it holds in: higher classes first and, within a class, a shard
+    sent ``ahead`` of those waiting (overbooked) before them; arrival order among equals."""
+    return 2 * max(priority, 0) + int(ahead)
 
 
 def state_name(state: int) -> str:
@@ -53,6 +59,16 @@ class Attempt:
     """Wall time it likely began to run on its node (display only; 0: still waiting in the node's
     queue, or never ran): at dispatch to a free slot, else when an attempt ahead of it on that
     node ended (a node runs what it holds in the order it got it), or at its first chunk."""
+    user: str = ""
+    """Its job's user (charged for its slot)."""
+    running_since: float = 0.0
+    """Monotonic twin of ``running_at`` (0: not running yet): what the attempt is charged from."""
+    priority: int = common_pb2.PRIORITY_NORMAL
+    """Its job's priority class."""
+    order: int = 0
+    """Run order sent to the node, which runs the highest it holds first (see :func:`run_order`)."""
+    charged: float = 0.0
+    """Slot-seconds charged to its job's fair share at dispatch (an estimate, corrected at its end)."""
     outcome: str = "running"  # running, done, failed, refused, lost, cancelled, stale
     error: str = ""
     backup: bool = False
@@ -177,6 +193,11 @@ class Job:
     """Its priority class (``common_pb2.Priority``): higher classes are served first."""
     pruned: bool = False
     """Its results were removed by retention; only its status is left."""
+    in_hand: int = 0
+    """Attempts of its shards that nodes hold now."""
+    seconds_per_cost_ewma: float = 0.0
+    """Moving average of ``seconds_per_cost`` (0: no shard done yet): the estimate of what a
+    shard will take, charged to its fair share at dispatch."""
     state: int = QUEUED
     error: str = ""
     started_at: float = 0.0

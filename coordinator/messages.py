@@ -9,10 +9,11 @@ from qscale.proto.v1 import common_pb2, node_pb2
 __all__ = ["assignment", "cancel", "forget"]
 
 
-def assignment(job: Job, plan: ShardPlan, token: str, *, cached: set[int], noise_cached: bool
+def assignment(job: Job, plan: ShardPlan, token: str, *, cached: set[int], noise_cached: bool, order: int = 0
                ) -> node_pb2.CoordinatorMessage:
     """A shard for a node: its chunks, each circuit's QPY (unless in ``cached``), the noise
-    model (unless ``noise_cached``)."""
+    model (unless ``noise_cached``), and the ``order`` it runs in among what the node holds
+    (:func:`~qscale.coordinator.jobs.run_order`)."""
     a = node_pb2.ShardAssignment(
         job_id=job.job_id,
         shard_index=plan.index,
@@ -25,6 +26,7 @@ def assignment(job: Job, plan: ShardPlan, token: str, *, cached: set[int], noise
         method=plan.method,
         memory_bytes=plan.memory_bytes,
         memory=job.memory,
+        priority=order,
     )
     if job.noise_model:
         if noise_cached:

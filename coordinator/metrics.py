@@ -24,16 +24,25 @@ Names (all prefixed ``qscale_``):
 ``job_latency_seconds``                histogram submit to final state
 ``shard_duration_seconds``             histogram dispatch to counted result
 ``heartbeat_lag_seconds``              histogram time between two heartbeats of a node
+``user_jobs{user}``                    gauge     unfinished jobs of each user
+``user_shots_queued{user}``            gauge     shots of a user's unfinished jobs not counted yet
+``user_slots_busy{user}``              gauge     attempts of a user's shards that nodes hold
+``user_slot_seconds_total{user}``      counter   slot-seconds used by a user's attempts
 =====================================  ========  ===========================================
+
+The ``user_*`` series are read from the scheduler when scraped (one per user the coordinator
+has seen since it started: the users of its tokens).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 __all__ = ["CoordinatorMetrics"]
 
@@ -82,6 +91,11 @@ class CoordinatorMetrics:
         for reason in ("timeout", "stream", "drained"):
             self.nodes_lost.labels(reason)
 
+    def bind_users(self, read: Callable[[], Iterable[tuple[str, int, int, int, float]]]) -> None:
+        """Serve the ``user_*`` series from ``read()``: (user, unfinished jobs, queued shots, busy
+        slots, slot-seconds) per user, called at each scrape."""
+        self.registry.register(_UserCollector(read))
+
     def bind(self, **gauges: Callable[[], float]) -> None:
         """Point gauges at the scheduler's live figures: ``nodes_alive``, ``nodes_draining``,
         ``slots_busy``, ``slots_total``, ``shards_queued``, ``shards_running``, ``jobs_queued``,
@@ -94,3 +108,25 @@ class CoordinatorMetrics:
         }
         for name, read in gauges.items():
             targets[name].set_function(read)
+
+
+class _UserCollector(Collector):
+    """The per-user series, read when scraped."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, int, int, int, float]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("qscale_user_jobs", "Unfinished jobs of each user", labels=["user"])
+        shots = GaugeMetricFamily("qscale_user_shots_queued", "Shots of a user's unfinished jobs not counted yet",
+                                  labels=["user"])
+        slots = GaugeMetricFamily("qscale_user_slots_busy", "Attempts of a user's shards that nodes hold",
+                                  labels=["user"])
+        used = CounterMetricFamily("qscale_user_slot_seconds", "Slot-seconds used by a user's attempts",
+                                   labels=["user"])
+        for user, unfinished, queued, busy, seconds in self._read():
+            jobs.add_metric([user], unfinished)
+            shots.add_metric([user], queued)
+            slots.add_metric([user], busy)
+            used.add_metric([user], seconds)
+        yield from (jobs, shots, slots, used)

@@ -5,6 +5,9 @@ every result it had counted.
 * 1 -> 2: estimator jobs store their circuits' observables (a new, empty column).
 * 2 -> 3: shard results hold packed outcomes (``Outcomes``) instead of a map of Aer's
   hexadecimal keys; every stored result is rewritten.
+* 3 -> 4: jobs record their user and priority, and when retention pruned their results (new
+  columns with defaults: existing jobs belong to ``default``, at normal priority, not pruned).
+  The store creates the indexes of the new columns after the upgrade, as for a new state.
 """
 
 from __future__ import annotations
@@ -77,7 +80,18 @@ def _pack_outcomes(db: sqlite3.Connection) -> None:
     log.info("store: %d shard result(s) rewritten with packed outcomes (schema 3)", len(rows))
 
 
-_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_observables, 2: _pack_outcomes}
+def _add_user_priority_pruned(db: sqlite3.Connection) -> None:
+    present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    for name, definition in (("user", "TEXT NOT NULL DEFAULT 'default'"),
+                             ("priority", f"INTEGER NOT NULL DEFAULT {common_pb2.PRIORITY_NORMAL}"),
+                             ("pruned_at", "REAL NOT NULL DEFAULT 0")):
+        if name not in present:  # (a state whose version was set back by hand may have them)
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+    log.info("store: jobs record their user, priority and retention (schema 4)")
+
+
+_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _add_observables, 2: _pack_outcomes, 3: _add_user_priority_pruned}
 """Schema version -> the step that upgrades it to the next one."""
 
 

@@ -57,6 +57,10 @@ class Node:
     """Jobs whose noise model went to the node."""
     pool: int | None = None
     """Where placement files it: free slots (> 0), 0 for prefetch, None for neither."""
+    overbook: int | None = None
+    """Where placement files it for overbooking: its lowest class waiting; None: not there."""
+    waiting: dict[int, int] = field(default_factory=dict)
+    """Priority class -> attempts in hand that wait for a slot (by the coordinator's reckoning)."""
     last_heartbeat: float = 0.0
     """Monotonic time of its last heartbeat (0: none yet)."""
     lost_at: float = 0.0
@@ -68,6 +72,46 @@ class Node:
         if self.state == "alive" and self.suspected_since is not None:
             return "suspected"
         return self.state
+
+    @property
+    def lowest_waiting(self) -> int | None:
+        """The lowest priority class of an attempt it holds that waits for a slot; None: none."""
+        return min(self.waiting) if self.waiting else None
+
+    def hold(self, attempt: Attempt) -> None:
+        """It was given ``attempt`` (running at once if ``attempt.running_at`` is set)."""
+        self.running[attempt.token] = attempt
+        if not attempt.running_at:
+            self.waiting[attempt.priority] = self.waiting.get(attempt.priority, 0) + 1
+
+    def drop(self, attempt: Attempt) -> None:
+        """``attempt`` ended or was taken from it."""
+        if self.running.pop(attempt.token, None) is not None and not attempt.running_at:
+            self._unwait(attempt)
+
+    def mark_running(self, attempt: Attempt, wall: float, now: float) -> None:
+        """``attempt`` took a slot (at wall time ``wall``, monotonic ``now``)."""
+        if attempt.running_at:
+            return
+        attempt.running_at, attempt.running_since = wall, now
+        if attempt.token in self.running:
+            self._unwait(attempt)
+
+    def next_waiting(self) -> Attempt | None:
+        """The attempt it runs next when a slot frees: the highest run order, the first given
+        among equals (as the node itself picks)."""
+        best: Attempt | None = None
+        for attempt in self.running.values():
+            if not attempt.running_at and (best is None or attempt.order > best.order):
+                best = attempt
+        return best
+
+    def _unwait(self, attempt: Attempt) -> None:
+        left = self.waiting.get(attempt.priority, 0) - 1
+        if left > 0:
+            self.waiting[attempt.priority] = left
+        else:
+            self.waiting.pop(attempt.priority, None)
 
     @property
     def usable(self) -> bool:

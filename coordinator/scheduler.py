@@ -18,6 +18,16 @@ Accounting rules:
   copies on free capacity at once, and it keeps them; it is declared lost only after the
   heartbeat timeout (see :mod:`~qscale.coordinator.nodes`). A node that comes back, or
   registers again presenting its id and attempts in hand, keeps the attempts still current.
+
+Sharing rules:
+- free slots go to queued shards in the order of :class:`~qscale.coordinator.fairshare.FairQueue`:
+  priority class, then the user and the job with the least weighted slot-seconds; every attempt
+  is charged to its job (an estimate at dispatch, what it ran at its end);
+- a user at their slot quota gets no more slots until one of theirs frees; a submission over a
+  user's job or queued-shots quota is refused before anything changes (:meth:`Scheduler.admit`);
+- a shard that must start before those waiting on the nodes (a higher class, or the first of a
+  job with nothing in hand) may be *overbooked* onto a node holding a waiting shard of its class
+  or lower: the node runs it on its next free slot; nothing running is stopped.
 """
 
 from __future__ import annotations
@@ -27,19 +37,24 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from itertools import islice
 
 from qscale.coordinator import messages
 from qscale.coordinator.checks import check_chunk
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.decisions import CloseStream, Decision, FinishJob, Notify, RecordShard, Send
+from qscale.coordinator.fairshare import FairQueue, QueuedJob
 from qscale.coordinator.jobs import (CANCELLED, DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, Attempt, Job, Shard,
-                                     state_name)
+                                     run_order, state_name)
 from qscale.coordinator.metrics import CoordinatorMetrics
 from qscale.coordinator.nodes import Node, Registry, check_capabilities
 from qscale.coordinator.placement import Placement
 from qscale.coordinator.planner import ShardPlan
-from qscale.errors import FailedPreconditionError, InvalidArgumentError, NoCapableNodeError, NotFoundError
+from qscale.coordinator.users import User
+from qscale.errors import (FailedPreconditionError, InvalidArgumentError, NoCapableNodeError, NotFoundError,
+                           ResourceExhaustedError)
 from qscale.proto.v1 import common_pb2, node_pb2
 
 __all__ = ["Scheduler", "FINAL_STATES", "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED"]
@@ -50,21 +65,47 @@ _MAX_TOKENS = 100_000  # attempt tokens one node may report in hand
 _MAX_REFUSALS = 20  # refusals of one shard by nodes that are not draining before its job fails
 _REFUSAL_BACKOFF_S = 0.1  # after the second refusal by a node; doubles with each one, up to:
 _REFUSAL_BACKOFF_MAX_S = 10.0
+_LOOKAHEAD = 32  # queued shards of a job looked at for one that fits, when its first does not
+_MIN_CHARGE_S = 0.01  # least a dispatch is charged, for shards whose cost the planner puts at 0
+_RATE_SMOOTHING = 0.2  # weight of the newest shard in the moving averages of seconds per cost
+
+
+@dataclass
+class Usage:
+    """What one user has now, for quotas and display."""
+
+    jobs_unfinished: int = 0
+    shots_queued: int = 0
+    """Shots asked for by their unfinished jobs and not counted yet."""
+    in_hand: int = 0
+    """Attempts of their shards that nodes hold."""
+    slot_seconds: float = 0.0
+    """Slot-seconds of their attempts that ended, since the coordinator started."""
 
 
 class Scheduler:
     """Node registry, job table and dispatcher. Not thread-safe: call it from one thread."""
 
     def __init__(self, config: CoordinatorConfig, *, metrics: CoordinatorMetrics | None = None,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, users: Callable[[str], User] | None = None) -> None:
         self.config = config
+        self.user_policy: Callable[[str], User] = users or (lambda name: User(
+            name, max_jobs=config.max_jobs_per_user, max_queued_shots=config.max_queued_shots_per_user,
+            max_slots=config.max_slots_per_user))
+        """A user's weight and quotas by name."""
         self.metrics = metrics or CoordinatorMetrics()
         self.wall = wall
         self.registry = Registry(config.lost_node_ttl_s)
         self.placement = Placement()
         self.jobs: dict[str, Job] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()  # final jobs kept in memory, oldest first
-        self.queue: deque[tuple[str, int]] = deque()
+        self.fair = FairQueue(lambda name: self.user_policy(name).weight)
+        """Queued shards, served by class, then fair share between users and between jobs."""
+        self.usage: dict[str, Usage] = {}
+        """Per user with unfinished jobs or attempts in hand (or that had some)."""
+        self._admitted: set[str] = set()
+        """Jobs counted against their user's quotas by :meth:`admit`, not accepted yet."""
+        self._seconds_per_cost = 0.0  # moving average over every job's finished shards (0: none yet)
         self.backups_wanted: deque[str] = deque()
         """Tokens of attempts held by suspected nodes, whose shards want a backup copy."""
         self.attempts: dict[str, Attempt] = {}
@@ -82,6 +123,10 @@ class Scheduler:
             jobs_queued=lambda: sum(1 for j in list(self.jobs.values()) if j.state == QUEUED),
             jobs_running=lambda: sum(1 for j in list(self.jobs.values()) if j.state == RUNNING),
         )
+        self._last_now = 0.0  # of the last tick: scrapes read running slot-seconds up to it
+        self.metrics.bind_users(lambda: [(name, u.jobs_unfinished, u.shots_queued, u.in_hand,
+                                          self.slot_seconds(name, self._last_now))
+                                         for name, u in list(self.usage.items())])
 
     @property
     def nodes(self) -> dict[str, Node]:
@@ -240,6 +285,7 @@ class Scheduler:
     def tick(self, now: float) -> list[Decision]:
         """Periodic: suspect silent nodes, declare lost those silent past the timeout, age out
         lost entries, start backup copies of slow shards, dispatch."""
+        self._last_now = now
         config = self.config
         suspect, lose = self.registry.silent(now, config.suspect_after, config.heartbeat_timeout_s)
         for node in suspect:
@@ -304,7 +350,14 @@ class Scheduler:
         job.accepted = now
         job.start(plan, done or {})
         self.jobs[job.job_id] = job
-        self.queue.extend((job.job_id, s.plan.index) for s in job.shards if s.status == "queued")
+        if job.job_id in self._admitted:
+            self._admitted.discard(job.job_id)
+            self._user(job.user).shots_queued -= job.shots_done  # (admitted with every shot to go)
+        else:
+            usage = self._user(job.user)
+            usage.jobs_unfinished += 1
+            usage.shots_queued += job.shots_total - job.shots_done
+        self.fair.add(job.job_id, job.user, job.priority, (s.plan.index for s in job.shards if s.status == "queued"))
         if done:
             if job.shards_done:
                 job.state = RUNNING
@@ -318,6 +371,57 @@ class Scheduler:
                      job.method or "automatic", ", noisy" if job.noise_model else "")
         self._dispatch(now)
         return self._take()
+
+    def admit(self, job: Job) -> None:
+        """Count a new job against its user's quotas until :meth:`accept` (or :meth:`withdraw`),
+        or refuse it with nothing changed.
+
+        Raises:
+            ResourceExhaustedError: the user has as many unfinished jobs as allowed, or the job's
+                shots would take their queued shots over the limit; the message says which
+                limit and the current usage.
+        """
+        self.check_jobs_quota(job.user)
+        policy = self.user_policy(job.user)
+        usage = self._user(job.user)
+        if policy.max_queued_shots and usage.shots_queued + job.shots_total > policy.max_queued_shots:
+            raise ResourceExhaustedError(
+                f"this job asks for {job.shots_total:,} shot(s) and user {job.user!r} has {usage.shots_queued:,} "
+                f"queued; at most {policy.max_queued_shots:,} may be queued (max-queued-shots): submit fewer "
+                "shots, or wait for queued ones to run")
+        usage.jobs_unfinished += 1
+        usage.shots_queued += job.shots_total
+        self._admitted.add(job.job_id)
+
+    def check_jobs_quota(self, user: str) -> None:
+        """Raise :class:`ResourceExhaustedError` if ``user`` may not have one more unfinished job."""
+        policy = self.user_policy(user)
+        usage = self.usage.get(user)
+        if policy.max_jobs and usage is not None and usage.jobs_unfinished >= policy.max_jobs:
+            raise ResourceExhaustedError(
+                f"user {user!r} has {usage.jobs_unfinished} unfinished job(s), the most allowed (max-jobs "
+                f"{policy.max_jobs}); wait for one to finish, or cancel one")
+
+    def withdraw(self, job: Job) -> None:
+        """Undo :meth:`admit` for a job that was not accepted after all."""
+        if job.job_id in self._admitted:
+            self._admitted.discard(job.job_id)
+            usage = self._user(job.user)
+            usage.jobs_unfinished -= 1
+            usage.shots_queued -= job.shots_total
+
+    def _user(self, name: str) -> Usage:
+        usage = self.usage.get(name)
+        if usage is None:
+            usage = self.usage[name] = Usage()
+        return usage
+
+    def slot_seconds(self, name: str, now: float) -> float:
+        """Slot-seconds of a user's attempts since the coordinator started, running ones included."""
+        usage = self.usage.get(name)
+        running = sum(max(0.0, now - a.running_since) for a in list(self.attempts.values())
+                      if a.running_since and a.user == name)
+        return (usage.slot_seconds if usage else 0.0) + running
 
     def _check_capacity(self, job: Job, plan: tuple[ShardPlan, ...]) -> None:
         live = [n for n in self.nodes.values() if n.state == "alive"]
@@ -360,6 +464,14 @@ class Scheduler:
             old, _ = self._finished.popitem(last=False)
             self.jobs.pop(old, None)
 
+    def forget(self, job_ids: Iterable[str]) -> None:
+        """Drop finished jobs from memory: retention pruned their results. Unfinished ones stay."""
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is not None and job.final:
+                del self.jobs[job_id]
+                self._finished.pop(job_id, None)
+
     def cancel(self, job: Job, now: float) -> list[Decision]:
         """Cancel a job; a job already final is left as it is."""
         if not job.final and job.job_id in self.jobs:
@@ -374,7 +486,9 @@ class Scheduler:
         if attempt is None or msg.chunk_index in attempt.partial:  # (resent after a resume)
             return self._take()
         if not attempt.running_at:
-            attempt.running_at = self.wall()
+            node = self.nodes[node_id]
+            node.mark_running(attempt, self.wall(), now)
+            self.placement.file(node)
         job = self.jobs[attempt.job_id]
         shard = job.shards[attempt.shard_index]
         problem = check_chunk(job, shard.plan, msg)
@@ -401,8 +515,12 @@ class Scheduler:
         self._end_attempt(attempt, now, "done", "")
         self._out.append(RecordShard(job.job_id, shard.plan.index, results, node_id, token, attempt.ended_at))
         if shard.plan.cost > 0:
-            job.seconds_per_cost.append((now - attempt.started) / shard.plan.cost)
+            rate = (now - attempt.started) / shard.plan.cost
+            job.seconds_per_cost.append(rate)
+            job.seconds_per_cost_ewma = _smooth(job.seconds_per_cost_ewma, rate)
+            self._seconds_per_cost = _smooth(self._seconds_per_cost, rate)
         job.count(shard, results.results)
+        self._user(job.user).shots_queued -= shard.plan.shots
         for other in list(shard.live):  # a backup copy lost the race: stop it
             self._cancel_attempt(other, now, "another copy of the shard finished first")
         self.shots_counted += shard.plan.shots
@@ -493,14 +611,20 @@ class Scheduler:
         self.attempts.pop(attempt.token, None)
         node = self.nodes.get(attempt.node_id)
         if node is not None:
-            node.running.pop(attempt.token, None)
-            if attempt.running_at:  # its slot takes the next attempt the node holds (display only)
-                waiting = next((a for a in node.running.values() if not a.running_at), None)
+            node.drop(attempt)
+            if attempt.running_at:  # its slot takes the next attempt the node holds
+                waiting = node.next_waiting()
                 if waiting is not None:
-                    waiting.running_at = attempt.ended_at
+                    node.mark_running(waiting, attempt.ended_at, now)
             self.placement.file(node)
+        ran = now - attempt.running_since if attempt.running_since else 0.0
+        usage = self._user(attempt.user)
+        usage.in_hand -= 1
+        usage.slot_seconds += ran
+        self.fair.charge(attempt.job_id, ran - attempt.charged)  # the estimate becomes what it ran
         job = self.jobs.get(attempt.job_id)
         if job is not None:
+            job.in_hand -= 1
             shard = job.shards[attempt.shard_index]
             if attempt in shard.live:
                 shard.live.remove(attempt)
@@ -542,7 +666,7 @@ class Scheduler:
         if job.final or shard.status != "queued":
             return  # counted, or a copy of it still runs
         self.metrics.reassigned.inc()
-        self.queue.appendleft((job.job_id, shard.plan.index))
+        self.fair.requeue(job.job_id, shard.plan.index)
         self._out.append(Notify(job.job_id))
 
     def _fail_job(self, job: Job, message: str, now: float) -> None:
@@ -556,6 +680,10 @@ class Scheduler:
         job.state = state
         job.error = error
         job.finished_at = self.wall()
+        self.fair.remove(job.job_id)
+        usage = self._user(job.user)
+        usage.jobs_unfinished -= 1
+        usage.shots_queued -= job.shots_total - job.shots_done
         self._out.append(FinishJob(job.job_id, state, error, job.finished_at))
         for shard in job.shards:
             for attempt in list(shard.live):
@@ -575,25 +703,60 @@ class Scheduler:
     # ---------------------------------------------------------------- dispatch
 
     def _dispatch(self, now: float) -> int:
-        """Place backup copies for the shards of suspected nodes, then queued shards, on nodes
-        that can hold them: free slots first, then one more in hand per slot so that a node's
-        next shard is there when one ends. Returns how many."""
+        """Place backup copies for the shards of suspected nodes, then queued shards in fair
+        order, on nodes that can hold them: free slots first, then one more in hand per slot so
+        that a node's next shard is there when one ends, then (for a shard that must start
+        before those waiting) overbooked. Returns how many."""
         placed = self._place_backups(now)
-        skipped: list[tuple[str, int]] = []
-        while self.queue and self.placement:
-            job_id, index = self.queue.popleft()
-            job = self.jobs.get(job_id)
-            if job is None or job.final or job.shards[index].status != "queued":
-                continue
-            shard = job.shards[index]
-            node = self.placement.pick(shard, now)
-            if node is None:
-                skipped.append((job_id, index))
-                continue
-            self._start_attempt(job, shard, node, now)
-            placed += 1
-        self.queue.extendleft(reversed(skipped))
+        fair = self.fair
+        try:
+            while (entry := fair.best()) is not None:
+                job = self.jobs.get(entry.job_id)
+                if job is None or job.final:
+                    fair.remove(entry.job_id)
+                    continue
+                # Overbook for a job with nothing in hand (onto a node waiting with its class or
+                # lower), or onto a node waiting with a lower class than the job's.
+                ahead = job.priority if job.in_hand == 0 else job.priority - 1
+                if not self.placement and not self.placement.can_overbook(ahead):
+                    break  # no room, and the next in order may not jump the queue
+                policy = self.user_policy(job.user)
+                if policy.max_slots and self._user(job.user).in_hand >= policy.max_slots:
+                    fair.block_user(entry)
+                    continue
+                if self._place_one(job, entry, ahead, now):
+                    placed += 1
+                else:
+                    fair.block_job(entry)
+        finally:
+            fair.end_round()
         return placed
+
+    def _place_one(self, job: Job, entry: QueuedJob, ahead: int, now: float) -> bool:
+        """Start the first queued shard of ``job`` (among its next few) that a node takes."""
+        shards = entry.shards
+        for position, index in enumerate(islice(shards, _LOOKAHEAD)):
+            shard = job.shards[index]
+            if shard.status != "queued":
+                continue  # counted or running meanwhile (its entry is dropped below)
+            found = self.placement.pick(shard, now, overbook=ahead)
+            if found is None:
+                continue
+            del shards[position]
+            self._drop_stale(job, shards)
+            self.fair.taken(entry)
+            node, overbooked = found
+            self._start_attempt(job, shard, node, now, ahead=overbooked)
+            return True
+        self._drop_stale(job, shards)
+        if not shards:
+            self.fair.taken(entry)
+        return False
+
+    @staticmethod
+    def _drop_stale(job: Job, shards: deque[int]) -> None:
+        while shards and job.shards[shards[0]].status != "queued":
+            shards.popleft()
 
     def _place_backups(self, now: float) -> int:
         placed = 0
@@ -608,10 +771,11 @@ class Scheduler:
             shard = job.shards[attempt.shard_index]
             if holder is None or holder.suspected_since is None or len(shard.live) != 1:
                 continue  # its node was heard again (or lost), or a copy already runs
-            node = self.placement.pick(shard, now)
-            if node is None:
+            found = self.placement.pick(shard, now)
+            if found is None:
                 skipped.append(token)
                 continue
+            node = found[0]
             shard.backups += 1
             self.metrics.backups.inc()
             log.info("job %s shard %d: node %s is suspected: backup copy on node %s", job.job_id, shard.plan.index,
@@ -652,9 +816,10 @@ class Scheduler:
             expected = medians[job.job_id] * shard.plan.cost
             if elapsed < self.config.backup_slowdown * expected:
                 continue
-            node = self.placement.pick(shard, now, idle_only=True)
-            if node is None:
+            found = self.placement.pick(shard, now, idle_only=True)
+            if found is None:
                 continue
+            node = found[0]
             shard.backups += 1
             self.metrics.backups.inc()
             log.info("job %s shard %d: running %.1fs on node %s (expected %.1fs): backup copy on node %s",
@@ -664,20 +829,26 @@ class Scheduler:
         return started
 
     def _start_attempt(self, job: Job, shard: Shard, node: Node, now: float, *, backup: bool = False,
-                       token: str = "") -> None:
-        """Bind a new attempt of ``shard`` to ``node`` and send it there; with ``token``, adopt
-        an attempt the node already holds (nothing is sent)."""
+                       token: str = "", ahead: bool = False) -> None:
+        """Bind a new attempt of ``shard`` to ``node`` and send it there (``ahead``: to run before
+        the shards waiting there); with ``token``, adopt an attempt the node already holds
+        (nothing is sent). The job is charged the attempt's estimated duration."""
         adopted = bool(token)
         token = token or f"{job.job_id}:{shard.plan.index}:{secrets.token_hex(8)}"
-        attempt = Attempt(token, job.job_id, shard.plan.index, node.node_id, now, self.wall(), backup=backup)
+        attempt = Attempt(token, job.job_id, shard.plan.index, node.node_id, now, self.wall(), backup=backup,
+                          user=job.user, priority=job.priority, order=run_order(job.priority, ahead))
         if adopted or sum(1 for a in node.running.values() if a.running_at) < node.caps.slots:
-            attempt.running_at = attempt.started_at
+            attempt.running_at, attempt.running_since = attempt.started_at, now
         if shard.status == "queued":
             job.shards_queued -= 1
         shard.status = "running"
         shard.live.append(attempt)
-        node.running[token] = attempt
+        node.hold(attempt)
         self.attempts[token] = attempt
+        job.in_hand += 1
+        self._user(job.user).in_hand += 1
+        attempt.charged = self._estimate(job, shard)
+        self.fair.charge(job.job_id, attempt.charged)
         job.attempts.append(attempt)
         job.nodes_used.add(node.node_id)
         if job.state == QUEUED:
@@ -686,15 +857,27 @@ class Scheduler:
         if not adopted:
             plan = shard.plan
             sent = node.sent.setdefault(job.job_id, set())
-            message = messages.assignment(job, plan, token, cached=sent, noise_cached=job.job_id in node.noise_sent)
+            message = messages.assignment(job, plan, token, cached=sent, noise_cached=job.job_id in node.noise_sent,
+                                          order=attempt.order)
             sent.update(plan.circuit_indices)
             if job.noise_model:
                 node.noise_sent.add(job.job_id)
             self._out.append(Send(node.stream, message))
         self.placement.file(node)
         log.info("job %s shard %d -> node %s (attempt %d%s)", job.job_id, shard.plan.index, node.node_id,
-                 shard.tries + 1, ", backup" if backup else ", adopted" if adopted else "")
+                 shard.tries + 1, ", backup" if backup else ", adopted" if adopted else ", ahead" if ahead else "")
         self._out.append(Notify(job.job_id))
+
+    def _estimate(self, job: Job, shard: Shard) -> float:
+        """Seconds the shard will likely take: its estimated cost at the rate of its job's
+        finished shards, else of every job's, else as estimated."""
+        rate = job.seconds_per_cost_ewma or self._seconds_per_cost or 1.0
+        return max(_MIN_CHARGE_S, shard.plan.cost * rate)
+
+
+def _smooth(average: float, value: float) -> float:
+    """A moving average updated with ``value`` (the first value is taken as it is)."""
+    return value if not average else average + _RATE_SMOOTHING * (value - average)
 
 
 def _gib(n: int) -> str:

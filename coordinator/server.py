@@ -26,10 +26,11 @@ from qscale.coordinator.metrics import CoordinatorMetrics
 from qscale.coordinator.runtime import Runtime
 from qscale.coordinator.scheduler import Scheduler
 from qscale.coordinator.servicers import JobServicer, NodeServicer, add_services
+from qscale.coordinator.users import Users
 from qscale.coordinator.store import Store
 from qscale.errors import FailedPreconditionError, UnavailableError
 from qscale.proto.v1 import jobs_pb2_grpc, node_pb2_grpc
-from qscale.security import CLIENT, AuthInterceptor, TLSConfig, Tokens, is_loopback_address
+from qscale.security import AuthInterceptor, TLSConfig, Tokens, is_loopback_address
 
 __all__ = ["CoordinatorServer", "EmbeddedCoordinator"]
 
@@ -126,12 +127,13 @@ class CoordinatorServer:
             state_dir = self._temp_state = tempfile.mkdtemp(prefix="qscale-state-")
         self.store = Store(state_dir)
         self.health = health_aio.HealthServicer()
-        self.core = Scheduler(self.config, metrics=self.metrics, wall=self.wall)
+        self.users = users = Users.from_config(tokens, self.config)
+        self.core = Scheduler(self.config, metrics=self.metrics, wall=self.wall, users=users.get)
         self.runtime = runtime = Runtime(self.core, self.store, asyncio.get_running_loop())
         recovered = runtime.recover(self.clock())
         server = grpc.aio.server(options=grpc_options(self.config.limits.max_message_bytes),
                                  interceptors=[AuthInterceptor(tokens)] if tokens.enabled else None)
-        self._jobs = JobServicer(runtime, self.config, self.clock, self._executor)
+        self._jobs = JobServicer(runtime, self.config, self.clock, self._executor, users)
         add_services(server, (node_pb2_grpc.add_NodeServiceServicer_to_server,
                               NodeServicer(runtime, self.config, self.clock)),
                      (jobs_pb2_grpc.add_JobServiceServicer_to_server, self._jobs))
@@ -148,7 +150,7 @@ class CoordinatorServer:
         host = self.config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
         try:
-            await self._serve_http(_http_host(host), runtime, tokens)
+            await self._serve_http(_http_host(host), runtime)
         except BaseException:
             await self._stop_http()
             runtime.close()
@@ -164,7 +166,7 @@ class CoordinatorServer:
         log.info("coordinator listening on %s (state in %s, %d job(s) recovered)", self.address, state_dir, recovered)
         return self.address
 
-    async def _serve_http(self, host: str, runtime: Runtime, tokens: Tokens) -> None:
+    async def _serve_http(self, host: str, runtime: Runtime) -> None:
         """Metrics and dashboard (those configured), on this loop.
 
         Raises:
@@ -178,9 +180,7 @@ class CoordinatorServer:
                 raise FailedPreconditionError(f"cannot serve metrics on port {self.config.metrics_port}: {exc}"
                                               ) from exc
         if self.config.dashboard_port:
-            self._dashboard = Dashboard(
-                runtime, tokens=(lambda token: tokens.role_of(token) == CLIENT) if tokens.enabled else None,
-                clock=self.wall, monotonic=self.clock)
+            self._dashboard = Dashboard(runtime, users=self.users, clock=self.wall, monotonic=self.clock)
             try:
                 self.dashboard_port = await self._dashboard.start(host, self.config.dashboard_port)
             except OSError as exc:
@@ -204,6 +204,7 @@ class CoordinatorServer:
             await asyncio.sleep(period)
             try:
                 self.runtime.apply(self.core.tick(self.clock()))
+                self.runtime.maybe_prune(self.wall())
             except Exception:
                 log.exception("tick failed")
 

@@ -19,7 +19,9 @@ from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.intake import prepare_job
 from qscale.coordinator.jobs import Job, state_name
 from qscale.coordinator.runtime import Runtime
-from qscale.errors import FailedPreconditionError, InvalidArgumentError, QScaleError, UnavailableError
+from qscale.coordinator.users import Identity, Users
+from qscale.errors import (FailedPreconditionError, InvalidArgumentError, PermissionDeniedError, QScaleError,
+                           UnavailableError)
 from qscale.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
 from qscale.rpc_status import status_for
 
@@ -196,17 +198,36 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             outbox.put_nowait(None)
 
 
+_PRIORITIES = {common_pb2.PRIORITY_UNSPECIFIED: common_pb2.PRIORITY_NORMAL, common_pb2.PRIORITY_LOW:
+               common_pb2.PRIORITY_LOW, common_pb2.PRIORITY_NORMAL: common_pb2.PRIORITY_NORMAL,
+               common_pb2.PRIORITY_HIGH: common_pb2.PRIORITY_HIGH}
+
+
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    """Submit, inspect, watch and cancel jobs; list nodes."""
+    """Submit, inspect, watch and cancel jobs; list nodes and users. Every call acts as the user
+    of its token: a user sees and cancels their own jobs, an admin every job."""
 
     def __init__(self, runtime: Runtime, config: CoordinatorConfig, clock: Callable[[], float],
-                 executor: Executor) -> None:
+                 executor: Executor, users: Users) -> None:
         self.runtime = runtime
         self.core = runtime.core
         self.config = config
         self.clock = clock
         self.executor = executor
+        self.users = users
         self._stopping = asyncio.Event()
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
+        return self.users.identify(context.invocation_metadata())
+
+    def _job(self, job_id: str, context: grpc.aio.ServicerContext) -> Job:
+        """The job, if the caller may see it (their own, or they are an admin)."""
+        job = self.runtime.get_job(job_id)
+        who = self._caller(context)
+        if not who.admin and job.user != who.user:
+            raise PermissionDeniedError(f"job {job.job_id} belongs to another user; only its owner or an admin "
+                                        "may read, watch or cancel it")
+        return job
 
     @property
     def draining(self) -> bool:
@@ -222,34 +243,49 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                      ) -> jobs_pb2.SubmitReply:
         if self.draining:
             raise UnavailableError("the coordinator is shutting down; submit again when it is back")
+        who = self._caller(context)
+        priority = _PRIORITIES.get(request.priority)
+        if priority is None:
+            raise InvalidArgumentError(f"priority must be low, normal or high, got {request.priority}")
         key = request.request_key
         existing = self.runtime.existing_job(key)
         if existing is None:
+            self.core.check_jobs_quota(who.user)  # refuse at once, before decoding anything
             loop = asyncio.get_running_loop()
             job = await loop.run_in_executor(self.executor, prepare_job, request, self.config.limits)
             existing = self.runtime.existing_job(key)  # a retry of this request may have won meanwhile
             if existing is None:
                 job.request_key = key
+                job.user, job.priority = who.user, priority
                 job.policy = self.config.policy.with_shots_per_shard(request.shots_per_shard)  # the smaller wins
                 plan = self.core.plan(job)
-                # The write (JSON, fsync) happens off the event loop: heartbeats are not held up.
-                if await loop.run_in_executor(self.executor, self.runtime.store.insert_job, job):
+                self.core.admit(job)  # quotas: from here until accepted, the job counts for its user
+                try:
+                    # The write (JSON, fsync) happens off the event loop: heartbeats are not held up.
+                    inserted = await loop.run_in_executor(self.executor, self.runtime.store.insert_job, job)
+                except BaseException:
+                    self.core.withdraw(job)
+                    raise
+                if inserted:
                     self.runtime.apply(self.core.accept(job, plan, self.clock()))
                     existing = job
                 else:
+                    self.core.withdraw(job)
                     existing = self.runtime.existing_job(key)
                     if existing is None:  # pragma: no cover - the key's job vanished
                         raise UnavailableError("could not record the job; submit again")
+        if existing.user != who.user:
+            raise PermissionDeniedError("this request key names another user's job; use a key of your own")
         return jobs_pb2.SubmitReply(job_id=existing.job_id, seed=existing.seed)
 
     @_unary
     async def GetJob(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobStatus:
-        return views.job_status(self.runtime.get_job(request.job_id))
+        return views.job_status(self._job(request.job_id, context))
 
     @_streaming
     async def Watch(self, request: jobs_pb2.WatchRequest, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[jobs_pb2.JobProgress]:
-        job = self.runtime.get_job(request.job_id)
+        job = self._job(request.job_id, context)
         stopping = asyncio.ensure_future(self._stopping.wait())
         waiter: asyncio.Future[Any] | None = None
         try:
@@ -288,7 +324,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @_unary
     async def GetResult(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobResult:
-        job = self.runtime.get_job(request.job_id)
+        job = self._job(request.job_id, context)
         if not job.final:
             raise FailedPreconditionError(f"job {job.job_id} is {state_name(job.state)}; its result is not ready yet")
         await self.runtime.writer.settled()  # reported final only once its results are on disk
@@ -296,7 +332,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @_unary
     async def Cancel(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext) -> jobs_pb2.JobStatus:
-        job = self.runtime.get_job(request.job_id)
+        job = self._job(request.job_id, context)
         self.runtime.apply(self.core.cancel(job, self.clock()))
         return views.job_status(job)
 
@@ -304,15 +340,17 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
                        ) -> jobs_pb2.ListJobsReply:
         limit = min(request.limit if request.limit > 0 else 100, _MAX_LIST)
+        who = self._caller(context)
+        if who.admin:
+            user = request.user or None  # every user's jobs, unless one is named
+        elif request.user and request.user != who.user:
+            raise PermissionDeniedError("only an admin may list another user's jobs")
+        else:
+            user = who.user
         reply = jobs_pb2.ListJobsReply()
-        for job_id, created, state, shots, n, error, finished in self.runtime.store.recent_jobs(limit):
-            job = self.core.jobs.get(job_id)
-            if job is not None:
-                reply.jobs.append(views.job_status(job))
-            else:
-                reply.jobs.add(job_id=job_id, state=state, error=error, shots_total=shots,
-                               shots_done=shots if state == common_pb2.JOB_STATE_DONE else 0,
-                               num_circuits=n, created_at=created, finished_at=finished)
+        for row in self.runtime.store.list_jobs(limit, user=user):
+            job = self.core.jobs.get(row.job_id)
+            reply.jobs.append(views.job_status(job) if job is not None else views.row_status(row))
         return reply
 
     @_unary
@@ -321,3 +359,16 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         now = self.clock()
         return jobs_pb2.ListNodesReply(nodes=[views.node_info(n, now) for n in self.core.registry.listed()],
                                        stale_results_dropped=self.core.stale_dropped)
+
+    @_unary
+    async def ListUsers(self, request: jobs_pb2.ListUsersRequest, context: grpc.aio.ServicerContext
+                        ) -> jobs_pb2.ListUsersReply:
+        who = self._caller(context)
+        if who.admin:  # every declared user, and any other with jobs or slots now (or before)
+            names = sorted({u.name for u in self.users.declared()} | set(self.core.usage))
+        else:
+            names = [who.user]
+        now = self.clock()
+        return jobs_pb2.ListUsersReply(users=[
+            views.user_info(self.users.get(name), self.core.usage.get(name), self.core.slot_seconds(name, now))
+            for name in names])

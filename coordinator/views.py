@@ -5,14 +5,21 @@ only those as Qiskit bitstrings."""
 from __future__ import annotations
 
 from qscale.circuits import memory_width
-from qscale.coordinator.jobs import Job
+from qscale.coordinator.jobs import DONE, Job
 from qscale.coordinator.nodes import Node
+from qscale.coordinator.scheduler import Usage
+from qscale.coordinator.users import User
+from qscale.coordinator.retention import PrunedJob, pruned_message
+from qscale.coordinator.store import JobRow
+from qscale.errors import NotFoundError
 from qscale.proto.v1 import jobs_pb2
 
-__all__ = ["job_status", "job_progress", "job_result", "node_info"]
+__all__ = ["job_status", "row_status", "job_progress", "job_result", "node_info"]
 
 
 def job_status(job: Job) -> jobs_pb2.JobStatus:
+    """A job's status; a pruned job's (:class:`~qscale.coordinator.retention.PrunedJob`) from
+    what its record keeps: no shards, its shots done when it is done."""
     why = job.explanation
     return jobs_pb2.JobStatus(
         job_id=job.job_id,
@@ -23,7 +30,7 @@ def job_status(job: Job) -> jobs_pb2.JobStatus:
         shards_total=len(job.shards),
         shards_done=job.shards_done,
         shards_running=job.shards_running,
-        num_circuits=len(job.infos),
+        num_circuits=job.num_circuits if isinstance(job, PrunedJob) else len(job.infos),
         created_at=job.created_at,
         finished_at=job.finished_at,
         user=job.user,
@@ -33,6 +40,16 @@ def job_status(job: Job) -> jobs_pb2.JobStatus:
             shards=why.shards, estimated_cost_s=why.estimated_cost_s, shard_target_s=why.shard_target_s,
             limit=why.limit, shots_per_shard=why.shots_per_shard, splittable=why.splittable, explanation=why.text),
     )
+
+
+def row_status(row: JobRow) -> jobs_pb2.JobStatus:
+    """The status of a job known only from its row in the store (a job list, past the jobs in
+    memory): no shard figures; its shots done are its shots when it is done."""
+    return jobs_pb2.JobStatus(
+        job_id=row.job_id, state=row.state, error=row.error, shots_total=row.shots_total,
+        shots_done=row.shots_total if row.state == DONE else 0, num_circuits=row.num_circuits,
+        created_at=row.created_at, finished_at=row.finished_at, user=row.user, priority=row.priority,
+        pruned=row.pruned)
 
 
 def job_progress(job: Job, include_counts: bool, max_outcomes: int) -> jobs_pb2.JobProgress:
@@ -47,6 +64,14 @@ def job_progress(job: Job, include_counts: bool, max_outcomes: int) -> jobs_pb2.
 
 
 def job_result(job: Job) -> jobs_pb2.JobResult:
+    """A final job's result.
+
+    Raises:
+        NotFoundError: retention pruned its results (the message says when it finished and what
+            the coordinator keeps).
+    """
+    if job.pruned:
+        raise NotFoundError(pruned_message(job))
     result = jobs_pb2.JobResult(
         status=job_status(job),
         seed=job.seed,
@@ -96,3 +121,12 @@ def node_info(node: Node, now: float) -> jobs_pb2.NodeInfo:
         registered_at=node.registered_at,
         shards_done=node.shards_done,
     )
+
+
+def user_info(user: User, usage: Usage | None, slot_seconds: float) -> jobs_pb2.UserInfo:
+    """A user's policy and what they use now."""
+    usage = usage or Usage()
+    return jobs_pb2.UserInfo(
+        name=user.name, weight=user.weight, admin=user.admin, jobs_unfinished=usage.jobs_unfinished,
+        shots_queued=usage.shots_queued, slots_busy=usage.in_hand, slot_seconds=slot_seconds,
+        max_jobs=user.max_jobs, max_queued_shots=user.max_queued_shots, max_slots=user.max_slots)

@@ -124,10 +124,10 @@ class NodeConfig(Connection):
             InvalidArgumentError, FailedPreconditionError: the file holds no single valid token
                 or cannot be read.
         """
-        from qscale.security import check_token, read_token
+        from qscale.security import NODE, check_token, read_token
 
         if self.token_file:
-            return read_token(self.token_file)
+            return read_token(self.token_file, NODE)
         return check_token(self.token.strip(), "$QSCALE_NODE_TOKEN") if self.token else None
 
     @property

@@ -932,7 +932,7 @@ class NodeDaemon:
                     self._cond.wait(0.5)
                 if not self._queue or self._stopped.is_set():
                     continue
-                assignment = self._queue.popleft()
+                assignment = self._next_assignment()
                 self._running[assignment.attempt_token] = slot
             try:
                 self._run_on_slot(slot, assignment)
@@ -946,6 +946,19 @@ class NodeDaemon:
                         self._send_failed(
                             assignment.attempt_token, "internal error in the node; see its log", refused=False
                         )
+
+    def _next_assignment(self) -> node_pb2.ShardAssignment:
+        """Take the shard to run next (with ``_cond`` held, ``_queue`` not empty): the highest
+        ``priority`` (the coordinator's run order: priority class, and shards sent to run ahead),
+        the first received among equals."""
+        queue = self._queue
+        best = 0
+        for position in range(1, len(queue)):
+            if queue[position].priority > queue[best].priority:
+                best = position
+        assignment = queue[best]
+        del queue[best]
+        return assignment
 
     def _run_on_slot(self, slot: WorkerSlot, a: node_pb2.ShardAssignment) -> None:
         token = a.attempt_token

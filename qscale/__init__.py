@@ -7,7 +7,7 @@ The public surface::
     qscale.TLSConfig                   TLS / mutual TLS files for Client and LocalCluster
     qscale.SamplerV2, EstimatorV2      Qiskit primitives on the cluster
     qscale.QScaleBackend               a Qiskit BackendV2 on the cluster
-    qscale.JobResult, CircuitResult, JobStatus, PlanInfo, Progress, JobState, NodeStatus
+    qscale.JobResult, CircuitResult, JobStatus, PlanInfo, Progress, JobState, NodeStatus, UserStatus
     qscale.QScaleError and its subclasses (see qscale.errors)
 
 Attributes that need Qiskit are imported on first use, so the node daemon, which imports
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from qscale.local import LocalCluster
     from qscale.security import TLSConfig
     from qscale.results import (CircuitResult, JobResult, JobState, JobStatus, NodeStatus, PlanInfo, Progress,
-                                SetResult)
+                                SetResult, UserStatus)
     from qscale.outcomes import Outcomes
 
 _LAZY = {
@@ -63,6 +63,7 @@ _LAZY = {
     "JobState": "qscale.results",
     "Progress": "qscale.results",
     "NodeStatus": "qscale.results",
+    "UserStatus": "qscale.results",
     "Outcomes": "qscale.outcomes",
 }
 

@@ -21,7 +21,7 @@ from qiskit.transpiler import Target
 
 from qscale._version import __version__
 from qscale.circuits import METHODS
-from qscale.client import Client, Job, check_shots
+from qscale.client import Client, Job, check_priority, check_shots
 from qscale.errors import InvalidArgumentError
 from qscale.outcomes import Outcomes
 from qscale.results import CircuitResult, JobResult, JobState
@@ -60,7 +60,7 @@ class QScaleBackend(BackendV2):
         client: a connected :class:`qscale.Client`.
         num_qubits: the target's width (default :data:`DEFAULT_NUM_QUBITS`).
         **options: default run options (``shots``, ``seed_simulator``, ``memory``, ``method``,
-            ``noise_model``).
+            ``noise_model``, ``priority``).
     """
 
     def __init__(self, client: Client, *, num_qubits: int = DEFAULT_NUM_QUBITS, **options: Any) -> None:
@@ -73,15 +73,19 @@ class QScaleBackend(BackendV2):
 
     @classmethod
     def _default_options(cls) -> Options:
-        options = Options(shots=1024, seed_simulator=None, memory=False, method="automatic", noise_model=None)
+        options = Options(shots=1024, seed_simulator=None, memory=False, method="automatic", noise_model=None,
+                          priority="normal")
         options.set_validator("shots", (1, 100_000_000))
         options.set_validator("method", list(METHODS))
         return options
 
     def set_options(self, **fields: Any) -> None:
-        """Change default run options; ``shots`` must be an integer (:func:`qscale.client.check_shots`)."""
+        """Change default run options; ``shots`` must be an integer (:func:`qscale.client.check_shots`),
+        ``priority`` ``low``, ``normal`` or ``high`` (:func:`qscale.client.check_priority`)."""
         if "shots" in fields:
             fields["shots"] = check_shots(fields["shots"])
+        if "priority" in fields:
+            check_priority(fields["priority"])
         super().set_options(**fields)
 
     @property
@@ -102,7 +106,8 @@ class QScaleBackend(BackendV2):
 
         Options: ``shots`` (an integer, :func:`qscale.client.check_shots`), ``seed_simulator``,
         ``memory`` (per-shot outcomes in the result),
-        ``method`` (Aer method) and ``noise_model`` (a qiskit-aer ``NoiseModel``).
+        ``method`` (Aer method), ``noise_model`` (a qiskit-aer ``NoiseModel``) and ``priority``
+        (``low``, ``normal`` or ``high``: :func:`qscale.client.check_priority`).
         """
         unknown = set(options) - set(self.options.__dict__)
         if unknown:
@@ -113,7 +118,7 @@ class QScaleBackend(BackendV2):
         circuits = [run_input] if isinstance(run_input, QuantumCircuit) else list(run_input)
         job = self._client.submit(circuits, shots=shots, seed=opts["seed_simulator"],
                                   method=opts["method"], memory=bool(opts["memory"]),
-                                  noise_model=opts["noise_model"])
+                                  noise_model=opts["noise_model"], priority=opts["priority"])
         return QScaleBackendJob(self, job, circuits)
 
 

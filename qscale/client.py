@@ -29,7 +29,7 @@ from qscale.errors import (
     UnavailableError,
 )
 from qscale.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
-from qscale.results import JobResult, JobState, JobStatus, NodeStatus, Progress
+from qscale.results import PRIORITIES, JobResult, JobState, JobStatus, NodeStatus, Progress, UserStatus
 from qscale.rpc import DEFAULT_CONNECT_TIMEOUT_S
 from qscale.rpc_status import translate_rpc_errors
 from qscale.security import TLSConfig, make_channel
@@ -38,8 +38,8 @@ from qscale.settings import DEFAULT_ADDRESS, ClientSettings
 if TYPE_CHECKING:
     from qiskit_aer.noise import NoiseModel
 
-__all__ = ["Client", "Job", "DEFAULT_COORDINATOR", "MAX_SHOTS", "check_shots", "circuit_sources_from_file",
-           "noise_model_json"]
+__all__ = ["Client", "Job", "DEFAULT_COORDINATOR", "MAX_SHOTS", "check_shots", "check_priority",
+           "circuit_sources_from_file", "noise_model_json"]
 
 DEFAULT_COORDINATOR = DEFAULT_ADDRESS
 #: The most shots the wire format carries (a signed 64-bit field); each coordinator sets its
@@ -127,6 +127,32 @@ def check_shots(value: object, what: str = "shots") -> int:
     if not 1 <= shots <= MAX_SHOTS:
         raise InvalidArgumentError(f"{what} must be a positive integer below 2**63, got {shots}")
     return shots
+
+
+def check_priority(value: object, what: str = "priority") -> int:
+    """``value`` as a job priority on the wire (``common_pb2.Priority``), or a clear
+    :class:`~qscale.errors.InvalidArgumentError`.
+
+    The one rule for every place users give a priority (:meth:`Client.submit`, the primitives'
+    and the backend's ``priority`` option): ``"low"``, ``"normal"`` or ``"high"`` (any case), one
+    of the enum's integers (``common_pb2.PRIORITY_LOW`` ... ``PRIORITY_HIGH``; 0, unspecified,
+    is normal), or None for normal. A higher class is served first; within a class the
+    coordinator shares the cluster fairly between users.
+    """
+    if value is None:
+        return common_pb2.PRIORITY_NORMAL
+    if isinstance(value, str):
+        number = PRIORITIES.get(value.strip().lower())
+        if number is not None:
+            return number
+    elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        number = int(value)
+        if number == common_pb2.PRIORITY_UNSPECIFIED:
+            return common_pb2.PRIORITY_NORMAL
+        if number in PRIORITIES.values():
+            return number
+    raise InvalidArgumentError(f"{what} must be one of {', '.join(PRIORITIES)} (or common_pb2.Priority's "
+                               f"{', '.join(str(n) for n in PRIORITIES.values())}), got {value!r:.40}")
 
 
 def _shots_per_shard(value: object) -> int:
@@ -259,6 +285,7 @@ class Client:
         memory: bool = False,
         noise_model: NoiseModel | None = None,
         shots_per_shard: int | None = None,
+        priority: str | int = "normal",
     ) -> Job:
         """Submit one circuit or several; returns at once with a :class:`Job`.
 
@@ -280,11 +307,17 @@ class Client:
                 setting; with both set, the smaller wins. It changes the plan and so the chunk
                 seeds: a seeded job gives the same counts for the same value on any number of
                 nodes, other (equally valid) counts for another value.
+            priority: ``"low"``, ``"normal"`` or ``"high"`` (:func:`check_priority`): the
+                coordinator runs higher classes first, and shares the cluster fairly between
+                users within a class.
 
         Raises:
-            InvalidArgumentError: a circuit or option the coordinator rejects.
+            InvalidArgumentError: a circuit or option the coordinator rejects, or a bad priority.
             NoCapableNodeError: no node of the cluster can hold a circuit.
+            ResourceExhaustedError: the job would take its user over a quota (unfinished jobs,
+                queued shots).
         """
+        wire_priority = check_priority(priority)
         if isinstance(circuits, QuantumCircuit):
             circuits = [circuits]
         circuits = list(circuits)
@@ -300,7 +333,7 @@ class Client:
         sources = [_circuit_source(circuit, circuit_values, shots=circuit_shots)
                    for circuit, circuit_shots, circuit_values in zip(circuits, per_circuit_shots, values)]
         return self._submit(sources, 0, seed, method, memory=memory, noise_model=noise_model,
-                            shots_per_shard=_shots_per_shard(shots_per_shard))
+                            shots_per_shard=_shots_per_shard(shots_per_shard), priority=wire_priority)
 
     def estimate(
         self,
@@ -311,6 +344,7 @@ class Client:
         seed: int | None = None,
         method: str | None = None,
         noise_model: NoiseModel | None = None,
+        priority: str | int = "normal",
     ) -> Job:
         """Submit an estimator job: the exact expectation value of every observable of each
         circuit, for each of its parameter sets; returns at once with a :class:`Job`.
@@ -330,11 +364,13 @@ class Client:
                 density matrix (noise: exact) or matrix product state (wider than any node).
             noise_model: a qiskit-aer ``NoiseModel``; the values are then exact on the
                 density-matrix method.
+            priority: ``"low"``, ``"normal"`` or ``"high"``, as for :meth:`submit`.
 
         Raises:
             InvalidArgumentError: a bad circuit, label or option.
             NoCapableNodeError: no node of the cluster can hold a circuit.
         """
+        wire_priority = check_priority(priority)
         if isinstance(circuits, QuantumCircuit):
             circuits = [circuits]
         circuits = list(circuits)
@@ -349,7 +385,7 @@ class Client:
                 raise InvalidArgumentError(f"circuit {circuit.name!r} has no observables")
             source.observables.extend(labels)
             sources.append(source)
-        return self._submit(sources, 0, seed, method, noise_model=noise_model)
+        return self._submit(sources, 0, seed, method, noise_model=noise_model, priority=wire_priority)
 
     def submit_files(
         self,
@@ -359,13 +395,14 @@ class Client:
         seed: int | None = None,
         method: str | None = None,
         shots_per_shard: int | None = None,
+        priority: str | int = "normal",
     ) -> Job:
         """Submit the circuits of ``.qpy`` and OpenQASM 2/3 ``.qasm`` files, named as
         :func:`circuit_sources_from_file` says; returns at once with a :class:`Job`.
 
         Args:
             paths: the files, their circuits in order.
-            shots, seed, method, shots_per_shard: as for :meth:`submit`.
+            shots, seed, method, shots_per_shard, priority: as for :meth:`submit`.
 
         Raises:
             InvalidArgumentError: a file that cannot be read, or a circuit or option the
@@ -374,6 +411,7 @@ class Client:
         """
         shots = check_shots(shots)
         cap = _shots_per_shard(shots_per_shard)
+        wire_priority = check_priority(priority)
         sources: list[jobs_pb2.CircuitSource] = []
         origins: list[tuple[str, int, int]] = []  # per source: its file, index in the file, circuits in the file
         for path in paths:
@@ -381,7 +419,7 @@ class Client:
             origins.extend((str(path), index, len(found)) for index in range(len(found)))
             sources.extend(found)
         try:
-            return self._submit(sources, shots, seed, method, shots_per_shard=cap)
+            return self._submit(sources, shots, seed, method, shots_per_shard=cap, priority=wire_priority)
         except InvalidArgumentError as exc:
             match = _CIRCUIT_ERROR.fullmatch(str(exc))
             if match is None or int(match[1]) >= len(origins):
@@ -392,13 +430,13 @@ class Client:
 
     def _submit(self, sources: list[jobs_pb2.CircuitSource], shots: int, seed: int | None,
                 method: str | None, *, memory: bool = False, noise_model: NoiseModel | None = None,
-                shots_per_shard: int = 0) -> Job:
-        """Send a submission whose shots were checked (:func:`check_shots`; ``shots`` 0: every
-        source carries its own)."""
+                shots_per_shard: int = 0, priority: int = common_pb2.PRIORITY_NORMAL) -> Job:
+        """Send a submission whose shots and priority were checked (:func:`check_shots`,
+        :func:`check_priority`; ``shots`` 0: every source carries its own)."""
         if seed is not None and not 0 <= seed < 2**63:
             raise InvalidArgumentError("seed must be between 0 and 2**63 - 1")
         request = jobs_pb2.SubmitRequest(circuits=sources, shots=shots, method=method or "", memory=memory,
-                                         shots_per_shard=shots_per_shard)
+                                         shots_per_shard=shots_per_shard, priority=priority)
         if noise_model is not None:
             request.noise_model = noise_model_json(noise_model)
         if seed is not None:
@@ -416,10 +454,22 @@ class Client:
         job.status()
         return job
 
-    def jobs(self, limit: int = 100) -> list[JobStatus]:
-        """The newest jobs, newest first."""
-        reply = self._call("ListJobs", jobs_pb2.ListJobsRequest(limit=limit))
+    def jobs(self, limit: int = 100, user: str | None = None) -> list[JobStatus]:
+        """The newest jobs, newest first: the caller's own, or, for an admin (and on a
+        coordinator without authentication), every user's.
+
+        Args:
+            limit: at most this many (0: the coordinator's default).
+            user: only this user's jobs (an admin may name anyone; others see their own only).
+        """
+        reply = self._call("ListJobs", jobs_pb2.ListJobsRequest(limit=limit, user=user or ""))
         return [JobStatus.from_proto(j) for j in reply.jobs]
+
+    def users(self) -> list[UserStatus]:
+        """The users of the coordinator with their weights, what they use now and their quotas:
+        every user for an admin, the caller alone for anyone else."""
+        reply = self._call("ListUsers", jobs_pb2.ListUsersRequest())
+        return [UserStatus.from_proto(u) for u in reply.users]
 
     def nodes(self) -> list[NodeStatus]:
         """Every node the coordinator knows, recently lost ones last."""

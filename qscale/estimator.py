@@ -34,7 +34,7 @@ from qiskit.primitives.containers.estimator_pub import EstimatorPub, EstimatorPu
 
 from qscale.backend import QScaleBackend
 from qscale.circuits import CLIFFORD_OPS
-from qscale.client import Client, Job
+from qscale.client import Client, Job, check_priority
 from qscale.errors import FailedPreconditionError, InvalidArgumentError, NoCapableNodeError
 from qscale.primitives import QScalePrimitiveJob
 from qscale.results import JobResult
@@ -64,9 +64,13 @@ class EstimatorOptions:
     max_subexperiments: int = 10_000
     """Most subexperiments a cut circuit may need; a circuit that needs more runs uncut (on the
     matrix-product-state method)."""
+    priority: str | int = "normal"
+    """The jobs' priority class: ``low``, ``normal`` or ``high`` (checked by
+    :func:`qscale.client.check_priority`)."""
 
     def __post_init__(self) -> None:
         _check_precision(self.default_precision, "default_precision")
+        check_priority(self.priority)
         if not isinstance(self.max_subexperiments, int) or self.max_subexperiments < 1:
             raise InvalidArgumentError("max_subexperiments must be an integer >= 1")
 
@@ -99,7 +103,8 @@ class EstimatorV2(BaseEstimatorV2):
         given = vars(options) if isinstance(options, EstimatorOptions) else dict(options or {})
         self._options = EstimatorOptions(**{"default_precision": default_precision, "seed": seed, **given})
         self._client = client
-        self.backend = QScaleBackend(client, method=self._options.method, noise_model=self._options.noise_model)
+        self.backend = QScaleBackend(client, method=self._options.method, noise_model=self._options.noise_model,
+                                     priority=self._options.priority)
         self._sampled = BackendEstimatorV2(backend=self.backend, options={"seed_simulator": self._options.seed})
 
     @property
@@ -167,7 +172,7 @@ class EstimatorV2(BaseEstimatorV2):
                                          [o for item in work for o in item.observables],
                                          parameter_values=[r for item in work for r in item.circuit_rows],
                                          seed=self._options.seed, method=self._options.method,
-                                         noise_model=self._options.noise_model)
+                                         noise_model=self._options.noise_model, priority=self._options.priority)
         except NoCapableNodeError as exc:
             reasons = "; ".join(f"{item.cut_error}" for item in work if item.cut_error)
             if reasons:
@@ -183,7 +188,8 @@ class EstimatorV2(BaseEstimatorV2):
             circuits.extend(item.cut.sampling_circuits())
             shots.extend(item.cut.shots_for(item.pub.precision))
             rows.extend(item.circuit_rows)
-        return self._client.submit(circuits, shots=shots, seed=self._options.seed, parameter_values=rows)
+        return self._client.submit(circuits, shots=shots, seed=self._options.seed, parameter_values=rows,
+                                   priority=self._options.priority)
 
 
 @dataclass

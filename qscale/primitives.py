@@ -28,7 +28,7 @@ from qiskit.primitives.containers.sampler_pub import SamplerPub, SamplerPubLike
 from qiskit.providers import JobStatus
 
 from qscale.backend import _STATUS
-from qscale.client import Client, Job, check_shots
+from qscale.client import Client, Job, check_priority, check_shots
 from qscale.errors import InvalidArgumentError
 from qscale.results import JobResult
 
@@ -53,9 +53,13 @@ class SamplerOptions:
     """qiskit-aer simulation method."""
     noise_model: NoiseModel | None = None
     """A qiskit-aer noise model (sent as JSON), or None for noiseless sampling."""
+    priority: str | int = "normal"
+    """The jobs' priority class: ``low``, ``normal`` or ``high`` (checked by
+    :func:`qscale.client.check_priority`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "default_shots", check_shots(self.default_shots, "default_shots"))
+        check_priority(self.priority)
 
 
 class QScalePrimitiveJob(BasePrimitiveJob[_R, JobStatus], Generic[_R]):
@@ -170,7 +174,7 @@ class SamplerV2(BaseSamplerV2):
         job = self._client.submit([coerced[i].circuit for i in sampled], shots=[coerced[i].shots for i in sampled],
                                   seed=seed, method=self._options.method,
                                   parameter_values=[_flat_values(coerced[i]) for i in sampled], memory=True,
-                                  noise_model=self._options.noise_model)
+                                  noise_model=self._options.noise_model, priority=self._options.priority)
         return QScalePrimitiveJob(job, lambda result: _sampler_result(coerced, sampled, result, job.job_id, seed))
 
 

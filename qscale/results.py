@@ -15,8 +15,24 @@ from qscale.outcomes import Outcomes
 from qscale.proto.v1 import common_pb2, jobs_pb2
 
 __all__ = ["JobState", "JobStatus", "PlanInfo", "Progress", "SetResult", "CircuitResult", "AttemptRecord",
-           "JobResult", "NodeStatus"]
+           "JobResult", "NodeStatus", "UserStatus", "PRIORITIES", "priority_name"]
 
+
+
+PRIORITIES: dict[str, int] = {"low": common_pb2.PRIORITY_LOW, "normal": common_pb2.PRIORITY_NORMAL,
+                              "high": common_pb2.PRIORITY_HIGH}
+"""The priority classes of jobs, by name, with their wire values (``common_pb2.Priority``)."""
+
+
+def priority_name(value: int) -> str:
+    """The name of a wire priority: ``low``, ``normal`` (also for ``PRIORITY_UNSPECIFIED``) or
+    ``high``; ``priority N`` for a value this client does not know."""
+    if value == common_pb2.PRIORITY_UNSPECIFIED:
+        return "normal"
+    for name, number in PRIORITIES.items():
+        if number == value:
+            return name
+    return f"priority {value}"
 
 
 class JobState(str, enum.Enum):
@@ -86,12 +102,19 @@ class JobStatus:
     finished_at: float
     plan: PlanInfo | None = None
     """Why the job has ``shards_total`` shards (None where the coordinator did not say)."""
+    user: str = ""
+    """Who submitted it (the user of their API token; empty where the coordinator did not say)."""
+    priority: str = "normal"
+    """Its priority class: ``low``, ``normal`` or ``high``."""
+    pruned: bool = False
+    """Its results were removed by the coordinator's retention: the status stays, the result does not."""
 
     @classmethod
     def from_proto(cls, msg: jobs_pb2.JobStatus) -> JobStatus:
         return cls(msg.job_id, JobState.from_proto(msg.state), msg.error, msg.shots_total, msg.shots_done,
                    msg.shards_total, msg.shards_done, msg.shards_running, msg.num_circuits, msg.created_at,
-                   msg.finished_at, PlanInfo.from_proto(msg.plan) if msg.HasField("plan") else None)
+                   msg.finished_at, PlanInfo.from_proto(msg.plan) if msg.HasField("plan") else None,
+                   msg.user, priority_name(msg.priority), msg.pruned)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -320,6 +343,39 @@ class NodeStatus:
         c = msg.capabilities
         return cls(msg.node_id, c.name, c.hostname, msg.state, c.slots, msg.running, c.cores,
                    c.memory_budget_bytes, c.max_statevector_qubits, msg.last_heartbeat_age_s, msg.shards_done)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class UserStatus:
+    """A user of a shared coordinator: their share, what they use now and their quotas."""
+
+    name: str
+    weight: float
+    """Share of the cluster relative to other users (1 by default)."""
+    admin: bool
+    """Sees and cancels every user's jobs."""
+    jobs_unfinished: int
+    """Jobs queued or running."""
+    shots_queued: int
+    """Shots of unfinished jobs not yet counted."""
+    slots_busy: int
+    """Node slots the user's shards hold now."""
+    slot_seconds: float
+    """Slot-seconds used since the coordinator started."""
+    max_jobs: int
+    """Quota: most unfinished jobs (0: none)."""
+    max_queued_shots: int
+    """Quota: most shots queued (0: none)."""
+    max_slots: int
+    """Quota: most slots at once (0: none)."""
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.UserInfo) -> UserStatus:
+        return cls(msg.name, msg.weight or 1.0, msg.admin, msg.jobs_unfinished, msg.shots_queued, msg.slots_busy,
+                   msg.slot_seconds, msg.max_jobs, msg.max_queued_shots, msg.max_slots)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

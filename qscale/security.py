@@ -12,9 +12,17 @@ token or an unknown one gets ``UNAUTHENTICATED``, a valid token of the other rol
 ``PERMISSION_DENIED``. Callers attach ``authorization: Bearer <token>`` metadata to every call
 of a channel made by :func:`make_channel`.
 
-Tokens come from files (one token per line, ``#`` comments, so several may be valid at once
-while they are rotated) or from environment variables, never from command-line arguments,
-which any local user can read in ``ps``. They are compared in constant time.
+Tokens come from files or from environment variables, never from command-line arguments,
+which any local user can read in ``ps``. They are compared in constant time. A token file has
+one token per line, with ``#`` comments, so several may be valid at once while they are
+rotated; each client token belongs to a user, named on its line with the user's options
+(:func:`read_token_entries`)::
+
+    # TOKEN                                                           USER   OPTIONS
+    6f1c...e2a0                                                       alice  weight=2 max-jobs=50
+    93ab...77d1                                                       alice
+    0d4e...c915                                                       ops    admin
+    b7c2...11fe                                                              # user "default"
 
 :class:`TLSConfig` turns PEM file paths into gRPC credentials: a server with a CA requires
 client certificates signed by it (mutual TLS); a client or node verifies the server with its
@@ -29,8 +37,11 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import os
+import re
 import stat
+import types
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +64,13 @@ __all__ = [
     "CLIENT",
     "MIN_TOKEN_LENGTH",
     "Tokens",
+    "TokenEntry",
+    "UserOptions",
+    "DEFAULT_USER",
+    "USER_NAME",
+    "check_user_name",
+    "read_token_entries",
+    "merge_user_options",
     "TLSConfig",
     "AuthInterceptor",
     "BearerTokenInterceptor",
@@ -81,6 +99,18 @@ _ROLE_PREFIXES: tuple[tuple[str, str], ...] = (
 _OPEN_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
 _OPEN = "open"
 
+DEFAULT_USER = "default"
+"""The user of a client token whose line names none, and of a token given by value
+(``$QSCALE_CLIENT_TOKEN``); without authentication every caller is this user."""
+USER_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+"""What a user name may be (see :func:`check_user_name`)."""
+_OPTIONS = {"admin": "admin", "weight": "weight", "max-jobs": "max_jobs", "max-queued-shots": "max_queued_shots",
+            "max-slots": "max_slots"}
+"""Options of a client token line -> :class:`UserOptions` field."""
+_OPTION_SYNTAX = ("admin", "weight=W", "max-jobs=N", "max-queued-shots=N", "max-slots=N")
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
 
 # ------------------------------------------------------------------------------------- tokens
 
@@ -103,6 +133,52 @@ def check_token(token: str, source: str = "token") -> str:
     return token
 
 
+def check_user_name(name: str, source: str = "user name") -> str:
+    """``name`` if it is a valid user name: 1-64 characters of letters, digits and ``_ . @ -``,
+    and not the name of an option of token files (``admin``, ``weight``, ``max-jobs``, ...).
+
+    Raises:
+        InvalidArgumentError: anything else (the name is not quoted: it could be a misplaced token).
+    """
+    if not isinstance(name, str) or not USER_NAME.fullmatch(name) or name in _OPTIONS:
+        raise InvalidArgumentError(f"{source}: a user name is 1-64 characters of letters, digits and _ . @ - "
+                                   "(and not an option's name, such as admin)")
+    return name
+
+
+@dataclass(frozen=True)
+class UserOptions:
+    """What client token files say about one user; None (False for ``admin``): not said, so the
+    coordinator's defaults apply (weight 1, the ``max_*_per_user`` settings)."""
+
+    admin: bool = False
+    """Sees and cancels every user's jobs, and lists every user."""
+    weight: float | None = None
+    """The user's share of the cluster relative to other users (``weight=``)."""
+    max_jobs: int | None = None
+    """Most unfinished jobs (``max-jobs=``; 0: no limit)."""
+    max_queued_shots: int | None = None
+    """Most shots queued (``max-queued-shots=``; 0: no limit)."""
+    max_slots: int | None = None
+    """Most node slots at once (``max-slots=``; 0: no limit)."""
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    """One line of a token file (see :func:`read_token_entries`)."""
+
+    token: str = field(repr=False)
+    user: str
+    """The user it belongs to (a label on a node token); :data:`DEFAULT_USER` when the line names none."""
+    named: bool
+    """Whether the line names the user."""
+    options: Mapping[str, Any]
+    """The options the line gives, by :class:`UserOptions` field name (``admin``, ``weight``,
+    ``max_jobs``, ``max_queued_shots``, ``max_slots``)."""
+    where: str
+    """``token file PATH, line N``, for messages."""
+
+
 def _read_text(path: str | os.PathLike[str], what: str) -> str:
     p = Path(path)
     try:
@@ -120,37 +196,163 @@ def _read_text(path: str | os.PathLike[str], what: str) -> str:
     return text
 
 
-def read_token_file(path: str | os.PathLike[str]) -> tuple[str, ...]:
-    """Every token of a token file: one per line; blank lines and ``#`` comments (whole-line or
-    after a token) are ignored. Several tokens let a new one be handed out before the old one
-    is removed.
+def _parse_token_line(fields: list[str], where: str, role: str) -> TokenEntry:
+    """One line of a token file, split on whitespace: ``TOKEN [USER] [OPTION ...]``."""
+    token = check_token(fields[0], where)
+    rest = fields[1:]
+    user, named = DEFAULT_USER, False
+    if rest and not _is_option(rest[0]):
+        if not USER_NAME.fullmatch(rest[0]):
+            raise InvalidArgumentError(
+                f"{where}: the second field is neither a user name (1-64 characters of letters, digits and "
+                f"_ . @ -) nor an option; the format is TOKEN [USER] [OPTION ...]")
+        user, named = rest[0], True
+        rest = rest[1:]
+    if rest and role == NODE:
+        raise InvalidArgumentError(
+            f"{where}: options ({', '.join(_OPTION_SYNTAX)}) are for client tokens only; a line of a node "
+            "token file is TOKEN [NAME]")
+    options: dict[str, Any] = {}
+    for index, item in enumerate(rest, 3 if named else 2):
+        key, eq, value = item.partition("=")
+        name = _OPTIONS.get(key)
+        if name is None:
+            # A field shorter than a token may be quoted (a typo); a longer one could be a token.
+            shown = f" {key!r}" if len(key) < MIN_TOKEN_LENGTH and key.replace("-", "").isalnum() else ""
+            raise InvalidArgumentError(f"{where}: field {index} is no option{shown}; the options are "
+                                       f"{', '.join(_OPTION_SYNTAX)}")
+        if key == "admin" and eq:
+            raise InvalidArgumentError(f"{where}: admin takes no value (write admin, or leave it out)")
+        if key != "admin" and not eq:
+            raise InvalidArgumentError(f"{where}: {key} needs a value ({_OPTION_SYNTAX[list(_OPTIONS).index(key)]})")
+        if name in options:
+            hint = f" (a user may not be named {key})" if index == 3 and not eq else ""
+            raise InvalidArgumentError(f"{where}: {key} is given twice{hint}")
+        options[name] = _option_value(key, value, where)
+    return TokenEntry(token, user, named, types.MappingProxyType(options), where)
+
+
+def _is_option(item: str) -> bool:
+    return "=" in item or item in _OPTIONS
+
+
+def _option_value(key: str, value: str, where: str) -> Any:
+    """The value of option ``key`` (a field ``key=value``), checked; never quotes a value that
+    could be a token."""
+    if key == "admin":
+        return True
+    if key == "weight":
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not (math.isfinite(weight) and weight > 0):
+            raise InvalidArgumentError(f"{where}: weight must be a positive number (e.g. weight=2 or weight=0.5)")
+        return weight
+    from qscale.settings import parse_size  # (a late import: the settings pull in pydantic)
+
+    limit = _INT32_MAX if key in ("max-jobs", "max-slots") else _INT64_MAX
+    try:
+        number = parse_size(value)
+    except InvalidArgumentError:
+        number = -1
+    if not 0 <= number <= limit:
+        raise InvalidArgumentError(f"{where}: {key} must be a whole number from 0 (no limit) to {limit:,} "
+                                   f"(e.g. {key}=100, {key}=10K)")
+    return number
+
+
+def read_token_entries(path: str | os.PathLike[str], role: str = CLIENT) -> tuple[TokenEntry, ...]:
+    """Every line of a token file that holds a token, in order, as :class:`TokenEntry` (a token
+    on several lines once per line).
+
+    The one format of every token file (node and client, the coordinator's and a caller's)::
+
+        # comment
+        TOKEN [USER] [OPTION ...]      # whitespace separated; a comment may follow
+
+    ``USER`` is 1-64 characters of letters, digits and ``_ . @ -`` (not ``admin``, nor another
+    option's name: a second field that is an option means the line names no user); a token
+    without one belongs to the user :data:`DEFAULT_USER`. Options, for client tokens only:
+    ``admin`` (sees and cancels every user's jobs), ``weight=W`` (a positive number: the
+    user's share of the cluster relative to other users, 1 by default), ``max-jobs=N``,
+    ``max-queued-shots=N`` and ``max-slots=N`` (the user's quotas, in the size grammar of
+    :func:`qscale.settings.parse_size`; 0: no limit). On a node token (``role`` :data:`NODE`)
+    the name is only a label and options are refused. A token listed twice counts once (for the
+    same user).
 
     Raises:
         FailedPreconditionError: the file cannot be read.
-        InvalidArgumentError: it holds no token, or a token that :func:`check_token` rejects
-            (the message gives the line number, never the token).
+        InvalidArgumentError: it holds no token, a bad token, user name or option, or a token
+            listed again for another user; the message gives the file and line, never a token.
     """
     text = _read_text(path, "token file")
-    tokens: list[str] = []
+    entries: list[TokenEntry] = []
+    firsts: dict[str, TokenEntry] = {}
     for number, line in enumerate(text.splitlines(), 1):
-        token = line.split("#", 1)[0].strip()
-        if token:
-            tokens.append(check_token(token, f"token file {path}, line {number}"))
-    if not tokens:
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        entry = _parse_token_line(fields, f"token file {path}, line {number}", role)
+        first = firsts.setdefault(entry.token, entry)
+        if first.user != entry.user:
+            raise InvalidArgumentError(f"{entry.where}: this token is also on line {first.where.rsplit(' ', 1)[1]} "
+                                       f"for user {first.user!r}; a token belongs to one user")
+        entries.append(entry)
+    if not entries:
         raise InvalidArgumentError(f"token file {path} holds no token")
-    return tuple(dict.fromkeys(tokens))
+    return tuple(entries)
 
 
-def read_token(path: str | os.PathLike[str]) -> str:
-    """The one token of a caller's token file (same format as :func:`read_token_file`).
+def read_token_file(path: str | os.PathLike[str], role: str = CLIENT) -> tuple[str, ...]:
+    """Every token of a token file (see :func:`read_token_entries` for the format), each once,
+    in order. Several tokens let a new one be handed out before the old one is removed.
+
+    Raises:
+        FailedPreconditionError: the file cannot be read.
+        InvalidArgumentError: it holds no token, or a line :func:`read_token_entries` refuses
+            (the message gives the line number, never the token).
+    """
+    return tuple(dict.fromkeys(entry.token for entry in read_token_entries(path, role)))
+
+
+def read_token(path: str | os.PathLike[str], role: str = CLIENT) -> str:
+    """The one token of a caller's token file (same format as :func:`read_token_entries`; a
+    user name and options on its line are allowed, and only the token is returned).
 
     Raises:
         InvalidArgumentError: the file holds no token or several.
     """
-    tokens = read_token_file(path)
+    tokens = read_token_file(path, role)
     if len(tokens) > 1:
         raise InvalidArgumentError(f"token file {path} holds {len(tokens)} tokens; a caller needs exactly one")
     return tokens[0]
+
+
+def merge_user_options(entries: Iterable[TokenEntry]) -> dict[str, UserOptions]:
+    """Per user named by ``entries`` (client tokens), the options its lines give. Several lines
+    of one user (tokens being rotated) must agree on an option, or give it on one line only.
+
+    Raises:
+        InvalidArgumentError: two lines give a user different values of an option (the message
+            names both lines and the user, never a token).
+    """
+    given: dict[str, dict[str, tuple[Any, str]]] = {}
+    for entry in entries:
+        mine = given.setdefault(entry.user, {})
+        for name, value in entry.options.items():
+            first = mine.setdefault(name, (value, entry.where))
+            if first[0] != value:
+                key = name.replace("_", "-")
+                raise InvalidArgumentError(
+                    f"{entry.where}: user {entry.user!r} has {key}={_shown(value)} here but {key}={_shown(first[0])} "
+                    f"on {first[1]}; give a user's options on one of its lines, or the same on each")
+    return {user: UserOptions(**{name: value for name, (value, _) in options.items()})
+            for user, options in given.items()}
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _digest(token: str) -> bytes:
@@ -159,17 +361,25 @@ def _digest(token: str) -> bytes:
 
 @dataclass(frozen=True)
 class Tokens:
-    """The tokens a coordinator accepts, per role. Both roles or neither: a coordinator that
-    checks only one side would leave the other open."""
+    """The tokens a coordinator accepts, per role, and the user each client token belongs to.
+    Both roles or neither: a coordinator that checks only one side would leave the other open."""
 
     node: frozenset[str] = field(default=frozenset(), repr=False)
     """Join tokens: may call NodeService (register a node, hold a work stream and heartbeat on it)."""
     client: frozenset[str] = field(default=frozenset(), repr=False)
-    """API tokens: may call JobService (submit, read, watch, cancel jobs; list nodes)."""
+    """API tokens: may call JobService (submit, read, watch, cancel jobs; list nodes and users)."""
+    users: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False)
+    """The user of a client token (token -> name); a client token not in it belongs to
+    :data:`DEFAULT_USER`."""
+    options: Mapping[str, UserOptions] = field(default_factory=dict, repr=False, hash=False)
+    """What the client token files say about each user (name -> options); a user not in it has
+    default options."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "node", frozenset(self.node))
         object.__setattr__(self, "client", frozenset(self.client))
+        object.__setattr__(self, "users", types.MappingProxyType(dict(self.users)))
+        object.__setattr__(self, "options", types.MappingProxyType(dict(self.options)))
         for role, tokens in ((NODE, self.node), (CLIENT, self.client)):
             for token in tokens:
                 check_token(token, f"a {role} token")
@@ -182,11 +392,18 @@ class Tokens:
         if self.node & self.client:
             raise InvalidArgumentError("the same token is configured for nodes and for clients; "
                                        "give each role its own tokens")
+        if not set(self.users) <= self.client:
+            raise InvalidArgumentError("a token is given a user but is no client token")
+        for name in {*self.users.values(), *self.options}:
+            check_user_name(name)
         digests = {NODE: tuple(map(_digest, sorted(self.node))), CLIENT: tuple(map(_digest, sorted(self.client)))}
         object.__setattr__(self, "_digests", digests)
+        owners = tuple((_digest(t), self.users.get(t, DEFAULT_USER)) for t in sorted(self.client))
+        object.__setattr__(self, "_owners", owners)
 
     def __repr__(self) -> str:
-        return f"Tokens(node=<{len(self.node)} token(s)>, client=<{len(self.client)} token(s)>)"
+        return (f"Tokens(node=<{len(self.node)} token(s)>, client=<{len(self.client)} token(s)>, "
+                f"users={list(self.user_names())!r})")
 
     @property
     def enabled(self) -> bool:
@@ -202,13 +419,34 @@ class Tokens:
         node_tokens: Iterable[str | None] = (),
         client_tokens: Iterable[str | None] = (),
     ) -> Tokens:
-        """Tokens from files (see :func:`read_token_file`) and literal tokens; None entries
-        are skipped."""
-        node = {t for f in node_files if f for t in read_token_file(f)}
-        client = {t for f in client_files if f for t in read_token_file(f)}
+        """Tokens from files (see :func:`read_token_entries`) and literal tokens (such as
+        ``$QSCALE_CLIENT_TOKEN``, which belong to :data:`DEFAULT_USER`); None entries are
+        skipped.
+
+        Raises:
+            FailedPreconditionError: a file cannot be read.
+            InvalidArgumentError: a bad line; a client token listed for two users; a user's
+                options that disagree between lines (see :func:`merge_user_options`).
+        """
+        node = {e.token for f in node_files if f for e in read_token_entries(f, NODE)}
         node |= {check_token(t, "node token") for t in node_tokens if t}
-        client |= {check_token(t, "client token") for t in client_tokens if t}
-        return cls(frozenset(node), frozenset(client))
+        entries = [e for f in client_files if f for e in read_token_entries(f, CLIENT)]
+        where: dict[str, TokenEntry] = {}
+        for entry in entries:
+            first = where.setdefault(entry.token, entry)
+            if first.user != entry.user:
+                raise InvalidArgumentError(f"{entry.where}: this token is also on {first.where} for user "
+                                           f"{first.user!r}; a token belongs to one user")
+        literal = {check_token(t, "client token") for t in client_tokens if t}
+        for token in literal:
+            entry = where.get(token)
+            if entry is not None and entry.user != DEFAULT_USER:
+                raise InvalidArgumentError(f"the client token given by value ($QSCALE_CLIENT_TOKEN), which belongs "
+                                           f"to user {DEFAULT_USER!r}, is also on {entry.where} for user "
+                                           f"{entry.user!r}; give it once")
+        client = set(where) | literal
+        users = {token: entry.user for token, entry in where.items() if entry.user != DEFAULT_USER}
+        return cls(frozenset(node), frozenset(client), users, merge_user_options(entries))
 
     def role_of(self, token: str | None) -> str | None:
         """The role of ``token`` (:data:`NODE` or :data:`CLIENT`), None if it is none of ours.
@@ -224,6 +462,29 @@ class Tokens:
                 if hmac.compare_digest(candidate, digest) and found is None:
                     found = role
         return found
+
+    def user_of(self, token: str | None) -> str | None:
+        """The user a client token belongs to, None if it is no client token of ours (a node
+        token included). Constant time, as :meth:`role_of`."""
+        if not token:
+            return None
+        candidate = _digest(token)
+        found: str | None = None
+        owners: tuple[tuple[bytes, str], ...] = self._owners  # type: ignore[attr-defined]
+        for digest, user in owners:
+            if hmac.compare_digest(candidate, digest) and found is None:
+                found = user
+        return found
+
+    def user_names(self) -> tuple[str, ...]:
+        """Every user that holds a client token (:data:`DEFAULT_USER` when a token names
+        none), sorted."""
+        owners: tuple[tuple[bytes, str], ...] = self._owners  # type: ignore[attr-defined]
+        return tuple(sorted({user for _, user in owners}))
+
+    def options_of(self, user: str) -> UserOptions:
+        """What the client token files say about ``user`` (defaults for a user they do not name)."""
+        return self.options.get(user) or UserOptions()
 
 
 # ---------------------------------------------------------------------------------------- TLS

@@ -495,10 +495,15 @@ def test_token_files_hold_several_tokens_and_comments(tmp_path: Path) -> None:
         read_token_file(empty)
     with pytest.raises(FailedPreconditionError, match="cannot read token file"):
         read_token_file(tmp_path / "missing")
-    spaced = tmp_path / "spaced"
-    spaced.write_text("two words in one token line\n")
+    accented = tmp_path / "accented"
+    accented.write_text("tökenvalue-aaaaaaaaaaaaaaaa\n")
     with pytest.raises(InvalidArgumentError, match="printable ASCII"):
+        read_token_file(accented)
+    spaced = tmp_path / "spaced"  # fields after the token: a user name, then options
+    spaced.write_text(f"{old} two words\n")
+    with pytest.raises(InvalidArgumentError, match="line 1: field 3 is no option 'words'") as info:
         read_token_file(spaced)
+    assert old not in str(info.value)
 
     tokens = Tokens.load(node_files=[None], client_files=[path], node_tokens=[NODE_TOKEN])
     assert tokens.role_of(old) == tokens.role_of(new) == "client"

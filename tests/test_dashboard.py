@@ -29,9 +29,12 @@ from typing import Any, TypeVar
 import pytest
 
 from conftest import fast_config, free_port, ghz, slow_circuit, wait_until
-from qscale.coordinator.dashboard import Dashboard, rate_series
+from qscale.coordinator.config import CoordinatorConfig
+from qscale.coordinator.dashboard import Dashboard, _row_user, _row_view, rate_series
+from qscale.coordinator.users import DEFAULT_USER, Users
 from qscale.local import LocalCluster
 from qscale.results import JobResult
+from qscale.security import Tokens
 
 SHOTS = 2000
 TOKEN = "s3cret-token-value"
@@ -148,9 +151,11 @@ def test_status_api_static_pages_and_headers(env: Env) -> None:
             assert node["state"] == "alive" and node["slots"] == 1 and node["cores"] == 1
             assert node["memory_budget_bytes"] > 0 and node["methods"] and node["max_statevector_qubits"] > 0
             assert 0 <= node["last_heartbeat_age_s"] < 60
+        assert snap["viewer"] == {"user": DEFAULT_USER, "admin": True, "authenticated": False}
         jobs = {j["job_id"]: j for j in snap["jobs"]}
         job = jobs[env.job_id]
         assert job["state"] == "done" and job["final"] is True and job["detail"] is True
+        assert job["user"] == DEFAULT_USER and job["priority"] == "normal" and job["pruned"] is False
         assert job["progress"] == 100
         assert job["shots_done"] == job["shots_total"] == SHOTS
         assert job["shards_done"] == job["shards_total"] == 2
@@ -213,6 +218,7 @@ def test_job_api_gives_the_outcome_histogram_and_the_shard_timeline(env: Env) ->
     assert job["job_id"] == env.job_id and job["state"] == "done" and job["progress"] == 100
     assert job["shots_done"] == SHOTS and job["shards_total"] == 2 and job["name"] == HOSTILE_NAME
     assert job["seed"] == 1 and job["estimator"] is False
+    assert job["user"] == DEFAULT_USER and job["priority"] == "normal"
 
     circuit = data["circuit"]
     assert circuit["index"] == 0 and circuit["count"] == 1 and circuit["name"] == HOSTILE_NAME
@@ -280,6 +286,103 @@ def test_client_token_required_when_auth_is_on(env: Env) -> None:
 
         status, _, body = request(base + "/healthz")  # probes carry no token
         assert (status, body) == (200, b"ok\n")
+
+
+ALICE = "alice-dashboard-token-aaaaaaaaaa"
+BOB = "bob-dashboard-token-bbbbbbbbbbbbb"
+OPS = "ops-dashboard-token-cccccccccccccc"
+PLAIN = "plain-dashboard-token-dddddddddd"
+
+
+def _users(tmp_path: Path) -> Users:
+    path = tmp_path / "client.tokens"
+    path.write_text(f"{ALICE} alice\n{BOB} bob weight=2\n{OPS} ops admin\n{PLAIN}\n")
+    path.chmod(0o600)
+    return Users.from_config(Tokens.load(client_files=[path], node_tokens=["node-dashboard-token-eeeeeeeee"]),
+                             CoordinatorConfig())
+
+
+def test_each_user_sees_their_own_jobs_and_an_admin_every_job(env: Env, tmp_path: Path) -> None:
+    cluster = env.cluster
+    owners = {}
+    for user in ("alice", "bob"):
+        job = cluster.client.submit(ghz(2), shots=100, seed=2)
+        job.result(timeout=120)
+        owners[job.job_id] = user
+
+    async def own() -> None:  # who submitted them, as the coordinator records it with authentication
+        assert cluster.coordinator is not None and cluster.coordinator.server.runtime is not None
+        for job_id, user in owners.items():
+            cluster.coordinator.server.runtime.core.jobs[job_id].user = user
+
+    on_loop(cluster, own())
+    alice_job, bob_job = owners
+    with serving(cluster, users=_users(tmp_path)) as (_, base):
+        def listed(token: str) -> set[str]:
+            snap = get_json(base + "/api/status", basic("anyone", token))
+            assert snap["totals"]["nodes_alive"] == 2  # the cluster's totals are everyone's
+            return {j["job_id"] for j in snap["jobs"]}
+
+        everyone = listed(OPS)
+        assert {alice_job, bob_job, env.job_id} <= everyone
+        # One after the other within the overview's cache time: each viewer gets their own list.
+        assert listed(ALICE) == {alice_job} and listed(BOB) == {bob_job}
+        assert env.job_id in listed(PLAIN) and not {alice_job, bob_job} & listed(PLAIN)
+        snap = get_json(base + "/api/status", {"Authorization": f"Bearer {ALICE}"})
+        assert snap["viewer"] == {"user": "alice", "admin": False, "authenticated": True}
+        assert [(j["user"], j["priority"]) for j in snap["jobs"]] == [("alice", "normal")]
+        assert get_json(base + "/api/status", basic("x", OPS))["viewer"]["admin"] is True
+
+        # A job page: the owner's and an admin's; to anyone else as unknown as a job that is not.
+        for token in (ALICE, OPS):
+            data = get_json(f"{base}/api/jobs/{alice_job}", basic("anyone", token))
+            assert data["job"]["user"] == "alice" and data["job"]["priority"] == "normal"
+        for token in (BOB, PLAIN):
+            status, _, body = request(f"{base}/api/jobs/{alice_job}", headers=basic("anyone", token))
+            assert status == 404 and "not among the jobs" in json.loads(body)["error"]
+        for headers in ({}, basic("alice", "wrong"), basic("anyone", "node-dashboard-token-eeeeeeeee")):
+            status, _, _ = request(base + "/api/status", headers=headers)
+            assert status == 401
+
+    # Without authentication (users without tokens): everyone sees every job.
+    with serving(cluster, users=Users.from_config(Tokens(), CoordinatorConfig())) as (_, base):
+        snap = get_json(base + "/api/status")
+        assert {alice_job, bob_job, env.job_id} <= {j["job_id"] for j in snap["jobs"]}
+        assert snap["viewer"] == {"user": DEFAULT_USER, "admin": True, "authenticated": False}
+
+
+def test_dashboard_takes_users_or_a_token_predicate_not_both(env: Env, tmp_path: Path) -> None:
+    assert env.cluster.coordinator is not None and env.cluster.coordinator.server.runtime is not None
+    with pytest.raises(ValueError, match="not both"):
+        Dashboard(env.cluster.coordinator.server.runtime, users=_users(tmp_path), tokens=lambda t: True)
+
+
+def test_store_rows_carry_their_user_when_the_store_gives_one() -> None:
+    old = ("j1", 10.0, 3, 100, 1, "", 12.0)  # (job_id, created_at, state, shots, circuits, error, finished_at)
+    assert _row_user(old) is None and _row_view(old)["user"] == ""
+    assert _row_user((*old, "alice")) == "alice" and _row_view((*old, "alice"))["user"] == "alice"
+    view = _row_view((*old, "alice"))
+    assert view["job_id"] == "j1" and view["wall_s"] == 2.0 and view["detail"] is False
+    assert view["priority"] is None and view["pruned"] is None
+    view = _row_view((*old, "bob", 3, True))  # the store's JobRow: user, priority, pruned
+    assert (view["user"], view["priority"], view["pruned"]) == ("bob", "high", True)
+
+
+def test_store_rows_are_asked_for_the_viewer_s_own_jobs() -> None:
+    from types import SimpleNamespace
+
+    from qscale.coordinator.users import Identity
+
+    asked = []
+    store = SimpleNamespace(list_jobs=lambda limit, user: asked.append((limit, user)) or [("j", user)])
+    dashboard = SimpleNamespace(store=store)
+    assert Dashboard._stored_jobs(dashboard, 60, Identity("alice", False)) == [("j", "alice")]  # type: ignore[arg-type]
+    assert Dashboard._stored_jobs(dashboard, 60, Identity("ops", True)) == [("j", None)]  # type: ignore[arg-type]
+    assert asked == [(60, "alice"), (60, None)]
+    # A store that does not know users: its rows are every user's, for admins only.
+    dashboard = SimpleNamespace(store=SimpleNamespace(recent_jobs=lambda limit: [("j",)] * limit))
+    assert Dashboard._stored_jobs(dashboard, 2, Identity("ops", True)) == [("j",), ("j",)]  # type: ignore[arg-type]
+    assert Dashboard._stored_jobs(dashboard, 2, Identity("alice", False)) == []  # type: ignore[arg-type]
 
 
 def test_shots_per_second_series_is_bounded_and_right(env: Env) -> None:
@@ -437,6 +540,7 @@ def test_pages_render_in_a_real_browser(env: Env) -> None:
             for node_id in env.node_ids:
                 assert node_id in dom
             assert f'<a href="jobs/{env.job_id}">{env.job_id}</a>' in dom
+            assert f'<td class="user">{DEFAULT_USER}</td>' in dom and "every user's jobs" in dom
             assert "100.0%" in dom and f"{SHOTS:,} / {SHOTS:,}" in dom
             assert html_escaped(HOSTILE_NAME).replace("&quot;", '"') in dom  # shown as text...
             assert '<b id="xss">' not in dom  # ...never as markup
@@ -445,6 +549,7 @@ def test_pages_render_in_a_real_browser(env: Env) -> None:
             dom = _run_browser(chromium, ["--dump-dom", f"{root}/jobs/{env.job_id}"], profile / "job")
             _check_rendered(dom)
             assert f'<b id="j-id" class="mono">{env.job_id}</b>' in dom
+            assert f"<dt>user</dt><dd>{DEFAULT_USER}</dd><dt>priority</dt><dd>normal</dd>" in dom
             for bits, count in env.result.counts[0].items():  # one histogram bar per outcome
                 assert re.search(rf'<rect [^>]*class="bar" data-outcome="{bits}" data-count="{count}"', dom), bits
             bars = re.findall(r'<rect [^>]*class="att att-(\w+)[^"]*" data-shard="(\d+)"|'

@@ -697,7 +697,7 @@ def test_a_schema_2_store_is_upgraded_with_its_counted_results(tmp_path) -> None
         assert again.shards_done == 1 and _set_counts(again) == [[{"0x7": 100}]]
         runtime.close()
         store.close()
-        assert sqlite3.connect(tmp_path / "s" / "state.sqlite3").execute("PRAGMA user_version").fetchone()[0] == 3
+        assert sqlite3.connect(tmp_path / "s" / "state.sqlite3").execute("PRAGMA user_version").fetchone()[0] == 4
 
     asyncio.run(run())
 

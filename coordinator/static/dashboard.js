@@ -104,7 +104,9 @@
         a.href = "jobs/" + encodeURIComponent(j.job_id);
         id.replaceChildren(a);
       }
-      cell(tr, j.state, "state-" + j.state);
+      cell(tr, j.user || null, "user");
+      const state = cell(tr, j.state, "state-" + j.state);
+      if (j.priority && j.priority !== "normal") state.title = j.priority + " priority";
       progressCell(tr, j.progress);
       cell(tr, fmtInt(j.shots_done) + " / " + fmtInt(j.shots_total), "num");
       const shards = cell(tr, fmtInt(j.shards_done) + " / " + fmtInt(j.shards_total), "num");
@@ -114,10 +116,16 @@
       const more = j.circuits > 1 && j.name ? " (+" + (j.circuits - 1) + ")" : "";
       cell(tr, j.name ? j.name + more : j.circuits + " circuit(s)", "name");
       cell(tr, fmtAge(j.wall_s), "num");
-      cell(tr, j.error, "err");
+      if (j.error || !j.pruned) cell(tr, j.error, "err");
+      else cell(tr, "results pruned by retention", "muted");
       return tr;
     });
-    $("jobs").replaceChildren(...(rows.length ? rows : [emptyRow(9, "no jobs yet")]));
+    $("jobs").replaceChildren(...(rows.length ? rows : [emptyRow(10, "no jobs yet")]));
+  }
+  function renderScope(viewer) {
+    // Whose jobs the list holds: a viewer who is not an admin sees their own only.
+    const own = viewer && viewer.authenticated && !viewer.admin;
+    $("jobs-scope").textContent = own ? "your jobs (user " + viewer.user + ")" : "every user's jobs";
   }
   function renderSpark(series, now) {
     const W = 1000, H = 100, PAD = 4, span = series.history_s;
@@ -140,6 +148,7 @@
     $("t-rate").textContent = fmtRate(t.shots_per_s);
     $("t-shots").textContent = fmtInt(t.shots_counted);
     renderNodes(s.nodes);
+    renderScope(s.viewer);
     renderJobs(s.jobs);
     renderSpark(s.shots_per_s, s.now);
   }
@@ -149,6 +158,8 @@
 
   function renderFacts(j, c) {
     const facts = [
+      ["user", j.user || null],
+      ["priority", j.priority || "normal"],
       ["circuits", c.count === 1 ? "1" : fmtInt(c.count)],
       ["method", j.method || "automatic"],
       ["seed", j.seed],
@@ -156,6 +167,7 @@
       ["nodes used", j.nodes_used.length ? j.nodes_used.join(", ") : "–"],
       ["submitted", new Date(j.created_at * 1000).toLocaleString("en-GB")],
     ];
+    if (j.pruned) facts.push(["results", "pruned by retention (the status is kept)"]);
     if (j.error) facts.push(["error", j.error]);
     const items = [];
     for (const [k, v] of facts) {
