@@ -115,7 +115,8 @@ class FairQueue:
             entry = self._jobs[job_id] = QueuedJob(job_id, user, priority)
             flow = self._flow(entry)
             flow.jobs += 1
-            entry.service = flow.vtime
+            first = self._top(flow)  # never behind every job of its user with work waiting
+            entry.service = min(flow.vtime, first.service) if first is not None else flow.vtime
         entry.shards.extend(shards)
         if entry.shards:
             self._activate(entry)
@@ -212,8 +213,11 @@ class FairQueue:
             cls = self._classes[entry.priority] = _Class()
         flow = cls.flows.get(entry.user)
         if flow is None:
+            # At the class's virtual time, but never behind every user with work waiting (the
+            # high-water mark can pass them when what ran took less than its estimate).
+            vtime = min([cls.vtime] + [f.key for f in cls.flows.values() if f.active])
             weight = max(1e-9, float(self._weight_of(entry.user)))
-            flow = cls.flows[entry.user] = _Flow(entry.user, weight, cls.vtime * weight, next(self._arrival))
+            flow = cls.flows[entry.user] = _Flow(entry.user, weight, vtime * weight, next(self._arrival))
         return flow
 
     def _activate(self, entry: QueuedJob) -> None:

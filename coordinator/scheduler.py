@@ -515,8 +515,9 @@ class Scheduler:
         self._end_attempt(attempt, now, "done", "")
         self._out.append(RecordShard(job.job_id, shard.plan.index, results, node_id, token, attempt.ended_at))
         if shard.plan.cost > 0:
-            rate = (now - attempt.started) / shard.plan.cost
-            job.seconds_per_cost.append(rate)
+            job.seconds_per_cost.append((now - attempt.started) / shard.plan.cost)
+            # What it ran, without the wait in the node's hand: the estimate charged at dispatch.
+            rate = (now - (attempt.running_since or attempt.started)) / shard.plan.cost
             job.seconds_per_cost_ewma = _smooth(job.seconds_per_cost_ewma, rate)
             self._seconds_per_cost = _smooth(self._seconds_per_cost, rate)
         job.count(shard, results.results)

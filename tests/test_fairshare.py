@@ -289,3 +289,19 @@ def test_a_node_runs_the_highest_run_order_it_holds_first_and_arrival_order_amon
                                         for i, order in enumerate(orders)))
     taken = [NodeDaemon._next_assignment(node).attempt_token for _ in orders]  # type: ignore[arg-type]
     assert taken == ["t4", "t3", "t5", "t0", "t1", "t2"]
+
+
+def test_a_new_job_never_starts_behind_every_job_of_its_user() -> None:
+    """Estimates charged at dispatch that turn out too high are taken back at the end, so a job's
+    service can fall below the high-water mark where new jobs start: a new job starts at the
+    lower of the two (else a short job would wait until the long one caught up)."""
+    queue = FairQueue()
+    long = queue.add("long", "a", NORMAL, range(10))
+    for _ in range(2):
+        entry = queue.best()
+        entry.shards.popleft()
+        queue.taken(entry)
+        queue.charge("long", 10.0)  # estimated at dispatch
+    queue.charge("long", -15.0)  # the first ran 5 s less than estimated
+    short = queue.add("short", "a", NORMAL, range(1))
+    assert short.service <= long.service == 5.0
