@@ -22,6 +22,12 @@ What runs
 * A job driver in this process: ``--jobs-in-flight`` threads sharing one ``qscale.Client``, each
   submitting a job of ``--circuits`` one-qubit circuits (``h``, ``measure``) x ``--shots`` shots,
   waiting for its result and checking that every circuit got exactly its shots.
+* ``--users N`` (default 0: no authentication) turns authentication on: the coordinator gets a
+  client tokens file of N users (``user0`` ... , one API token each) and a node tokens file of
+  one join token, both mode 600 in the temporary directory; the fake nodes present the join
+  token (``authorization: Bearer <token>`` metadata on ``Register`` and ``Work``), and the job
+  driver submits through N clients, one per user, taking turns (round robin over the
+  submissions of all its threads), so the coordinator shares the nodes between N users.
 
 Phases: start the coordinator; start the load processes and let them connect; register every
 node (timed: from the go signal until ``ListNodes`` shows all of them alive); run one warm-up job
@@ -78,6 +84,7 @@ Usage::
     python benchmarks/scale.py                               # 1,000 nodes, 8 procs, 60 s
     python benchmarks/scale.py --gc-trace --profile /tmp/coordinator.stacks   # why is it slow?
     python benchmarks/scale.py --nodes 2000 --duration 120 --shots 100000  # more nodes, 29 shards a job
+    python benchmarks/scale.py --quick --users 4 --output /tmp/scale.json   # 4 users taking turns
 
 Exit status: 0 every target met and every job right; 1 a target missed or a job failed;
 2 the benchmark could not run (coordinator did not start, nodes did not register, ...).
@@ -92,6 +99,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as _dt
+import itertools
 import json
 import multiprocessing
 import os
@@ -99,6 +107,7 @@ import platform
 import queue as queue_mod
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -151,6 +160,13 @@ class LoadSpec:
     register_concurrency: int
     max_life_s: float
     """Hard bound on the process's life, in case the parent vanishes without telling it."""
+    node_token: str = ""
+    """Join token the fake nodes present on ``Register`` and ``Work`` ("": none, no authentication)."""
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The call metadata of a fake node: its join token, if any."""
+        return (("authorization", f"Bearer {self.node_token}"),) if self.node_token else None
 
 
 @dataclass
@@ -235,12 +251,12 @@ class FakeNode:
         async with sem:
             t0 = time.monotonic()
             reply = await self.stub.Register(node_pb2.RegisterRequest(capabilities=self.capabilities()),
-                                             timeout=30.0)
+                                             timeout=30.0, metadata=self.spec.metadata)
             self.stats.register_lat.append(time.monotonic() - t0)
             self.node_id = reply.node_id
             self.interval = reply.heartbeat_interval_s or self.interval
             self.timeout = reply.heartbeat_timeout_s or self.timeout
-            self.call = self.stub.Work()
+            self.call = self.stub.Work(metadata=self.spec.metadata)
             await self.call.write(node_pb2.NodeMessage(hello=node_pb2.StreamHello(node_id=self.node_id)))
         self.stats.node_ids.append(self.node_id)
         self.tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._work()),
@@ -589,15 +605,17 @@ class Coordinator(SessionProcess):
     """A ``qscale-coordinator serve`` subprocess in its own session (Ctrl-C reaches only us)."""
 
     def __init__(self, workdir: Path, interval: float, timeout: float, log_level: str, log_path: Path,
-                 gc_trace: Path | None = None) -> None:
+                 gc_trace: Path | None = None, tokens: Tokens | None = None) -> None:
         self.workdir = workdir
         self.address_file = workdir / "address"
         self.gc_trace = gc_trace
         launch = ["-c", _GC_TRACE_CODE] if gc_trace is not None else ["-m", "qscale.coordinator"]
+        auth = ["--client-tokens-file", str(tokens.client_file), "--node-tokens-file", str(tokens.node_file)] \
+            if tokens is not None else []
         super().__init__([sys.executable, *launch, "serve", "--listen", "127.0.0.1:0",
                           "--state-dir", str(workdir / "state"), "--heartbeat-interval", str(interval),
                           "--heartbeat-timeout", str(timeout), "--address-file", str(self.address_file),
-                          "--log-level", log_level], log_path)
+                          "--log-level", log_level, *auth], log_path)
         self.address = ""
 
     def start(self) -> str:
@@ -636,6 +654,35 @@ class Coordinator(SessionProcess):
                     raise BenchmarkError(f"the coordinator on {self.address} never reported SERVING:\n"
                                          f"{self.log_tail()}")
                 time.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The credentials of an authenticated run (``--users``): one API token per user, one join
+    token for every fake node, and the coordinator's token files that hold them."""
+
+    users: dict[str, str]
+    """user name -> API token"""
+    node: str
+    client_file: Path
+    node_file: Path
+
+    @classmethod
+    def create(cls, workdir: Path, users: int) -> Tokens:
+        """Fresh tokens for ``users`` users (``user0`` ...), written to files (mode 600) in ``workdir``."""
+        names = {f"user{i}": f"scale-{i}-{secrets.token_urlsafe(24)}" for i in range(users)}
+        node = f"scale-node-{secrets.token_urlsafe(24)}"
+        client_file, node_file = workdir / "client.tokens", workdir / "node.tokens"
+        for path, text in ((client_file, "".join(f"{token} {name}\n" for name, token in names.items())),
+                           (node_file, f"{node} scale-nodes\n")):
+            path.touch(mode=0o600)
+            path.write_text(text)
+        return cls(names, node, client_file, node_file)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata with an API token (any user's: ListNodes is open to every user)."""
+        return (("authorization", f"Bearer {next(iter(self.users.values()))}"),)
 
 
 class BenchmarkError(RuntimeError):
@@ -714,14 +761,20 @@ class DriverStats:
     latencies: list[float] = field(default_factory=list)
     shards: int = 0
     attempts: int = 0
+    per_user: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Jobs completed per user (``--users``)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class JobDriver:
-    """``in_flight`` threads submitting jobs back to back until :meth:`stop`."""
+    """``in_flight`` threads submitting jobs back to back until :meth:`stop`, through ``clients``
+    (user name -> client) taking turns: each submission goes through the next one."""
 
-    def __init__(self, client: Any, circuits: list[Any], shots: int, in_flight: int, job_timeout: float) -> None:
-        self.client = client
+    def __init__(self, clients: dict[str, Any], circuits: list[Any], shots: int, in_flight: int,
+                 job_timeout: float) -> None:
+        self.clients = clients
+        self._turns = itertools.cycle(list(clients.items()))
+        self._turn_lock = threading.Lock()
         self.circuits = circuits
         self.shots = shots
         self.job_timeout = job_timeout
@@ -744,10 +797,15 @@ class JobDriver:
         return not any(t.is_alive() for t in self.threads)
 
     def run_one(self) -> tuple[bool, str, Any]:
-        """Submit one job and check its result: (ok, problem, result)."""
-        job = self.client.submit(self.circuits, shots=self.shots)
+        """Submit one job through the next client and check its result: (ok, problem, result)."""
+        with self._turn_lock:
+            user, client = next(self._turns)
+        job = client.submit(self.circuits, shots=self.shots)
         result = job.result(timeout=self.job_timeout)
-        return check_result(result, len(self.circuits), self.shots) + (result,)
+        ok, problem = check_result(result, len(self.circuits), self.shots)
+        if ok and len(self.clients) > 1 and result.status.user != user:
+            ok, problem = False, f"job of user {user!r} listed as {result.status.user!r}'s"
+        return ok, problem, result
 
     def _loop(self) -> None:
         from qscale.errors import QScaleError
@@ -765,6 +823,7 @@ class JobDriver:
             with self.stats.lock:
                 if ok:
                     self.stats.completed += 1
+                    self.stats.per_user[result.status.user] += 1
                     self.stats.latencies.append(time.monotonic() - t0)
                     self.stats.shards += result.status.shards_total
                     self.stats.attempts += len(result.attempts)
@@ -976,6 +1035,9 @@ def print_report(report: dict[str, Any]) -> None:
                       f"(first: {report['false_losses']['examples'][:3]})")
     if report["logged_losses"]:
         console.print(f"coordinator logged node losses: {report['logged_losses']}")
+    if report["jobs"].get("completed_per_user"):
+        console.print(f"{report['workload']['users']} users: jobs completed per user "
+                      f"{report['jobs']['completed_per_user']}")
     if report["jobs"]["errors"]:
         console.print(f"[red]job errors[/red]: {report['jobs']['errors']}")
     if report.get("profile"):
@@ -1130,15 +1192,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="qscale-scale-"))
     m = Measured(log_path=Path(args.coordinator_log) if args.coordinator_log else workdir / "coordinator.log")
     gc_path = workdir / "gc-trace.txt" if args.gc_trace else None
+    tokens = Tokens.create(workdir, args.users) if args.users else None
+    auth = tokens.metadata if tokens is not None else None
     coordinator = Coordinator(workdir, args.heartbeat_interval, args.heartbeat_timeout, args.log_level, m.log_path,
-                              gc_path)
+                              gc_path, tokens)
     go, stop = ctx.Event(), ctx.Event()
     out = ctx.Queue()
     procs: list[Any] = []
     driver: JobDriver | None = None
     sampler: MemorySampler | None = None
     profiler: subprocess.Popen[bytes] | None = None
-    client: Any = None
+    clients: dict[str, Any] = {}
     try:
         m.address = address = coordinator.start()
         pid = coordinator.pid
@@ -1155,7 +1219,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             aer_version = ""
         for i, n in enumerate(per_proc):
             spec = LoadSpec(i, address, n, args.channels, args.shard_ms, qpy.QPY_VERSION, qiskit.__version__,
-                            aer_version, qscale.__version__, args.register_concurrency, max_life)
+                            aer_version, qscale.__version__, args.register_concurrency, max_life,
+                            tokens.node if tokens is not None else "")
             p = ctx.Process(target=load_process, args=(spec, go, stop, out), name=f"scale-load-{i}", daemon=True)
             p.start()
             procs.append(p)
@@ -1174,7 +1239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         jobs_stub = jobs_pb2_grpc.JobServiceStub(channel)
         deadline = time.monotonic() + 30.0
         while True:
-            reply = jobs_stub.ListNodes(jobs_pb2.ListNodesRequest(), timeout=10.0)
+            reply = jobs_stub.ListNodes(jobs_pb2.ListNodesRequest(), timeout=10.0, metadata=auth)
             alive = {n.node_id for n in reply.nodes if n.state == "alive"}
             if m.node_ids <= alive:
                 break
@@ -1191,9 +1256,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise BenchmarkError(f"only {len(m.node_ids)} of {args.nodes} nodes registered: {m.register_errors[:5]}")
 
         # ---- warm-up job (checks the whole path before timing anything)
-        client = qscale.Client(address, token="")
+        if tokens is None:
+            clients = {"": qscale.Client(address, token="")}
+        else:
+            clients = {user: qscale.Client(address, token=token) for user, token in tokens.users.items()}
         circuits = make_circuits(args.circuits)
-        driver = JobDriver(client, circuits, args.shots, args.jobs_in_flight, args.job_timeout)
+        driver = JobDriver(clients, circuits, args.shots, args.jobs_in_flight, args.job_timeout)
         ok, problem, warm = driver.run_one()  # also tells how the planner cuts the job
         if not ok:
             raise BenchmarkError(f"warm-up job wrong: {problem}")
@@ -1224,7 +1292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         m.rss_end, m.hwm = proc_memory(pid)
 
         # ---- what the coordinator thinks of our nodes, before they leave
-        reply = jobs_stub.ListNodes(jobs_pb2.ListNodesRequest(), timeout=30.0)
+        reply = jobs_stub.ListNodes(jobs_pb2.ListNodesRequest(), timeout=30.0, metadata=auth)
         states = {n.node_id: n.state for n in reply.nodes}
         m.listed_lost = sorted(nid for nid in m.node_ids if states.get(nid) != "alive")
         m.stale_dropped = reply.stale_results_dropped
@@ -1271,7 +1339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             profiler.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 profiler.wait(5.0)
-        if client is not None:
+        for client in clients.values():
             with contextlib.suppress(Exception):
                 client.close()
         if driver is not None:
@@ -1395,7 +1463,7 @@ def build_report(args: argparse.Namespace, machine: dict[str, Any], started_at: 
         "heartbeat_interval_s": args.heartbeat_interval,
         "heartbeat_timeout_s": args.heartbeat_timeout,
         "workload": {"circuits_per_job": args.circuits, "shots": args.shots, "jobs_in_flight": args.jobs_in_flight,
-                     "shard_ms": args.shard_ms, "shards_per_job": m.shards_per_job},
+                     "shard_ms": args.shard_ms, "shards_per_job": m.shards_per_job, "users": args.users},
         "registration_s": round(m.registration_s, 3),
         "registration_errors": m.register_errors[:20],
         "heartbeat": hb,
@@ -1416,7 +1484,8 @@ def build_report(args: argparse.Namespace, machine: dict[str, Any], started_at: 
                  "latency_p50_s": round(percentile(d.latencies, 50), 3),
                  "latency_p99_s": round(percentile(d.latencies, 99), 3),
                  "latency_max_s": round(max(d.latencies, default=0.0), 3),
-                 "errors": dict(d.errors.most_common(5))},
+                 "errors": dict(d.errors.most_common(5)),
+                 "completed_per_user": dict(sorted(d.per_user.items())) if args.users else None},
         "cpu": {**m.load_cpu, "registration": m.registration_cpu, "idle": m.idle_cpu},
         "memory": {"rss_start_mib": round(m.rss_start / 2**20, 1), "rss_end_mib": round(m.rss_end / 2**20, 1),
                    "rss_peak_mib": round(sampler.peak_rss() / 2**20, 1), "hwm_mib": round(m.hwm / 2**20, 1)},
@@ -1459,6 +1528,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="jobs submitted and awaited at once (on 2 cores, 2 already saturate the coordinator: "
                         "4 gives the same jobs per second with twice the queueing)")
     p.add_argument("--job-timeout", type=float, default=120.0, help="longest wait for one job's result, s")
+    p.add_argument("--users", type=int, default=0,
+                   help="users with an API token each, submitting in turn (0: no authentication)")
     p.add_argument("--register-concurrency", type=int, default=32, help="Register calls in flight per process")
     p.add_argument("--allow-register-errors", action="store_true", help="go on if some nodes failed to register")
     p.add_argument("--log-level", default="INFO", help="the coordinator's log level")
@@ -1474,6 +1545,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.nodes, args.procs, args.duration, args.idle_window = 100, 2, 15.0, min(args.idle_window, 5.0)
     if args.nodes < 1 or args.procs < 1 or args.channels < 1 or args.jobs_in_flight < 1 or args.circuits < 1:
         p.error("--nodes, --procs, --channels, --jobs-in-flight and --circuits must be >= 1")
+    if args.users < 0:
+        p.error("--users must be >= 0")
     args.procs = min(args.procs, args.nodes)
     if args.duration <= 0 or args.heartbeat_timeout <= args.heartbeat_interval:
         p.error("--duration must be > 0 and --heartbeat-timeout longer than --heartbeat-interval")

@@ -1,10 +1,12 @@
 """An embedded local cluster: a coordinator in this process and N real ``qscale-node``
-processes on loopback. The README quick start and most tests run on it."""
+processes on loopback. The README quick start and most tests run on it; with a client tokens
+file it is a shared cluster of several users (:meth:`LocalCluster.client_for`)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -17,7 +19,7 @@ from qscale.client import Client
 from qscale.coordinator.config import CoordinatorConfig
 from qscale.coordinator.server import EmbeddedCoordinator
 from qscale.errors import QScaleError
-from qscale.security import TLSConfig
+from qscale.security import CLIENT, TLSConfig, read_token_entries
 
 __all__ = ["LocalCluster"]
 
@@ -46,12 +48,20 @@ class LocalCluster:
             (a density matrix of n qubits counts 2n; stabilizer and matrix-product-state shards
             are not capped). 0 (default): only the memory budget bounds it.
         config: coordinator settings (``listen`` is forced to ``127.0.0.1:0``; its token and TLS
-            settings are replaced by the arguments below).
+            settings, tokens files included, are replaced by the arguments below).
         log_dir: where node logs go; a temporary directory (removed on stop) when None.
         startup_timeout: seconds to wait for the nodes to join.
         node_token: join token the coordinator accepts and the nodes present (passed to them in
-            ``$QSCALE_NODE_TOKEN``). Give both tokens or neither; default: no authentication.
-        client_token: API token the coordinator accepts and :attr:`client` presents.
+            ``$QSCALE_NODE_TOKEN``). Give both tokens or neither; default: no authentication
+            (with ``client_tokens_file``: a random token drawn for this cluster).
+        client_token: API token the coordinator accepts and :attr:`client` presents (its user
+            is ``default``, unless ``client_tokens_file`` lists it for another).
+        client_tokens_file: a client tokens file for the coordinator (lines ``TOKEN [USER]
+            [OPTION ...]``, see :func:`~qscale.security.read_token_entries`): several users
+            with their weights, quotas and admin rights. :meth:`client_for` gives a client
+            presenting one of its tokens; without ``client_token``, :attr:`client` presents the
+            file's first token of an admin user (else its first token). Read once, at
+            construction, for that choice; the coordinator reads it when it starts.
         tls: the coordinator's TLS files (:class:`~qscale.security.TLSConfig`): ``cert`` and
             ``key`` to serve with, ``ca`` to require client certificates (mutual TLS).
         client_tls: what the nodes and :attr:`client` use to connect: ``ca`` to verify the
@@ -63,6 +73,13 @@ class LocalCluster:
         with qscale.LocalCluster(nodes=3) as cluster:
             job = cluster.client.submit(circuit, shots=10_000, seed=1)
             print(job.result().counts[0])
+
+    Several users (``tokens`` holding ``tok-alice alice weight=3``, ``tok-bob bob max-jobs=2``
+    and ``tok-root root admin``)::
+
+        with qscale.LocalCluster(nodes=2, client_tokens_file="tokens") as cluster:
+            job = cluster.client_for("tok-bob").submit(circuit, shots=1000, priority="high")
+            print(cluster.client.users())   # the admin's view: every user
     """
 
     def __init__(
@@ -78,6 +95,7 @@ class LocalCluster:
         startup_timeout: float = 120.0,
         node_token: str | None = None,
         client_token: str | None = None,
+        client_tokens_file: str | os.PathLike[str] | None = None,
         tls: TLSConfig | None = None,
         client_tls: TLSConfig | None = None,
     ) -> None:
@@ -86,6 +104,16 @@ class LocalCluster:
         if isinstance(max_qubits_per_node, bool) or not isinstance(max_qubits_per_node, int) \
                 or max_qubits_per_node < 0:
             raise ValueError(f"max_qubits_per_node must be an integer >= 0 (0: no cap), got {max_qubits_per_node!r}")
+        self.client_tokens_file = os.fspath(client_tokens_file) if client_tokens_file is not None else None
+        accepted = client_token  # a token accepted by value, besides the file's
+        if self.client_tokens_file is not None:
+            node_token = node_token or f"local-node-{secrets.token_urlsafe(24)}"
+            entries = read_token_entries(self.client_tokens_file, CLIENT)
+            if client_token is None:
+                admins = {e.user for e in entries if e.options.get("admin")}
+                client_token = next((e.token for e in entries if e.user in admins), entries[0].token)
+            if client_token in {e.token for e in entries}:
+                accepted = None  # the file's own: it keeps the file's user
         self.node_token = node_token
         self.client_token = client_token
         self.tls = tls
@@ -99,9 +127,9 @@ class LocalCluster:
         self.memory_budget_per_node = memory_budget_per_node or _physical_memory() // 2 // max(1, nodes)
         self.max_qubits_per_node = max_qubits_per_node
         self.config = (config or CoordinatorConfig()).with_(
-            listen="127.0.0.1:0", node_tokens_file=None, client_tokens_file=None, node_token=node_token,
-            client_token=client_token, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
-            tls_ca=tls.ca if tls else None)
+            listen="127.0.0.1:0", node_tokens_file=None, client_tokens_file=self.client_tokens_file,
+            node_token=node_token, client_token=accepted, tls_cert=tls.cert if tls else None,
+            tls_key=tls.key if tls else None, tls_ca=tls.ca if tls else None)
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="qscale-local-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +137,7 @@ class LocalCluster:
         self.coordinator: EmbeddedCoordinator | None = None
         self.processes: list[subprocess.Popen[bytes]] = []
         self._client: Client | None = None
+        self._clients: dict[str, Client] = {}
         self._counter = 0
         self._logs: dict[int, Path] = {}
         self._keep_logs = False
@@ -122,10 +151,20 @@ class LocalCluster:
 
     @property
     def client(self) -> Client:
-        """A client connected to the cluster."""
+        """A client connected to the cluster, presenting ``client_token`` (see the class's
+        arguments; none without authentication)."""
         if self._client is None:
             self._client = Client(self.address, token=self.client_token, tls=self.client_tls)
         return self._client
+
+    def client_for(self, token: str, *, timeout: float = 60.0) -> Client:
+        """A client connected to the cluster presenting ``token`` (one of ``client_tokens_file``'s,
+        say): it acts as that token's user. The same token gives the same client, which
+        :meth:`stop` closes; ``timeout`` (each call's deadline, seconds) applies when it is made."""
+        client = self._clients.get(token)
+        if client is None:
+            client = self._clients[token] = Client(self.address, token=token, tls=self.client_tls, timeout=timeout)
+        return client
 
     def start(self) -> LocalCluster:
         """Start the coordinator and the nodes, and wait until every node has joined."""
@@ -224,6 +263,9 @@ class LocalCluster:
         if self._client is not None:
             self._client.close()
             self._client = None
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
         if self.coordinator is not None:
             self.coordinator.stop()
             self.coordinator = None

@@ -1,6 +1,7 @@
-"""Chaos: seeded jobs flow while nodes are SIGKILLed, SIGSTOPped and resumed, new nodes join,
-and the coordinator is killed with SIGKILL and restarted on the same state directory. Every
-job must finish with exact totals and the counts of an undisturbed run."""
+"""Chaos: seeded jobs of two users flow while nodes are SIGKILLed, SIGSTOPped and resumed, new
+nodes join, and the coordinator is killed with SIGKILL and restarted on the same state
+directory. Every job must finish with exact totals and the counts of an undisturbed run, and
+each user's accounting (unfinished jobs, queued shots, slots) must come back to nothing."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from qscale.proto.v1 import jobs_pb2, jobs_pb2_grpc
 
 CHAOS_SECONDS = 12.0
 JOBS = 10
+USERS = {"alice": "chaos-alice-token-0123456789abcdef", "bob": "chaos-bob-token-0123456789abcdefgh"}
+ADMIN = "chaos-root-token-0123456789abcdefg"
+NODE_TOKEN = "chaos-node-token-0123456789abcdefg"
 
 
 def workload(k: int) -> tuple[list[QuantumCircuit], dict]:
@@ -45,13 +49,26 @@ def submit(client: Client, k: int):
     return client.submit(circuits, **kwargs)
 
 
+def _token_file(path: Path, lines: list[str]) -> Path:
+    path.touch(mode=0o600)
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
 def test_chaos(tmp_path: Path) -> None:
     rng = random.Random(20261124)
     address = f"127.0.0.1:{free_port()}"
-    coordinator = CoordinatorProcess(address, tmp_path / "state", tmp_path / "coordinator.log")
+    client_tokens = _token_file(tmp_path / "client.tokens",
+                                [*(f"{token} {user}" for user, token in USERS.items()), f"{ADMIN} root admin"])
+    node_tokens = _token_file(tmp_path / "node.tokens", [NODE_TOKEN])
+    coordinator = CoordinatorProcess(address, tmp_path / "state", tmp_path / "coordinator.log",
+                                     "--client-tokens-file", str(client_tokens), "--node-tokens-file", str(node_tokens))
     (tmp_path / "state").mkdir()
-    nodes = LocalCluster(0, cores_per_node=1, log_dir=tmp_path / "logs")
-    client = Client(address, timeout=90)
+    nodes = LocalCluster(0, cores_per_node=1, log_dir=tmp_path / "logs", node_token=NODE_TOKEN,
+                         client_tokens_file=client_tokens)
+    clients = {user: Client(address, token=token, timeout=90) for user, token in USERS.items()}
+    users = list(USERS)
+    client = Client(address, token=ADMIN, timeout=90)
     faults: Counter[str] = Counter()
     stopped: list[subprocess.Popen[bytes]] = []
     done = threading.Event()
@@ -103,8 +120,8 @@ def test_chaos(tmp_path: Path) -> None:
         started = time.monotonic()
         driver.start()
         jobs = []
-        for k in range(JOBS):
-            jobs.append(submit(client, k))
+        for k in range(JOBS):  # the users take turns
+            jobs.append(submit(clients[users[k % len(users)]], k))
             time.sleep(rng.uniform(0.2, 1.2))
         results = [job.result(timeout=120) for job in jobs]
         done.set()
@@ -112,11 +129,19 @@ def test_chaos(tmp_path: Path) -> None:
         assert not errors, errors
         chaos_wall = time.monotonic() - started
         stale = client._stub.ListNodes(jobs_pb2.ListNodesRequest(), timeout=10).stale_results_dropped
+        # Every job is its submitter's; each user's accounting is back to nothing (across restarts).
+        assert [r.status.user for r in results] == [users[k % len(users)] for k in range(JOBS)]
+        for user, own in clients.items():
+            assert {j.user for j in own.jobs()} == {user}
+        wait_until(lambda: all((u.jobs_unfinished, u.shots_queued, u.slots_busy) == (0, 0, 0)
+                               for u in client.users() if u.name in USERS), 30, "the users' accounting to settle")
     finally:
         done.set()
         if driver.is_alive():
             driver.join(30)
         client.close()
+        for own in clients.values():
+            own.close()
         nodes.stop()
         coordinator.stop()
 
