@@ -68,8 +68,8 @@ coordinator's log, INFO: every dispatch, ``ahead`` marking an overbooked shard).
 
 Usage::
 
-    python benchmarks/fairshare.py                    # every phase, 60 s windows (~4.5 minutes on 2 cores)
-    python benchmarks/fairshare.py --quick            # smoke run: 12 s windows, a 16-circuit long job
+    python benchmarks/fairshare.py                    # every phase, 60 s windows (~3 minutes on 2 cores)
+    python benchmarks/fairshare.py --quick            # smoke run: 12 s windows, a 16-circuit long job (~1 min)
     python benchmarks/fairshare.py --only short       # phase 1 alone
     python benchmarks/fairshare.py --nodes 4 --slots 2 --json /tmp/fairshare.json
 """

@@ -97,6 +97,20 @@ class Node:
         if attempt.token in self.running:
             self._unwait(attempt)
 
+    def confirm_running(self, attempt: Attempt, wall: float, now: float) -> None:
+        """``attempt`` sent a chunk, so it runs. If the coordinator's reckoning had every slot
+        taken by others, its latest guess was wrong (the node took a shard in hand before one
+        sent ahead of it arrived): that attempt waits again."""
+        if attempt.running_at:
+            return
+        running = [a for a in self.running.values() if a.running_at]
+        if len(running) >= self.caps.slots:
+            guesses = [a for a in running if not a.partial] or running
+            wrong = max(guesses, key=lambda a: a.running_since)
+            wrong.running_at = wrong.running_since = 0.0
+            self.waiting[wrong.priority] = self.waiting.get(wrong.priority, 0) + 1
+        self.mark_running(attempt, wall, now)
+
     def next_waiting(self) -> Attempt | None:
         """The attempt it runs next when a slot frees: the highest run order, the first given
         among equals (as the node itself picks)."""

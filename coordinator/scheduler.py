@@ -105,7 +105,6 @@ class Scheduler:
         """Per user with unfinished jobs or attempts in hand (or that had some)."""
         self._admitted: set[str] = set()
         """Jobs counted against their user's quotas by :meth:`admit`, not accepted yet."""
-        self._seconds_per_cost = 0.0  # moving average over every job's finished shards (0: none yet)
         self.backups_wanted: deque[str] = deque()
         """Tokens of attempts held by suspected nodes, whose shards want a backup copy."""
         self.attempts: dict[str, Attempt] = {}
@@ -487,7 +486,7 @@ class Scheduler:
             return self._take()
         if not attempt.running_at:
             node = self.nodes[node_id]
-            node.mark_running(attempt, self.wall(), now)
+            node.confirm_running(attempt, self.wall(), now)
             self.placement.file(node)
         job = self.jobs[attempt.job_id]
         shard = job.shards[attempt.shard_index]
@@ -519,7 +518,6 @@ class Scheduler:
             # What it ran, without the wait in the node's hand: the estimate charged at dispatch.
             rate = (now - (attempt.running_since or attempt.started)) / shard.plan.cost
             job.seconds_per_cost_ewma = _smooth(job.seconds_per_cost_ewma, rate)
-            self._seconds_per_cost = _smooth(self._seconds_per_cost, rate)
         job.count(shard, results.results)
         self._user(job.user).shots_queued -= shard.plan.shots
         for other in list(shard.live):  # a backup copy lost the race: stop it
@@ -871,8 +869,9 @@ class Scheduler:
 
     def _estimate(self, job: Job, shard: Shard) -> float:
         """Seconds the shard will likely take: its estimated cost at the rate of its job's
-        finished shards, else of every job's, else as estimated."""
-        rate = job.seconds_per_cost_ewma or self._seconds_per_cost or 1.0
+        finished shards, else as estimated. Never another job's rate: a tiny job's overhead per
+        unit of cost would make a big job's first shards look many times longer than they run."""
+        rate = job.seconds_per_cost_ewma or 1.0
         return max(_MIN_CHARGE_S, shard.plan.cost * rate)
 
 

@@ -133,7 +133,7 @@ class Sim(Cluster):
             if keep_busy:
                 for user, shards in keep_busy.items():
                     usage = self.core.usage.get(user)
-                    if usage is None or usage.jobs_unfinished < 2:
+                    if usage is None or usage.jobs_unfinished < 3:
                         self.job(user, shards)
             ends = [e for node in self.nodes for e, _ in node.running.values()]
             nxt = min(ends, default=end)
@@ -305,3 +305,18 @@ def test_a_new_job_never_starts_behind_every_job_of_its_user() -> None:
     queue.charge("long", -15.0)  # the first ran 5 s less than estimated
     short = queue.add("short", "a", NORMAL, range(1))
     assert short.service <= long.service == 5.0
+
+
+def test_a_chunk_from_a_shard_thought_waiting_corrects_the_guess_of_what_runs() -> None:
+    from qscale.coordinator.jobs import Attempt
+    from qscale.coordinator.nodes import Node
+
+    node = Node("n-00000000", _caps("n", slots=1), 0.0, 0.0)
+    guessed = Attempt("j:0:a", "j", 0, node.node_id, 0.0, 0.0, user="u", running_at=5.0, running_since=5.0)
+    ahead = Attempt("k:0:b", "k", 0, node.node_id, 0.0, 0.0, user="u", priority=HIGH)
+    node.hold(guessed)
+    node.hold(ahead)
+    assert node.lowest_waiting == HIGH
+    node.confirm_running(ahead, 6.0, 6.0)  # its first chunk came: the node runs it, not the guess
+    assert (ahead.running_since, guessed.running_since) == (6.0, 0.0)
+    assert node.waiting == {NORMAL: 1} and node.next_waiting() is guessed
