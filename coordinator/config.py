@@ -124,8 +124,8 @@ class CoordinatorConfig(Settings):
     """Most shots one user may have queued (asked for by unfinished jobs and not yet counted);
     a Submit beyond it is refused with RESOURCE_EXHAUSTED. 0: no limit (``max-queued-shots=``)."""
     max_slots_per_user: Size = setting(0, ge=0)
-    """Most node slots one user's shards may hold at once; the rest of their work waits while
-    other users' runs. 0: no limit (``max-slots=``)."""
+    """Most shards of one user that nodes may hold at once (running, or held next in line for a
+    slot); the rest of their work waits while other users' runs. 0: no limit (``max-slots=``)."""
     keep_jobs: Size = setting(10_000, ge=0)
     """Finished jobs whose results the state keeps; the results of older ones are pruned (their
     status stays readable and says so). 0: keep every result."""
