@@ -20,7 +20,7 @@ from qscale.coordinator.scheduler import Scheduler
 from qscale.coordinator.users import User
 from qscale.errors import ResourceExhaustedError
 from qscale.proto.v1 import common_pb2, node_pb2
-from tests.test_scheduler import Cluster, Stream, _caps, make_job
+from test_scheduler import Cluster, Stream, _caps, make_job
 
 LOW, NORMAL, HIGH = common_pb2.PRIORITY_LOW, common_pb2.PRIORITY_NORMAL, common_pb2.PRIORITY_HIGH
 
