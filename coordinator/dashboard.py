@@ -464,12 +464,8 @@ class Dashboard:
         }
 
     def _stored_jobs(self, limit: int, viewer: Identity) -> Sequence[Sequence[Any]]:
-        """The newest rows of the store's job list that ``viewer`` may see (with their users
-        where the store has ``list_jobs``; a store without users only serves admins)."""
-        list_jobs = getattr(self.store, "list_jobs", None)
-        if list_jobs is not None:
-            return list_jobs(limit, None if viewer.admin else viewer.user)
-        return self.store.recent_jobs(limit) if viewer.admin else []
+        """The newest rows of the store's job list that ``viewer`` may see."""
+        return self.store.list_jobs(limit, None if viewer.admin else viewer.user)
 
     def job(self, job: Job, circuit: int = 0) -> dict[str, Any]:
         """A job's page (JSON-able). Call it on the coordinator's loop.

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 from qscale.coordinator.decisions import CloseStream, Decision, FinishJob, Notify, RecordShard, Send
 from qscale.coordinator.jobs import FINAL_STATES, Job
-from qscale.coordinator.retention import Prune, PrunedJob, pruned_message, retention_policy
+from qscale.coordinator.retention import Prune, PrunedJob, retention_policy
 from qscale.coordinator.scheduler import Scheduler
 from qscale.coordinator.store import Store
 from qscale.errors import InvalidArgumentError, NotFoundError
@@ -222,18 +222,6 @@ class Runtime:
             return job
         job.start(job.plan(), results)
         self.core.remember(job)
-        return job
-
-    def result_job(self, job_id: str) -> Job:
-        """A job whose result is asked for (``GetResult``): as :meth:`get_job`.
-
-        Raises:
-            NotFoundError: no such job, or retention pruned its results (the message says when it
-                finished and what the coordinator keeps).
-        """
-        job = self.get_job(job_id)
-        if job.pruned:
-            raise NotFoundError(pruned_message(job))
         return job
 
     def maybe_prune(self, now_wall: float) -> bool:

@@ -198,11 +198,6 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             outbox.put_nowait(None)
 
 
-_PRIORITIES = {common_pb2.PRIORITY_UNSPECIFIED: common_pb2.PRIORITY_NORMAL, common_pb2.PRIORITY_LOW:
-               common_pb2.PRIORITY_LOW, common_pb2.PRIORITY_NORMAL: common_pb2.PRIORITY_NORMAL,
-               common_pb2.PRIORITY_HIGH: common_pb2.PRIORITY_HIGH}
-
-
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     """Submit, inspect, watch and cancel jobs; list nodes and users. Every call acts as the user
     of its token: a user sees and cancels their own jobs, an admin every job."""
@@ -244,8 +239,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if self.draining:
             raise UnavailableError("the coordinator is shutting down; submit again when it is back")
         who = self._caller(context)
-        priority = _PRIORITIES.get(request.priority)
-        if priority is None:
+        priority = request.priority or common_pb2.PRIORITY_NORMAL  # (unspecified: normal)
+        if not common_pb2.PRIORITY_LOW <= priority <= common_pb2.PRIORITY_HIGH:
             raise InvalidArgumentError(f"priority must be low, normal or high, got {request.priority}")
         key = request.request_key
         existing = self.runtime.existing_job(key)

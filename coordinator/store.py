@@ -246,13 +246,6 @@ class Store:
         for row in rows:
             yield self._job_from_row(row, True)
 
-    def recent_jobs(self, limit: int) -> list[tuple[str, float, int, int, int, str, float]]:
-        """(job_id, created_at, state, shots_total, num_circuits, error, finished_at) of the newest jobs."""
-        return self._db.execute(
-            "SELECT job_id, created_at, state, shots_total, num_circuits, error, finished_at"
-            " FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)
-        ).fetchall()
-
     def list_jobs(self, limit: int, user: str | None = None) -> list[JobRow]:
         """The newest jobs (of ``user`` only, when given), newest first, as status rows."""
         columns = ("job_id, created_at, state, shots_total, num_circuits, error, finished_at, user, priority,"

@@ -7,14 +7,14 @@ from __future__ import annotations
 from qscale.circuits import memory_width
 from qscale.coordinator.jobs import DONE, Job
 from qscale.coordinator.nodes import Node
-from qscale.coordinator.scheduler import Usage
-from qscale.coordinator.users import User
 from qscale.coordinator.retention import PrunedJob, pruned_message
+from qscale.coordinator.scheduler import Usage
 from qscale.coordinator.store import JobRow
+from qscale.coordinator.users import User
 from qscale.errors import NotFoundError
 from qscale.proto.v1 import jobs_pb2
 
-__all__ = ["job_status", "row_status", "job_progress", "job_result", "node_info"]
+__all__ = ["job_status", "row_status", "job_progress", "job_result", "node_info", "user_info"]
 
 
 def job_status(job: Job) -> jobs_pb2.JobStatus:

@@ -218,10 +218,8 @@ def test_the_runtime_prunes_on_the_writer_thread_and_forgets_pruned_jobs(tmp_pat
             message = (f"job {jobs[1].job_id} finished at 1970-01-01 00:01:41 UTC and its results were pruned by "
                        "retention (the coordinator keeps the results of the newest 2 finished jobs)")
             with pytest.raises(NotFoundError, match=re.escape(message)):
-                runtime.result_job(jobs[1].job_id)
-            with pytest.raises(NotFoundError, match=re.escape(message)):
-                views.job_result(pruned)
-            newest = runtime.result_job(jobs[5].job_id)
+                views.job_result(runtime.get_job(jobs[1].job_id))
+            newest = runtime.get_job(jobs[5].job_id)
             assert views.job_result(newest).results[0].shots == 10
 
             assert not runtime.maybe_prune(1002.0)  # nothing finished since
@@ -253,7 +251,7 @@ def test_the_runtime_prunes_results_once_they_are_too_old(tmp_path: Path) -> Non
             await runtime.writer.settled()
             assert [runtime.get_job(j.job_id).pruned for j in jobs] == [True, False]
             with pytest.raises(NotFoundError, match=r"keeps the results of finished jobs for at most 10 s\)"):
-                runtime.result_job(jobs[0].job_id)
+                views.job_result(runtime.get_job(jobs[0].job_id))
         finally:
             runtime.close()
             store.close()
