@@ -396,10 +396,10 @@ class Tokens:
             raise InvalidArgumentError("a token is given a user but is no client token")
         for name in {*self.users.values(), *self.options}:
             check_user_name(name)
-        digests = {NODE: tuple(map(_digest, sorted(self.node))), CLIENT: tuple(map(_digest, sorted(self.client)))}
-        object.__setattr__(self, "_digests", digests)
-        owners = tuple((_digest(t), self.users.get(t, DEFAULT_USER)) for t in sorted(self.client))
-        object.__setattr__(self, "_owners", owners)
+        # (digest, role, user) of every token: what a presented token is compared against.
+        known = tuple((_digest(t), NODE, "") for t in sorted(self.node)) + tuple(
+            (_digest(t), CLIENT, self.users.get(t, DEFAULT_USER)) for t in sorted(self.client))
+        object.__setattr__(self, "_known", known)
 
     def __repr__(self) -> str:
         return (f"Tokens(node=<{len(self.node)} token(s)>, client=<{len(self.client)} token(s)>, "
@@ -448,39 +448,37 @@ class Tokens:
         users = {token: entry.user for token, entry in where.items() if entry.user != DEFAULT_USER}
         return cls(frozenset(node), frozenset(client), users, merge_user_options(entries))
 
-    def role_of(self, token: str | None) -> str | None:
-        """The role of ``token`` (:data:`NODE` or :data:`CLIENT`), None if it is none of ours.
-        Compares digests with :func:`hmac.compare_digest` against every known token, so the
-        time taken does not depend on which token (or how much of one) matched."""
+    def _match(self, token: str | None) -> tuple[str, str] | None:
+        """(role, user) of ``token``, None if it is none of ours. Compares digests with
+        :func:`hmac.compare_digest` against every known token, so the time taken does not
+        depend on which token (or how much of one) matched."""
         if not token:
             return None
         candidate = _digest(token)
-        found: str | None = None
-        digests: dict[str, tuple[bytes, ...]] = self._digests  # type: ignore[attr-defined]
-        for role, known in digests.items():
-            for digest in known:
-                if hmac.compare_digest(candidate, digest) and found is None:
-                    found = role
+        found: tuple[str, str] | None = None
+        known: tuple[tuple[bytes, str, str], ...] = self._known  # type: ignore[attr-defined]
+        for digest, role, user in known:
+            if hmac.compare_digest(candidate, digest) and found is None:
+                found = (role, user)
         return found
+
+    def role_of(self, token: str | None) -> str | None:
+        """The role of ``token`` (:data:`NODE` or :data:`CLIENT`), None if it is none of ours.
+        Constant time in the token (see :meth:`_match`)."""
+        found = self._match(token)
+        return found[0] if found else None
 
     def user_of(self, token: str | None) -> str | None:
         """The user a client token belongs to, None if it is no client token of ours (a node
         token included). Constant time, as :meth:`role_of`."""
-        if not token:
-            return None
-        candidate = _digest(token)
-        found: str | None = None
-        owners: tuple[tuple[bytes, str], ...] = self._owners  # type: ignore[attr-defined]
-        for digest, user in owners:
-            if hmac.compare_digest(candidate, digest) and found is None:
-                found = user
-        return found
+        found = self._match(token)
+        return found[1] if found and found[0] == CLIENT else None
 
     def user_names(self) -> tuple[str, ...]:
         """Every user that holds a client token (:data:`DEFAULT_USER` when a token names
         none), sorted."""
-        owners: tuple[tuple[bytes, str], ...] = self._owners  # type: ignore[attr-defined]
-        return tuple(sorted({user for _, user in owners}))
+        known: tuple[tuple[bytes, str, str], ...] = self._known  # type: ignore[attr-defined]
+        return tuple(sorted({user for _, role, user in known if role == CLIENT}))
 
     def options_of(self, user: str) -> UserOptions:
         """What the client token files say about ``user`` (defaults for a user they do not name)."""
