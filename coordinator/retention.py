@@ -45,9 +45,6 @@ class PrunedJob(Job):
     """The retention policy in words (set by the runtime, for the message of :func:`pruned_message`)."""
 
     def __post_init__(self) -> None:
-        base = getattr(super(), "__post_init__", None)
-        if base is not None:
-            base()
         self.pruned = True
         if self.state == DONE:
             self.shots_done = self.stored_shots_total
